@@ -1,0 +1,41 @@
+//! One error type for the engine: every message names the file or value at fault.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{path}: malformed JSON config: {msg}")]
+    Config { path: PathBuf, msg: String },
+
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor { path: PathBuf, name: String },
+
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+
+    #[error("{path}: tensor `{name}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
+    UnsupportedDtype { path: PathBuf, name: String, dtype: String },
+
+    #[error("{0}")]
+    Scheduler(#[from] crate::schedulers::SchedulerError),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A request the model cannot serve (bad size, bad latents shape, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

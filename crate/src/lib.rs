@@ -1,0 +1,16 @@
+//! Kiln: Stable Diffusion on burn + wgpu, the same engine natively and in the browser.
+//!
+//! `model` holds the networks, `schedulers` the samplers, `pipeline` ties them together
+//! as diffusers' pipelines do. Nothing here knows about the browser or the command line.
+pub mod error;
+pub mod files;
+pub mod model;
+pub mod npy;
+pub mod pipeline;
+pub mod schedulers;
+pub mod weights;
+
+pub use error::{Error, Result};
+
+#[cfg(target_arch = "wasm32")]
+pub mod web;

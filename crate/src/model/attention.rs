@@ -1,0 +1,135 @@
+//! diffusers' `Attention`, `FeedForward` (GEGLU) and `BasicTransformerBlock`.
+use burn::tensor::Tensor;
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use super::nn::{GroupNorm, LayerNorm, Linear};
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// Scaled dot-product attention over `[B, N, heads * d]` projections, scale `d^-0.5`.
+/// burn's fused kernel never materializes the score matrix where the backend has one.
+pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
+    let [b, n, inner] = q.dims();
+    let m = k.dims()[1];
+    let d = inner / heads;
+    let split = |t: Tensor<3>, len: usize| t.reshape([b, len, heads, d]).swap_dims(1, 2);
+    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+    let out = attention(split(q, n), split(k, m), split(v, m), None, None, options);
+    out.swap_dims(1, 2).reshape([b, n, inner])
+}
+
+/// `Attention`: q from the input, k/v from `context` (cross-attention) or the input itself.
+/// With `group_norm` set it is the VAE's spatial self-attention with a residual connection.
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub group_norm: Option<GroupNorm>,
+    heads: usize,
+}
+
+impl Attention {
+    /// The UNet's attention: q/k/v without bias, output projection `to_out.0` with bias.
+    pub fn load(w: &Weights, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(&w.pp("to_k"), context_dim, inner, false)?,
+            to_v: Linear::load(&w.pp("to_v"), context_dim, inner, false)?,
+            to_out: Linear::load(&w.pp("to_out.0"), inner, query_dim, true)?,
+            group_norm: None,
+            heads,
+        })
+    }
+
+    /// The VAE mid-block's single-head attention. Older checkpoints name the projections
+    /// `query`/`key`/`value`/`proj_attn`; diffusers renames them on load, so do we.
+    pub fn load_vae(w: &Weights, channels: usize, num_groups: usize, eps: f64) -> Result<Self> {
+        let legacy = w.contains("query.weight");
+        let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
+        Ok(Self {
+            to_q: Linear::load(&w.pp(name("to_q", "query")), channels, channels, true)?,
+            to_k: Linear::load(&w.pp(name("to_k", "key")), channels, channels, true)?,
+            to_v: Linear::load(&w.pp(name("to_v", "value")), channels, channels, true)?,
+            to_out: Linear::load(&w.pp(name("to_out.0", "proj_attn")), channels, channels, true)?,
+            group_norm: Some(GroupNorm::load(&w.pp("group_norm"), num_groups, channels, eps)?),
+            heads: 1,
+        })
+    }
+
+    /// `x`: `[B, N, C]`; `context`: `[B, M, C_ctx]` for cross-attention.
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+        let context = context.unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        self.to_out.forward(multi_head_attention(q, k, v, self.heads, false))
+    }
+
+    /// Spatial self-attention over `[B, C, H, W]` with the residual added back.
+    pub fn forward_spatial(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let normed = match &self.group_norm {
+            Some(norm) => norm.forward(x.clone()),
+            None => x.clone(),
+        };
+        let tokens = normed.reshape([b, c, h * w]).swap_dims(1, 2);
+        let out = self.forward(tokens, None).swap_dims(1, 2).reshape([b, c, h, w]);
+        out + x
+    }
+}
+
+/// `FeedForward` with GEGLU: `net.0.proj` doubles the width, half gates the other through GELU.
+pub struct FeedForward {
+    pub proj_in: Linear,
+    pub proj_out: Linear,
+}
+
+impl FeedForward {
+    pub fn load(w: &Weights, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: Linear::load(&w.pp("net.0.proj"), dim, inner * 2, true)?,
+            proj_out: Linear::load(&w.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mut halves = self.proj_in.forward(x).chunk(2, 2);
+        let gate = halves.pop().expect("two halves");
+        let hidden = halves.pop().expect("two halves");
+        self.proj_out.forward(hidden * gelu(gate))
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention on the text, feed-forward; each pre-normed and residual.
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn load(w: &Weights, dim: usize, heads: usize, head_dim: usize, context_dim: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::load(&w.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(&w.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: LayerNorm::load(&w.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(&w.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: LayerNorm::load(&w.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&w.pp("ff"), dim)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}

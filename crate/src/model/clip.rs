@@ -1,0 +1,140 @@
+//! transformers' `CLIPTextModel`: token + position embeddings, a causal pre-norm transformer,
+//! and the final layer norm whose output (`last_hidden_state`) conditions the UNet.
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::module::embedding;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::Deserialize;
+
+use super::attention::multi_head_attention;
+use super::nn::{LayerNorm, Linear};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+impl Activation {
+    fn apply(self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            // x * sigmoid(1.702 x): the approximation OpenAI's CLIP was trained with.
+            Activation::QuickGelu => x.clone() * sigmoid(x * 1.702),
+            Activation::Gelu => gelu(x),
+        }
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn load(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let attn = w.pp("self_attn");
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&w.pp("layer_norm1"), d, eps)?,
+            q_proj: Linear::load(&attn.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::load(&attn.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::load(&attn.pp("v_proj"), d, d, true)?,
+            out_proj: Linear::load(&attn.pp("out_proj"), d, d, true)?,
+            layer_norm2: LayerNorm::load(&w.pp("layer_norm2"), d, eps)?,
+            fc1: Linear::load(&w.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+            fc2: Linear::load(&w.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<3>, heads: usize, act: Activation) -> Tensor<3> {
+        let h = self.layer_norm1.forward(x.clone());
+        let attended = multi_head_attention(self.q_proj.forward(h.clone()), self.k_proj.forward(h.clone()), self.v_proj.forward(h), heads, true);
+        let x = x + self.out_proj.forward(attended);
+        let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
+        x + self.fc2.forward(act.apply(h))
+    }
+}
+
+pub struct ClipTextModel {
+    pub config: ClipTextConfig,
+    token_embedding: Tensor<2>,
+    position_embedding: Tensor<2>,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    activation: Activation,
+}
+
+impl ClipTextModel {
+    pub fn load(w: &Weights, config: ClipTextConfig) -> Result<Self> {
+        let activation = match config.hidden_act.as_str() {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            other => return Err(Error::Invalid(format!("unsupported CLIP hidden_act={other} (quick_gelu and gelu are)"))),
+        };
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(Error::Invalid(format!("CLIP hidden_size {} does not split into {} heads", config.hidden_size, config.num_attention_heads)));
+        }
+        // Published repos prefix every name with `text_model.`; transformers 5 saves without it.
+        let w = if w.contains("text_model.final_layer_norm.weight") { w.pp("text_model") } else { w.clone() };
+        let d = config.hidden_size;
+        let layers = (0..config.num_hidden_layers).map(|i| EncoderLayer::load(&w.pp("encoder.layers").pp(i), &config)).collect::<Result<_>>()?;
+        Ok(Self {
+            token_embedding: w.tensor("embeddings.token_embedding.weight", [config.vocab_size, d])?,
+            position_embedding: w.tensor("embeddings.position_embedding.weight", [config.max_position_embeddings, d])?,
+            layers,
+            final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), d, config.layer_norm_eps)?,
+            activation,
+            config,
+        })
+    }
+
+    /// Token ids `[B][77]` → `last_hidden_state` `[B, 77, hidden]`.
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Tensor<3> {
+        let (batch, len) = (ids.len(), ids[0].len());
+        let device = self.token_embedding.device();
+        let flat: Vec<i64> = ids.iter().flatten().map(|&t| t as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [batch, len]), &device);
+        let tokens = embedding(self.token_embedding.clone(), ids);
+        let positions = self.position_embedding.clone().narrow(0, 0, len).unsqueeze::<3>();
+        let mut x = tokens + positions;
+        for layer in &self.layers {
+            x = layer.forward(x, self.config.num_attention_heads, self.activation);
+        }
+        self.final_layer_norm.forward(x)
+    }
+}

@@ -1,0 +1,12 @@
+//! Stable Diffusion's components, one module each, named as diffusers names them.
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod embeddings;
+pub mod nn;
+pub mod resnet;
+pub mod tokenizer;
+pub mod transformer_2d;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;

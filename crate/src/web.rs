@@ -1,0 +1,191 @@
+//! The browser's entry point (wasm32 only): the Web Worker drives an [`Engine`] through
+//! wasm-bindgen. The worker downloads and caches files; the engine only sees bytes.
+//!
+//! Weights arrive one tensor at a time ([`Engine::add_tensor`]) and go straight to the
+//! GPU, so wasm memory never holds a whole weight file.
+use std::collections::HashMap;
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+
+use crate::files::MemoryFiles;
+use crate::pipeline::png::{self, GenerationParams};
+use crate::pipeline::{DEFAULT_GUIDANCE, Denoising, Request, StableDiffusion};
+use crate::schedulers::SchedulerKind;
+use crate::weights::{Uploaded, Weights};
+
+#[wasm_bindgen(start)]
+fn init_panic_hook() {
+    console_error_panic_hook::set_once();
+}
+
+fn js_err(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// Settings as the page sends them; absent fields take the model's defaults.
+#[derive(Deserialize)]
+struct WebRequest {
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: String,
+    steps: Option<usize>,
+    guidance: Option<f64>,
+    scheduler: Option<String>,
+    width: Option<usize>,
+    height: Option<usize>,
+    seed: u64,
+}
+
+/// What the page needs to lay out its controls for the loaded model.
+#[derive(Serialize)]
+struct ModelInfo {
+    default_size: usize,
+    size_multiple: usize,
+    default_scheduler: String,
+    schedulers: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Started {
+    total: usize,
+    width: usize,
+    height: usize,
+    warnings: Vec<String>,
+}
+
+struct Run {
+    denoising: Denoising,
+    params: GenerationParams,
+}
+
+#[wasm_bindgen]
+pub struct Engine {
+    device: Device,
+    files: HashMap<String, Vec<u8>>,
+    uploads: HashMap<String, Uploaded>,
+    pipe: Option<StableDiffusion>,
+    run: Option<Run>,
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// Opens WebGPU through burn. Fails with the adapter's message when there is none.
+    pub async fn create() -> Result<Engine, JsError> {
+        let device = Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU could not be initialised: {e}")))?;
+        Ok(Engine { device, files: HashMap::new(), uploads: HashMap::new(), pipe: None, run: None })
+    }
+
+    /// A small file (config, tokenizer) by its repo path, e.g. `unet/config.json`.
+    pub fn set_file(&mut self, path: String, bytes: Vec<u8>) {
+        self.files.insert(path, bytes);
+    }
+
+    /// One tensor of a weight file, uploaded to the GPU at once. `stem` names the file
+    /// without its extension (`unet/diffusion_pytorch_model`); `dtype` as in the safetensors header.
+    pub fn add_tensor(&mut self, stem: String, name: String, dtype: String, shape: Vec<u32>, bytes: &[u8]) -> Result<(), JsError> {
+        let shape = shape.into_iter().map(|d| d as usize).collect();
+        let store = self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(stem));
+        store.add(&name, &dtype, shape, bytes, &self.device).map_err(js_err)
+    }
+
+    /// Builds the pipeline from what was set and uploaded; returns its [`ModelInfo`].
+    pub fn finish_load(&mut self, model_name: String) -> Result<JsValue, JsError> {
+        self.pipe = None;
+        let files = MemoryFiles { name: model_name, files: std::mem::take(&mut self.files) };
+        let device = self.device.clone();
+        let weights: HashMap<String, Weights> =
+            std::mem::take(&mut self.uploads).into_iter().map(|(stem, up)| (stem, Weights::uploaded(up, &device))).collect();
+        let pipe = StableDiffusion::assemble(
+            &files,
+            &|stem| weights.get(stem).cloned().ok_or_else(|| crate::Error::Invalid(format!("{}: no tensors were uploaded for {stem}", files.name))),
+            &device,
+        )
+        .map_err(js_err)?;
+        let info = ModelInfo {
+            default_size: pipe.default_size(),
+            size_multiple: pipe.size_multiple(),
+            default_scheduler: pipe.default_scheduler().map(|k| k.name().to_string()).unwrap_or_else(|_| "euler".into()),
+            schedulers: SchedulerKind::ALL.iter().map(|k| k.name()).collect(),
+        };
+        self.pipe = Some(pipe);
+        serde_wasm_bindgen::to_value(&info).map_err(js_err)
+    }
+
+    /// Validates the settings, encodes the prompt and prepares the noise.
+    pub fn start(&mut self, request: JsValue) -> Result<JsValue, JsError> {
+        let pipe = self.pipe.as_ref().ok_or_else(|| js_err("no model is loaded"))?;
+        let req: WebRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
+        let scheduler = req.scheduler.as_deref().map(SchedulerKind::from_name).transpose().map_err(js_err)?;
+        let request = Request {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            steps: req.steps,
+            guidance: req.guidance,
+            scheduler,
+            width: req.width,
+            height: req.height,
+            seed: req.seed,
+            latents: None,
+            step_noise: None,
+        };
+        let denoising = pipe.start(request).map_err(js_err)?;
+        let params = GenerationParams {
+            prompt: req.prompt,
+            negative_prompt: req.negative_prompt,
+            steps: denoising.steps,
+            sampler: denoising.kind.a1111_name().into(),
+            cfg_scale: req.guidance.unwrap_or(DEFAULT_GUIDANCE),
+            seed: Some(req.seed),
+            width: denoising.width,
+            height: denoising.height,
+            model: pipe.name.clone(),
+        };
+        let started = Started { total: denoising.total(), width: denoising.width, height: denoising.height, warnings: denoising.warnings.clone() };
+        self.run = Some(Run { denoising, params });
+        serde_wasm_bindgen::to_value(&started).map_err(js_err)
+    }
+
+    /// Queues one denoising step; returns how many are done.
+    pub fn step(&mut self) -> Result<usize, JsError> {
+        let (Some(pipe), Some(run)) = (self.pipe.as_ref(), self.run.as_mut()) else { return Err(js_err("nothing is being generated")) };
+        run.denoising.step(pipe).map_err(js_err)?;
+        Ok(run.denoising.done())
+    }
+
+    pub fn finished(&self) -> bool {
+        self.run.as_ref().is_none_or(|r| r.denoising.finished())
+    }
+
+    /// Resolves once the GPU has caught up with the queued steps (a 4-byte readback), so
+    /// progress is real and a cancel lands within one step.
+    pub fn wait(&self) -> js_sys::Promise {
+        let probe = self.run.as_ref().map(|r| r.denoising.latents().flatten::<1>(0, 3).narrow(0, 0, 1));
+        wasm_bindgen_futures::future_to_promise(async move {
+            if let Some(probe) = probe {
+                probe.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
+            }
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Drops the generation in progress.
+    pub fn cancel(&mut self) {
+        self.run = None;
+    }
+
+    /// Decodes the image and resolves to PNG bytes carrying the generation parameters.
+    pub fn finish(&mut self) -> Result<js_sys::Promise, JsError> {
+        let (Some(pipe), Some(run)) = (self.pipe.as_ref(), self.run.take()) else { return Err(js_err("nothing is being generated")) };
+        let image = run.denoising.decode(pipe);
+        let params = run.params;
+        Ok(wasm_bindgen_futures::future_to_promise(async move {
+            let data = image.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
+            let values = data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))?;
+            let rgb = png::to_rgb8(&values, params.width, params.height);
+            let bytes = png::encode(&rgb, params.width, params.height, &params.a1111_text()).map_err(|e| JsValue::from(js_err(e)))?;
+            Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
+        }))
+    }
+}

@@ -1,0 +1,255 @@
+//! Weights from safetensors files, addressed by diffusers' own tensor names.
+//!
+//! A [`Weights`] is a view into one file under a name prefix, so each module loads its
+//! fields as `w.pp("conv_in").tensor("weight", [..])`: loading is a mapping of names,
+//! never a translation table.
+//!
+//! [`Weights::random`] serves any name with random values of the asked shape, so the
+//! same loading code builds full-size models for benchmarks without a download.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors, tensor::Metadata};
+
+use crate::error::{Error, Result};
+use crate::files::ModelFiles;
+
+struct File {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// Offset of the tensor data block (8-byte length + JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+#[derive(Clone)]
+enum Source {
+    File(Arc<File>),
+    /// Counts the values handed out; also the state of the random stream.
+    Random(Arc<AtomicU64>),
+    /// Tensors already on the device, uploaded one by one (the browser streams them from its cache).
+    Uploaded(Arc<Uploaded>),
+}
+
+/// Device tensors by name, each kept flat with its shape.
+pub struct Uploaded {
+    label: PathBuf,
+    tensors: HashMap<String, (Vec<usize>, Tensor<1>)>,
+}
+
+impl Uploaded {
+    pub fn new(label: impl Into<PathBuf>) -> Self {
+        Self { label: label.into(), tensors: HashMap::new() }
+    }
+
+    /// Converts one safetensors entry (`dtype` as the header spells it) and puts it on the device.
+    pub fn add(&mut self, name: &str, dtype: &str, shape: Vec<usize>, raw: &[u8], device: &Device) -> Result<()> {
+        let dtype = match dtype {
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            other => return Err(Error::UnsupportedDtype { path: self.label.clone(), name: name.into(), dtype: other.into() }),
+        };
+        let values = to_f32(dtype, raw).expect("float dtype");
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}` has {} values for shape {shape:?}", values.len()) });
+        }
+        let n = values.len();
+        self.tensors.insert(name.to_owned(), (shape, Tensor::from_data(TensorData::new(values, [n]), device)));
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+pub struct Weights {
+    source: Source,
+    prefix: String,
+    device: Device,
+}
+
+impl Weights {
+    /// Parses a safetensors buffer; `path` is only used in messages.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>, device: &Device) -> Result<Self> {
+        let path = path.into();
+        let (header_len, metadata) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
+        let file = File { path, bytes, data_start: 8 + header_len, metadata };
+        Ok(Self { source: Source::File(Arc::new(file)), prefix: String::new(), device: device.clone() })
+    }
+
+    /// Random weights: norm scales 1, biases 0, other tensors uniform with variance
+    /// 1/fan_in, which keeps activations in range through a deep network.
+    pub fn random(device: &Device) -> Self {
+        Self { source: Source::Random(Arc::new(AtomicU64::new(0))), prefix: String::new(), device: device.clone() }
+    }
+
+    pub fn uploaded(uploaded: Uploaded, device: &Device) -> Self {
+        Self { source: Source::Uploaded(Arc::new(uploaded)), prefix: String::new(), device: device.clone() }
+    }
+
+    /// Values handed out so far by a random source (the parameter count of what it built).
+    pub fn random_count(&self) -> u64 {
+        match &self.source {
+            Source::Random(count) => count.load(Ordering::Relaxed),
+            Source::File(_) | Source::Uploaded(_) => 0,
+        }
+    }
+
+    /// Opens `<stem>.safetensors`, or the `.fp16.safetensors` variant when it is the only one.
+    pub fn open(files: &dyn ModelFiles, stem: &str, device: &Device) -> Result<Self> {
+        for path in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+            if let Some(bytes) = files.read(&path)? {
+                return Self::from_bytes(files.label(&path), bytes, device);
+            }
+        }
+        Err(Error::Invalid(format!("{}: neither {stem}.safetensors nor {stem}.fp16.safetensors exists", files.name())))
+    }
+
+    /// The view under `prefix.name`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::File(file) => file.metadata.info(&self.full_name(name)).is_some(),
+            Source::Random(_) => false,
+            Source::Uploaded(up) => up.tensors.contains_key(&self.full_name(name)),
+        }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_owned() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// The tensor `name` as f32 values on the host, checked against `shape`.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let full = self.full_name(name);
+        let file = match &self.source {
+            Source::File(file) => file,
+            Source::Random(count) => return Ok(random_values(count, name, shape)),
+            Source::Uploaded(up) => {
+                return Err(Error::Invalid(format!("{}: `{full}` lives on the device; read it with `tensor`", up.label.display())));
+            }
+        };
+        let info = file
+            .metadata
+            .info(&full)
+            .ok_or_else(|| Error::MissingTensor { path: file.path.clone(), name: full.clone() })?;
+        if info.shape != shape {
+            return Err(Error::ShapeMismatch {
+                path: file.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let raw = &file.bytes[file.data_start + start..file.data_start + end];
+        to_f32(info.dtype, raw).ok_or_else(|| Error::UnsupportedDtype { path: file.path.clone(), name: full, dtype: format!("{:?}", info.dtype) })
+    }
+
+    /// The tensor `name` on the device, checked against `shape`.
+    pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        if let Source::Uploaded(up) = &self.source {
+            let full = self.full_name(name);
+            let (found, flat) = up.tensors.get(&full).ok_or_else(|| Error::MissingTensor { path: up.label.clone(), name: full.clone() })?;
+            if found != &shape {
+                return Err(Error::ShapeMismatch { path: up.label.clone(), name: full, expected: shape.to_vec(), found: found.clone() });
+            }
+            return Ok(flat.clone().reshape(shape));
+        }
+        let values = self.values(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
+    }
+}
+
+/// Little-endian F32/F16/BF16 bytes as f32; `None` for other dtypes.
+fn to_f32(dtype: Dtype, raw: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+fn random_values(count: &AtomicU64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let start = count.fetch_add(n as u64, Ordering::Relaxed);
+    if shape.len() == 1 {
+        return vec![if name == "weight" { 1.0 } else { 0.0 }; n];
+    }
+    let fan_in: usize = shape[1..].iter().product();
+    let bound = (3.0 / fan_in as f32).sqrt();
+    // splitmix64 over the global index: cheap, and different for every tensor.
+    (0..n as u64)
+        .map(|i| {
+            let mut z = (start + i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    fn file_with(name: &str, dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> Weights {
+        let view = TensorView::new(dtype, shape, data).unwrap();
+        let bytes = safetensors::serialize([(name, view)], None).unwrap();
+        Weights::from_bytes("unet/test.safetensors", bytes, &Device::flex()).unwrap()
+    }
+
+    #[test]
+    fn reads_f16_and_bf16_as_f32() {
+        let halfs: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        assert_eq!(file_with("a.weight", Dtype::F16, vec![2], &halfs).pp("a").values("weight", &[2]).unwrap(), vec![1.5, -2.0]);
+        let bf: Vec<u8> = [0.25f32, 3.0].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        assert_eq!(file_with("b", Dtype::BF16, vec![2], &bf).values("b", &[2]).unwrap(), vec![0.25, 3.0]);
+    }
+
+    #[test]
+    fn errors_name_the_file_tensor_and_shapes() {
+        let w = file_with("conv_in.weight", Dtype::F32, vec![2, 2], &[0; 16]);
+        let err = w.pp("conv_in").values("weight", &[2, 3]).unwrap_err().to_string();
+        assert_eq!(err, "unet/test.safetensors: tensor `conv_in.weight` has shape [2, 2], expected [2, 3]");
+        let err = w.pp("conv_out").values("weight", &[2]).unwrap_err().to_string();
+        assert_eq!(err, "unet/test.safetensors: tensor `conv_out.weight` is missing");
+    }
+
+    #[test]
+    fn malformed_files_are_refused() {
+        let err = Weights::from_bytes("vae/x.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}".to_vec(), &Device::flex());
+        assert!(err.err().unwrap().to_string().starts_with("vae/x.safetensors: not a valid safetensors file"));
+    }
+
+    #[test]
+    fn prefers_full_precision_and_falls_back_to_fp16() {
+        let dir = std::env::temp_dir().join(format!("kiln-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = crate::files::Folder(dir.clone());
+        let write = |name: &str, dtype: Dtype, data: &[u8]| {
+            let view = TensorView::new(dtype, vec![1], data).unwrap();
+            std::fs::write(dir.join(name), safetensors::serialize([("x", view)], None).unwrap()).unwrap();
+        };
+        write("model.fp16.safetensors", Dtype::F16, &half::f16::from_f32(2.0).to_le_bytes());
+        assert_eq!(Weights::open(&files, "model", &Device::flex()).unwrap().values("x", &[1]).unwrap(), vec![2.0]);
+        write("model.safetensors", Dtype::F32, &1.0f32.to_le_bytes());
+        assert_eq!(Weights::open(&files, "model", &Device::flex()).unwrap().values("x", &[1]).unwrap(), vec![1.0]);
+        let err = Weights::open(&files, "other", &Device::flex()).err().unwrap().to_string();
+        assert!(err.contains("neither other.safetensors nor other.fp16.safetensors"), "{err}");
+    }
+}

@@ -1,0 +1,33 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+use burn::tensor::{Device, DeviceKind};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// The product's backend: wgpu on the machine's Vulkan device (lavapipe in CI).
+pub fn wgpu() -> Device {
+    Device::wgpu(DeviceKind::DefaultDevice)
+}
+
+/// 8-bit RGB pixels and size of a PNG.
+pub fn read_png(bytes: &[u8]) -> (Vec<u8>, usize, usize) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("PNG header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("PNG data");
+    assert_eq!(info.color_type, png::ColorType::Rgb, "reference images are RGB");
+    buf.truncate(info.buffer_size());
+    (buf, info.width as usize, info.height as usize)
+}
+
+/// (max, mean) absolute difference in 8-bit levels.
+pub fn pixel_diff(a: &[u8], b: &[u8]) -> (u8, f64) {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    let diffs = a.iter().zip(b).map(|(&x, &y)| x.abs_diff(y));
+    let max = diffs.clone().max().unwrap_or(0);
+    let mean = diffs.map(f64::from).sum::<f64>() / a.len() as f64;
+    (max, mean)
+}

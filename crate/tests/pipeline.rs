@@ -1,0 +1,112 @@
+//! Full text-to-image runs against diffusers' own images for the committed tiny pipelines
+//! (tests/fixtures/images, made by scripts/make_fixtures.py). Tolerance per the engine's
+//! contract: max ≤ 3/255 and mean ≤ 0.5/255 per 8-bit channel.
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+
+use burn::tensor::Device;
+use serde::Deserialize;
+
+use kiln::npy;
+use kiln::pipeline::png::to_rgb8;
+use kiln::pipeline::{Request, StableDiffusion};
+use kiln::schedulers::SchedulerKind;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    model: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    steps: usize,
+    guidance: f64,
+    scheduler: String,
+    width: usize,
+    height: usize,
+    latents: String,
+    noise: Option<String>,
+    image: String,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(common::fixtures().join("images/cases.json")).expect("cases.json");
+    serde_json::from_str(&text).expect("cases.json parses")
+}
+
+fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
+    let dir = common::fixtures().join("images");
+    let step_noise = case.noise.as_ref().map(|file| {
+        let noise = npy::read(&dir.join(file)).expect("noise");
+        let per_draw: usize = noise.shape[1..].iter().product();
+        noise.values.chunks(per_draw).map(<[f32]>::to_vec).collect::<VecDeque<_>>()
+    });
+    let request = Request {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone().unwrap_or_default(),
+        steps: Some(case.steps),
+        guidance: Some(case.guidance),
+        scheduler: Some(SchedulerKind::from_name(&case.scheduler).expect("scheduler name")),
+        width: Some(case.width),
+        height: Some(case.height),
+        seed: 0,
+        latents: Some(npy::read(&dir.join(&case.latents)).expect("latents")),
+        step_noise,
+    };
+    let mut run = pipe.start(request).expect("request is valid");
+    while !run.finished() {
+        run.step(pipe).expect("step");
+    }
+    let values = run.decode(pipe).into_data().try_to_vec::<f32>().expect("image values");
+    to_rgb8(&values, case.width, case.height)
+}
+
+/// Every case on one device; all failures are reported together.
+fn check_all(device: &Device, filter: impl Fn(&Case) -> bool) {
+    let mut pipes: HashMap<String, StableDiffusion> = HashMap::new();
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for case in cases().iter().filter(|c| filter(c)) {
+        let pipe = pipes
+            .entry(case.model.clone())
+            .or_insert_with(|| StableDiffusion::load_dir(&common::fixtures().join(&case.model), device).expect("fixture loads"));
+        let ours = run_case(pipe, case);
+        let reference = std::fs::read(common::fixtures().join("images").join(&case.image)).expect("reference image");
+        let (theirs, w, h) = common::read_png(&reference);
+        assert_eq!((w, h), (case.width, case.height), "{}: reference size", case.name);
+        let (max, mean) = common::pixel_diff(&ours, &theirs);
+        println!("{:<40} max {max:>3}/255  mean {mean:.3}/255", case.name);
+        if max > 3 || mean > 0.5 {
+            failures.push(format!("{}: max {max}/255, mean {mean:.3}/255", case.name));
+        }
+        count += 1;
+    }
+    assert!(count > 0, "no cases ran");
+    assert!(failures.is_empty(), "{} of {count} cases differ from diffusers:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn images_equal_diffusers_on_wgpu() {
+    check_all(&common::wgpu(), |_| true);
+}
+
+/// The portable CPU backend runs the same code; one case per model keeps it quick.
+#[test]
+fn images_equal_diffusers_on_cpu_backend() {
+    check_all(&Device::flex(), |c| c.scheduler == "euler" && c.negative_prompt.is_none() && c.width == c.height);
+}
+
+/// One seed gives the same initial latents twice and on both backends.
+#[test]
+fn seeded_latents_are_identical_across_runs_and_backends() {
+    let model = common::fixtures().join("sd1-tiny");
+    let latents_on = |device: &Device, seed: u64| -> Vec<f32> {
+        let pipe = StableDiffusion::load_dir(&model, device).expect("fixture loads");
+        let run = pipe.start(Request { prompt: "a seed".into(), seed, steps: Some(1), ..Default::default() }).expect("start");
+        run.latents().into_data().try_to_vec::<f32>().expect("values")
+    };
+    let first = latents_on(&common::wgpu(), 1234);
+    assert_eq!(first, latents_on(&common::wgpu(), 1234));
+    assert_eq!(first, latents_on(&Device::flex(), 1234));
+    assert_ne!(first, latents_on(&Device::flex(), 1235));
+}

@@ -1,0 +1,789 @@
+#!/usr/bin/env python3
+# Requires (pip): torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow
+"""Generate Kiln's numerical test fixtures from Hugging Face diffusers.
+
+Run from the repository root:
+
+    python3 scripts/make_fixtures.py                 # regenerate everything under tests/fixtures
+
+Everything is random-weight, tiny and deterministic (fixed seeds); no real model weights are
+used or downloaded.  Outputs (all under tests/fixtures/):
+
+  sd1-tiny/, sd2-tiny/       tiny pipelines in the published diffusers folder layout
+  images/                    reference txt2img PNGs + their latents/noise + cases.json
+  tokenizer_cases.json       CLIP token ids for ~330 prompts (SD1 and SD2 padding)
+  schedulers/                scheduler trajectories on fixed inputs, one JSON per case
+
+Pip packages needed (no GPU, no network beyond PyPI):
+  torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow
+(open-clip-torch is only used for its bundled bpe_simple_vocab_16e6.txt.gz.)
+
+Tokenizer semantics: the fixtures pin transformers >= 5 behaviour.  The reference tokenizer is
+transformers' current `CLIPTokenizer` (the `tokenizers`-backed class that diffusers runs): NFC,
+whitespace runs -> " ", lowercase; CLIP's split regex; byte-level BPE; bos/eos/pad/unk as
+special added tokens.  It is NOT the old pure-Python (slow) CLIPTokenizer of transformers 4.x,
+whose text clean-up differs; the script refuses to run on transformers < 5.
+"""
+
+import argparse
+import contextlib
+import gzip
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import warnings
+
+# Checked before anything imports transformers (see "Tokenizer semantics" above).
+_TRANSFORMERS_VERSION = importlib.metadata.version("transformers")
+if int(_TRANSFORMERS_VERSION.split(".")[0]) < 5:
+    sys.exit(f"make_fixtures.py needs transformers >= 5 (found {_TRANSFORMERS_VERSION}): the fixtures pin "
+             "the tokenizers-backed CLIPTokenizer of transformers 5, not the old slow tokenizer")
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # quiet save/load of the tiny models
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures")
+IMAGES_DIR = os.path.join(FIXTURES, "images")
+SCHED_DIR = os.path.join(FIXTURES, "schedulers")
+
+torch.set_grad_enabled(False)
+warnings.filterwarnings("ignore")
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+def f32(x):
+    """A float32 value as the shortest Python float that round-trips to the same float32.
+
+    Keeps the JSON fixtures small while staying exact: parse as f32 to get the bit-identical value.
+    """
+    return float(str(np.float32(x)))
+
+
+def write_json(path, obj, compact=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        if compact:
+            json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
+        else:
+            json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. CLIP vocabulary
+# ----------------------------------------------------------------------------------------------
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode():
+    """CLIP/GPT-2 reversible byte -> printable unicode char table (same order as CLIP's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def build_clip_vocab():
+    """Rebuild CLIP's encoder/merges from open_clip's bundled BPE file, as SimpleTokenizer does.
+
+    Located via find_spec so open_clip itself (which imports ftfy) is never imported.
+    """
+    pkg_dir = os.path.dirname(importlib.util.find_spec("open_clip").origin)
+    lines = gzip.open(os.path.join(pkg_dir, "bpe_simple_vocab_16e6.txt.gz")).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += [BOS, EOS]
+    assert len(vocab) == 49408 and len(set(vocab)) == 49408
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def _added_token(content):
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
+            "rstrip": False, "single_word": False}
+
+
+def write_tokenizer_dir(tok_dir, encoder, merges, pad_token):
+    """Write vocab.json, merges.txt and the published-style tokenizer_config/special_tokens_map.
+
+    transformers>=5 only saves tokenizer.json, so the files of the published SD repos are written
+    by hand (SD 1.5 layout; SD 2.x pads with "!" = id 0).
+    """
+    if os.path.isdir(tok_dir):
+        shutil.rmtree(tok_dir)
+    os.makedirs(tok_dir)
+    with open(os.path.join(tok_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(encoder, f, ensure_ascii=False, separators=(",", ":"))
+    with open(os.path.join(tok_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
+    write_json(os.path.join(tok_dir, "tokenizer_config.json"), {
+        "add_prefix_space": False,
+        "bos_token": _added_token(BOS),
+        "do_lower_case": True,
+        "eos_token": _added_token(EOS),
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": pad_token,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": _added_token(EOS),
+    })
+    special = {k: {kk: vv for kk, vv in _added_token(v).items() if kk != "__type"}
+               for k, v in (("bos_token", BOS), ("eos_token", EOS), ("unk_token", EOS))}
+    special["pad_token"] = pad_token
+    write_json(os.path.join(tok_dir, "special_tokens_map.json"), dict(sorted(special.items())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference tokenizer: transformers' current (>= 5, tokenizers-backed) CLIPTokenizer.
+# ----------------------------------------------------------------------------------------------
+
+def load_reference_tokenizer(tok_dir):
+    """The tokenizer Kiln must match: CLIPTokenizer as installed, loaded as diffusers loads it."""
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    assert tok.model_max_length == 77, tok.model_max_length
+    return tok
+
+
+def check_vocab(tok_dir):
+    """Spec check from the brief: the rebuilt vocabulary gives CLIP's well-known ids."""
+    got = load_reference_tokenizer(tok_dir)("a photo of a cat").input_ids
+    assert got == [49406, 320, 1125, 539, 320, 2368, 49407], got
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tiny random-weight pipelines
+# ----------------------------------------------------------------------------------------------
+
+# Published scheduler_config.json contents (SD 1.5 / SD 2.1-768 / SD-Turbo), minus version tags.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+}
+SD21V_SCHEDULER = dict(SD15_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
+TURBO_SCHEDULER = dict(SD15_SCHEDULER, _class_name="EulerDiscreteScheduler", timestep_spacing="trailing",
+                       interpolation_type="linear", use_karras_sigmas=False)
+
+TEXT_ENCODER_SIZES = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32)
+UNET_COMMON = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2, cross_attention_dim=32, norm_num_groups=8, flip_sin_to_cos=True, freq_shift=0,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
+)
+
+# SIZE NOTE: with sd2 using sd1's UNet (channels (32, 64, 64), 2 layers per block) the fixtures
+# total ~28.4 MB, over the 25 MB budget: the 49408x32 CLIP token embedding (6.3 MB fp32) and sd1's
+# 2.2M-parameter UNet (8.7 MB fp32) dominate.  sd1 is kept exactly at the requested SD1-like
+# config; sd2 keeps every SD2-specific feature (linear projection, per-block head counts,
+# upcast_attention, fp16-only files, v-prediction, "!" padding, gelu) but uses a (16, 32, 32)
+# UNet with 1 layer per block (~0.38M parameters), which also exercises config-driven widths,
+# depths and non-square cross-attention projections (16 channels vs 32-d text).
+MODELS = {
+    "sd1-tiny": dict(
+        seed=100, hidden_act="quick_gelu", pad_token=EOS, pad_id=49407,
+        unet=dict(UNET_COMMON, attention_head_dim=4, use_linear_projection=False),
+        vae=VAE_CONFIG, scheduler=SD15_SCHEDULER, scheduler_cls=PNDMScheduler, variant=None,
+    ),
+    "sd2-tiny": dict(
+        seed=200, hidden_act="gelu", pad_token="!", pad_id=0,
+        # Narrower/shallower than sd1 purely to keep tests/fixtures under 25 MB (SIZE NOTE above).
+        unet=dict(UNET_COMMON, block_out_channels=(16, 32, 32), layers_per_block=1,
+                  attention_head_dim=[2, 4, 4], use_linear_projection=True, upcast_attention=True),
+        vae=VAE_CONFIG, scheduler=SD21V_SCHEDULER, scheduler_cls=DDIMScheduler, variant="fp16",
+    ),
+}
+
+# Weight scaling (see texture_init): fan-in-normalised normal weights, jittered norms, and
+# stronger cross-attention so that the prompt visibly matters.
+WEIGHT_GAIN = 1.0          # conv/linear weight std = gain / sqrt(fan_in)
+BIAS_STD = 0.05
+NORM_JITTER = 0.1          # GroupNorm/LayerNorm weight = 1 + N(0, jitter), bias = N(0, jitter)
+EMBED_STD = 1.0            # CLIP token and position embeddings
+CROSS_ATTN_OUT_GAIN = 2.0  # attn2.to_out in the UNet: text conditioning strength
+UNET_OUT_STD = 1.0         # target std of the noise prediction (calibrated via conv_out)
+VAE_OUT_STD = 0.5          # target per-pixel std of decoded images in [-1, 1] (via decoder.conv_out)
+
+
+def texture_init(model, seed, special_gains=None):
+    """Re-initialise every conv/linear/norm/embedding deterministically.
+
+    Default inits of diffusers/transformers give near-constant outputs for such tiny nets (grey
+    images, prompt-independent); fan-in scaled unit-gain weights keep activations O(1) through
+    the residual stacks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    special_gains = special_gains or {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            gain = next((g for k, g in special_gains.items() if k in name), WEIGHT_GAIN)
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * gain / math.sqrt(fan_in))
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * BIAS_STD)
+        elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            m.weight.copy_(1 + torch.randn(m.weight.shape, generator=gen) * NORM_JITTER)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * NORM_JITTER)
+        elif isinstance(m, nn.Embedding):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * EMBED_STD)
+
+
+def encode(text_encoder, tokenizer, prompt):
+    ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def calibrate_unet(unet, text_encoder, tokenizer, seed):
+    """Scale conv_out so the prediction has std UNET_OUT_STD on N(0,1) latents at t=500."""
+    x = torch.from_numpy(np.random.RandomState(seed).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    emb = encode(text_encoder, tokenizer, "a photo of a cat")
+    s = unet(x, 500, encoder_hidden_states=emb).sample.std().item()
+    unet.conv_out.weight.mul_(UNET_OUT_STD / s)
+    unet.conv_out.bias.mul_(UNET_OUT_STD / s)
+
+
+def calibrate_vae(vae, seed):
+    """Scale decoder.conv_out (zero bias) so decode(z / scaling_factor), z ~ N(0,1), has std VAE_OUT_STD."""
+    z = torch.from_numpy(np.random.RandomState(seed).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    vae.decoder.conv_out.bias.zero_()
+    s = vae.decode(z / vae.config.scaling_factor).sample.std().item()
+    vae.decoder.conv_out.weight.mul_(VAE_OUT_STD / s)
+
+
+def model_stats(pipe, label):
+    """Print the statistics the brief asks for: UNet output scale and text dependence, VAE range."""
+    tok, te, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    x = torch.from_numpy(np.random.RandomState(7).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    e_cat, e_dog, e_unc = (encode(te, tok, p) for p in ("a photo of a cat", "a watercolor of a dog", ""))
+    for t in (1, 500, 981):
+        o_cat = unet(x, t, encoder_hidden_states=e_cat).sample
+        o_dog = unet(x, t, encoder_hidden_states=e_dog).sample
+        o_unc = unet(x, t, encoder_hidden_states=e_unc).sample
+        print(f"  [{label}] unet t={t:4d}: out std {o_cat.std():.3f}  |cond-uncond| std {(o_cat - o_unc).std():.3f}"
+              f"  |cat-dog| std {(o_cat - o_dog).std():.3f}")
+    z = torch.from_numpy(np.random.RandomState(8).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    img = vae.decode(z / vae.config.scaling_factor).sample
+    print(f"  [{label}] vae decode(N(0,1)/sf): mean {img.mean():.3f} std {img.std():.3f}"
+          f"  saturated(|x|>1) {(img.abs() > 1).float().mean():.3f}")
+
+
+def build_pipeline(name, spec, encoder, merges, tmp_tok_dir):
+    """Build one tiny pipeline in memory, with textured random weights."""
+    seed = spec["seed"]
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_act=spec["hidden_act"], **TEXT_ENCODER_SIZES))
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    texture_init(text_encoder, seed + 1)
+    texture_init(unet, seed + 2, {"attn2.to_out": CROSS_ATTN_OUT_GAIN})
+    texture_init(vae, seed + 3)
+    calibrate_unet(unet, text_encoder, tokenizer, seed + 4)
+    calibrate_vae(vae, seed + 5)
+    sched_cfg = {k: v for k, v in spec["scheduler"].items() if not k.startswith("_")}
+    scheduler = spec["scheduler_cls"].from_config(sched_cfg)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe
+
+
+def save_pipeline(pipe, out_dir, spec, encoder, merges):
+    """save_pretrained in the published layout, then fix up tokenizer/ and scheduler/ by hand."""
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    if spec["variant"] == "fp16":
+        pipe.to(torch.float16)
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            assert all(torch.isfinite(p).all() for p in m.parameters()), "non-finite fp16 weights"
+        pipe.save_pretrained(out_dir, safe_serialization=True, variant="fp16")
+    else:
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    write_tokenizer_dir(os.path.join(out_dir, "tokenizer"), encoder, merges, spec["pad_token"])
+    write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), spec["scheduler"])
+    # model_index.json: keep what diffusers writes (null safety_checker/feature_extractor entries).
+    with open(os.path.join(out_dir, "model_index.json")) as f:
+        index = json.load(f)
+    for comp in ("safety_checker", "feature_extractor", "image_encoder"):
+        assert index.get(comp) in (None, [None, None]), (comp, index.get(comp))
+    assert index.get("requires_safety_checker") is False
+
+
+def expected_files(spec):
+    v = ".fp16" if spec["variant"] == "fp16" else ""
+    return sorted([
+        "model_index.json", "scheduler/scheduler_config.json",
+        "text_encoder/config.json", f"text_encoder/model{v}.safetensors",
+        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json", f"unet/diffusion_pytorch_model{v}.safetensors",
+        "vae/config.json", f"vae/diffusion_pytorch_model{v}.safetensors",
+    ])
+
+
+def load_pipeline(out_dir, spec):
+    """Reload FROM DISK in float32 (for sd2: the fp16 files, i.e. fp16-rounded weights)."""
+    got = sorted(os.path.relpath(os.path.join(d, f), out_dir) for d, _, fs in os.walk(out_dir) for f in fs)
+    assert got == expected_files(spec), got
+    kwargs = {"variant": spec["variant"]} if spec["variant"] else {}
+    pipe = StableDiffusionPipeline.from_pretrained(out_dir, torch_dtype=torch.float32, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    assert pipe.tokenizer.pad_token_id == spec["pad_id"], pipe.tokenizer.pad_token_id
+    assert pipe.tokenizer.model_max_length == 77
+    assert type(pipe.scheduler) is spec["scheduler_cls"]
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Scheduler selection and noise capture (shared by images and scheduler arrays)
+# ----------------------------------------------------------------------------------------------
+
+SCHEDULERS = {  # Kiln name -> (diffusers class, extra from_config kwargs)
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp-2m": (DPMSolverMultistepScheduler,
+                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
+    "dpmpp-2m-karras": (DPMSolverMultistepScheduler,
+                        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+    "lcm": (LCMScheduler, {}),
+}
+
+# Modules whose step() draws fresh noise through their own `randn_tensor` import.
+NOISY_SCHEDULER_MODULES = (
+    "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+    "diffusers.schedulers.scheduling_lcm",
+)
+
+
+def convert_scheduler(source, kiln_name):
+    """What a diffusers user does: Target.from_config(pipe.scheduler.config, **extra)."""
+    cls, extra = SCHEDULERS[kiln_name]
+    return cls.from_config(source.config, **extra)
+
+
+class NoiseTap:
+    """Stands in for diffusers' randn_tensor inside the stochastic schedulers; records each draw."""
+
+    def __init__(self, draw):
+        self.draw = draw  # shape tuple -> float32 ndarray
+        self.draws = []
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        arr = np.ascontiguousarray(self.draw(tuple(shape)), dtype=np.float32)
+        self.draws.append(arr)
+        return torch.from_numpy(arr.copy()).to(device=device or "cpu", dtype=dtype or torch.float32)
+
+
+@contextlib.contextmanager
+def tapped_noise(tap):
+    mods = [sys.modules[name] for name in NOISY_SCHEDULER_MODULES]
+    saved = [m.randn_tensor for m in mods]
+    for m in mods:
+        m.randn_tensor = tap
+    try:
+        yield tap
+    finally:
+        for m, orig in zip(mods, saved):
+            m.randn_tensor = orig
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Reference images
+# ----------------------------------------------------------------------------------------------
+
+PROMPTS = [
+    "a photo of a cat sitting on a windowsill",
+    "a watercolor painting of a lighthouse at dusk",
+    "an oil painting of a mountain lake, highly detailed",
+    "a red sports car on a rainy street at night",
+    "a bowl of fruit on a wooden table, studio lighting",
+    "a castle in the clouds, fantasy art",
+    "portrait of an old fisherman, dramatic light",
+]
+NEGATIVE = "blurry, low quality"
+
+
+def image_cases():
+    """All (model, scheduler, negative prompt) combinations plus the extra cases from the brief."""
+    cases = []
+    for model in ("sd1-tiny", "sd2-tiny"):
+        short = model.split("-")[0]
+        for si, sched in enumerate(SCHEDULERS):
+            for neg in (None, NEGATIVE):
+                cases.append(dict(
+                    name=f"{short}-{sched}-{'neg' if neg else 'noneg'}", model=model,
+                    prompt=PROMPTS[(si + (1 if neg else 0) + (3 if short == "sd2" else 0)) % len(PROMPTS)],
+                    negative_prompt=neg, steps=4, guidance=7.5, scheduler=sched, width=64, height=64))
+        cases.append(dict(name=f"{short}-nonsquare", model=model, prompt="a wide landscape with rolling hills",
+                          negative_prompt=None, steps=4, guidance=7.5,
+                          scheduler="euler" if short == "sd1" else "ddim", width=96, height=64))
+        cases.append(dict(name=f"{short}-noguidance", model=model, prompt="a cozy cabin in a snowy forest",
+                          negative_prompt=None, steps=2, guidance=1.0, scheduler="lcm", width=64, height=64))
+    for i, c in enumerate(cases):
+        c["seed"] = 1000 + i
+    return cases
+
+
+def to_uint8(images):
+    """Exactly diffusers' numpy_to_pil conversion."""
+    return (images * 255).round().astype("uint8")
+
+
+def render_case(pipe, base_scheduler, case):
+    lat = np.random.RandomState(case["seed"]).standard_normal(
+        (1, 4, case["height"] // 8, case["width"] // 8)).astype(np.float32)
+    noise_rs = np.random.RandomState(case["seed"] + 50000)
+    tap = NoiseTap(lambda shape: noise_rs.standard_normal(shape).astype(np.float32))
+    pipe.scheduler = convert_scheduler(base_scheduler, case["scheduler"])
+    with tapped_noise(tap):
+        images = pipe(case["prompt"], negative_prompt=case["negative_prompt"],
+                      num_inference_steps=case["steps"], guidance_scale=case["guidance"],
+                      height=case["height"], width=case["width"], latents=torch.from_numpy(lat),
+                      output_type="np").images
+    return lat, tap.draws, images
+
+
+def make_images(pipes, ref_tokenizers):
+    if os.path.isdir(IMAGES_DIR):
+        shutil.rmtree(IMAGES_DIR)
+    os.makedirs(IMAGES_DIR)
+    base = {name: pipe.scheduler for name, pipe in pipes.items()}  # never chain conversions
+    index = []
+    print("reference images (values in [-1,1]):")
+    for case in image_cases():
+        pipe = pipes[case["model"]]
+        # Sanity check: the tokenizer diffusers loaded agrees with the reference tokenizer on
+        # these prompts, so images and token fixtures are consistent.
+        for text in (case["prompt"], case["negative_prompt"] or ""):
+            a = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+            b = ref_tokenizers[case["model"]](text, padding="max_length", max_length=77, truncation=True).input_ids
+            assert a == b, text
+        lat, draws, images = render_case(pipe, base[case["model"]], case)
+        name = case["name"]
+        np.save(os.path.join(IMAGES_DIR, f"{name}.latents.npy"), lat)
+        noise_file = None
+        if draws:
+            noise_file = f"{name}.noise.npy"
+            np.save(os.path.join(IMAGES_DIR, noise_file), np.stack(draws))
+        Image.fromarray(to_uint8(images)[0]).save(os.path.join(IMAGES_DIR, f"{name}.png"))
+        x = images[0] * 2 - 1
+        sat = ((images[0] <= 0) | (images[0] >= 1)).mean()
+        print(f"  {name:28s} mean {x.mean():+.3f} std {x.std():.3f} saturated {sat:.3f} noise draws {len(draws)}")
+        index.append(dict(name=name, model=case["model"], prompt=case["prompt"],
+                          negative_prompt=case["negative_prompt"], steps=case["steps"],
+                          guidance=case["guidance"], scheduler=case["scheduler"], width=case["width"],
+                          height=case["height"], latents=f"{name}.latents.npy", noise=noise_file,
+                          image=f"{name}.png"))
+    write_json(os.path.join(IMAGES_DIR, "cases.json"), index)
+    prompt_sensitivity(pipes, base)
+    return index
+
+
+def prompt_sensitivity(pipes, base):
+    """Same latents, different prompt: report how much the image changes (must be visible)."""
+    for model, pipe in pipes.items():
+        outs = []
+        for prompt in ("a photo of a cat sitting on a windowsill", "a watercolor painting of a lighthouse at dusk"):
+            case = dict(seed=4242, width=64, height=64, scheduler="ddim", prompt=prompt, negative_prompt=None,
+                        steps=4, guidance=7.5)
+            outs.append(to_uint8(render_case(pipe, base[model], case)[2]).astype(np.int32))
+        diff = np.abs(outs[0] - outs[1])
+        print(f"  [{model}] prompt change, same latents: mean |diff| {diff.mean():.1f}/255, max {diff.max()}")
+        pipe.scheduler = base[model]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Tokenizer cases
+# ----------------------------------------------------------------------------------------------
+
+def tokenizer_prompts():
+    """Hand-picked edge cases plus templated variations (deterministic, >= 220)."""
+    p = [
+        "", " ", "   ", "\t", "\n", " \t\n ", "a", "A", "cat", "CAT", "Cat", "cAt",
+        "a photo of a cat", "A Photo Of A Cat", "A PHOTO OF A CAT", "a photo of a cat.",
+        "a photograph of an astronaut riding a horse",
+        "masterpiece, best quality, ultra-detailed, 8k, cinematic lighting",
+        "portrait of a woman, oil on canvas, by john singer sargent",
+        "a cute corgi wearing sunglasses on the beach",
+        "cyberpunk city street at night, neon signs, rain, reflections",
+        "studio ghibli style landscape with rolling hills and a small red house",
+        "  leading spaces", "trailing spaces   ", "  both sides  ",
+        "multiple    spaces     between words", "tabs\tbetween\twords", "new\nlines\nhere",
+        "mixed \t\n whitespace \r\n runs", "carriage\rreturn", "form\x0cfeed and\x0bvertical tab",
+        "non\u00a0breaking\u00a0space", "em\u2003space and thin\u2009space", "ideographic\u3000space",
+        "zero\u200bwidth\u200bspace", "soft\u00adhyphen", "bom\ufeffinside", "line\u2028separator",
+        "control\x00null", "bell\x07char", "escape\x1b[31mred", "delete\x7fchar", "c1\x85next line",
+        "replacement \ufffd char", "private use \ue000 char",
+        # punctuation
+        "hello!", "hello!!", "hello!!!", "wow!!! amazing!", "!", "!!", "!!!!!!!!", "!hello", "a ! b",
+        "what?", "what?!", "really?!?!", "...", "wait...", "a--b", "a---b", "a -- b", "(((", ")))",
+        "[[[test]]]", "{curly}", "<angle>", "semi;colon:colon", "comma,separated,list,of,words",
+        "slash/and\\backslash", "pipe|pipe", "tilde~caret^", "at@sign", "percent 100%", "$5 and €10 and £3 and ¥100",
+        "quotes \"double\" and 'single'", "`backticks`", "ellipsis … unicode", "em—dash and en–dash",
+        "«guillemets» and „low quotes“", "‘curly single’ and “curly double”", "*asterisks* and _underscores_",
+        "#hashtag #another_one", "@mention me", "a+b=c", "x*y/z", "1+1=2", "<>", "<|>", "<| |>",
+        # apostrophes / contractions
+        "it's", "IT'S", "don't", "DON'T", "you're", "we've", "i'm", "they'll", "he'd", "can't", "won't",
+        "isn't it", "rock 'n' roll", "the cat's toy", "the cats' toys", "'quoted'", "''", "'s", "'t",
+        "it’s", "don’t", "you’re", "O'Neil's pub", "ma'am", "y'all'd've",
+        # numbers
+        "1234", "3.14", "3.14159265358979", "1,000", "1,000,000", "2nd place", "1st 2nd 3rd 4th",
+        "0", "007", "-5", "+5", "1e10", "1/2", "50%", "24/7", "1920x1080", "4k 8k 16k", "v1.5", "2.1",
+        "the year 2024", "12:30pm", "phone 555-1234", "١٢٣ arabic digits", "²³ superscripts", "½ ¼ ¾",
+        "Ⅻ roman numeral", "①②③ circled",
+        # weights / prompt syntax
+        "(masterpiece:1.2)", "((best quality))", "[low quality]", "(cat:1.5), (dog:0.8)",
+        "a (red:1.3) car", "{{{epic}}}", "masterpiece, (detailed face:1.1), [blurry:0.5]",
+        "art by greg_rutkowski and alphonse_mucha", "snake_case_words", "__double__underscores__",
+        "BREAK", "cat BREAK dog", "<lora:add_detail:0.8>", "embedding:EasyNegative",
+        # URLs / emails / markup
+        "https://example.com/path?query=1&x=2", "http://www.example.org", "www.example.com",
+        "user@example.com", "&amp;", "tom &amp; jerry", "&lt;tag&gt;", "&quot;quoted&quot;", "&#39;", "&#x27;",
+        "&nbsp;", "<b>bold</b>", "<br/>", "<|startoftext|>", "<|endoftext|>",
+        "a <|endoftext|> b", "<|startoftext|>hello<|endoftext|>", "<|ENDOFTEXT|>", "<|endoftext|>!",
+        "hello<|endoftext|>world",
+        # Unicode letters
+        "café", "naïve", "über", "niño", "façade", "crème brûlée", "São Paulo", "Zürich", "Ærø", "smørrebrød",
+        "Ångström", "İstanbul", "straße", "STRASSE", "ǅ titlecase", "ﬁ ligature", "Ｆｕｌｌｗｉｄｔｈ",
+        "e\u0301 combining accent", "n\u0303", "Å vs A\u030a",
+        "日本語", "日本語のテキスト", "東京タワー", "こんにちは", "カタカナ", "中文", "你好世界",
+        "我爱北京天安门", "한국어", "안녕하세요", "mixed 日本 and english", "猫 cat 猫", "𠀀 ext-b",
+        "Привет мир", "Москва", "ПРИВЕТ", "Ελληνικά", "αβγ δεζ", "ΑΒΓ", "مرحبا بالعالم", "العربية",
+        "שלום", "हिन्दी", "ภาษาไทย", "Tiếng Việt", "ქართული", "Հայերեն",
+        # emoji
+        "🐱", "a cat 🐱", "🐱🐶", "🔥🔥🔥", "😀 smile", "👍", "👍🏽", "👍🏿 thumbs", "👩‍💻", "👨‍👩‍👧‍👦 family",
+        "🏳️‍🌈", "🇯🇵", "🇺🇸 flag", "🇬🇧🇫🇷", "❤️", "❤", "♥", "☀️ sun", "✨ sparkles ✨", "🧑🏻‍🎨 artist",
+        "emoji at end 🎉", "🎉emoji at start", "mid🎉emoji", "1️⃣ keycap", "©️ ®️ ™",
+        "★☆✓✗→←↑↓", "♪♫", "∑∫∂√∞", "≤≥≠≈", "°C 25°", "µm and μm", "Ω ohm", "ℕℤℚℝ",
+        # long prompts (> 77 tokens)
+        ("a highly detailed photograph of a majestic lion resting on a rock in the golden savanna at sunset, "
+         "warm light, shallow depth of field, bokeh, award winning wildlife photography, national geographic, "
+         "sharp focus, 85mm lens, f/1.8, cinematic composition, dramatic clouds, dust particles in the air, "
+         "rim lighting, ultra realistic, 8k resolution, trending on artstation"),
+        ("masterpiece, best quality, " * 20).strip(),
+        "cat " * 200,
+        " ".join(f"word{i}" for i in range(100)),
+        "supercalifragilisticexpialidocious " * 10,
+        "a" * 500,
+        "ab" * 300,
+        "日本語" * 40,
+        "🐱" * 60,
+        ", ".join(["red", "green", "blue", "yellow", "purple", "orange"] * 12),
+        "!" * 100,
+        "hello! " * 40,
+    ]
+    # Exact length boundaries: N single-token words -> N + 2 ids with BOS/EOS.
+    for n in (73, 74, 75, 76, 77, 78):
+        p.append(" ".join(["cat"] * n))
+    # Templated variations: subjects x styles x modifiers.
+    subjects = ["a fox", "an owl", "the Eiffel Tower", "a robot", "two dogs", "a bowl of ramen",
+                "Mount Fuji", "a vintage car", "an astronaut", "a dragon"]
+    styles = ["oil painting", "pixel art", "3D render", "pencil sketch", "photo", "ukiyo-e", "low-poly",
+              "watercolor"]
+    mods = ["", ", 4k", ", trending on ArtStation", " (masterpiece:1.2)", ", f/2.8 50mm", " — dramatic!",
+            ", ¡colorido!", " at night 🌙"]
+    rs = np.random.RandomState(1234)
+    for i in range(60):
+        s, st, m = subjects[i % len(subjects)], styles[rs.randint(len(styles))], mods[rs.randint(len(mods))]
+        p.append(f"{st} of {s}{m}")
+    seen, out = set(), []
+    for x in p:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    assert len(out) >= 220, len(out)
+    return out
+
+
+def make_tokenizer_cases(ref_tokenizers):
+    """ids exactly as diffusers requests them (pad to 77, truncate) + untruncated length."""
+    sd1, sd2 = ref_tokenizers["sd1-tiny"], ref_tokenizers["sd2-tiny"]
+    cases = []
+    for prompt in tokenizer_prompts():
+        ids1 = sd1(prompt, padding="max_length", max_length=sd1.model_max_length, truncation=True).input_ids
+        ids2 = sd2(prompt, padding="max_length", max_length=sd2.model_max_length, truncation=True).input_ids
+        n1, n2 = len(sd1(prompt).input_ids), len(sd2(prompt).input_ids)
+        assert len(ids1) == len(ids2) == 77
+        # SD2 pads with "!", a special token, so a "!" in a prompt tokenizes on its own and the
+        # lengths can differ; record SD1's, and SD2's only where it differs.
+        cases.append({"prompt": prompt, "sd1": ids1, "sd2": ids2, "untruncated_len": n1,
+                      **({"sd2_untruncated_len": n2} if n2 != n1 else {})})
+    write_json(os.path.join(FIXTURES, "tokenizer_cases.json"), {
+        "reference": (f"transformers {transformers.__version__} CLIPTokenizer (tokenizers-backed, transformers>=5 "
+                      "semantics) loaded from <pipeline>/tokenizer, called as diffusers does: "
+                      "tok(prompt, padding='max_length', max_length=77, truncation=True).input_ids; "
+                      "untruncated_len = len(tok(prompt).input_ids) for the sd1 tokenizer "
+                      "(sd2_untruncated_len only where it differs)"),
+        "cases": cases,
+    }, compact=True)
+    print(f"tokenizer cases: {len(cases)} prompts (transformers {transformers.__version__} CLIPTokenizer)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Scheduler arrays
+# ----------------------------------------------------------------------------------------------
+
+SCHED_CONFIGS = {  # name -> (published config, source class)
+    "sd15": (SD15_SCHEDULER, PNDMScheduler),
+    "sd21v": (SD21V_SCHEDULER, DDIMScheduler),
+    "turbo": (TURBO_SCHEDULER, EulerDiscreteScheduler),
+}
+SCHED_STEPS = (1, 4, 7)
+
+
+def tensor_list(t):
+    return [f32(v) for v in t.detach().to(torch.float32).flatten().tolist()] if t is not None else None
+
+
+def run_scheduler(sched, steps, sample, model_outputs, noise):
+    """The loop from the brief, with the stochastic schedulers' noise popped from `noise` in order."""
+    k = [0]
+
+    def pop(shape):
+        arr = noise[k[0]]
+        k[0] += 1
+        assert arr.shape == shape
+        return arr
+
+    tap = NoiseTap(pop)
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps.clone()
+    sigmas = getattr(sched, "sigmas", None)
+    sigmas = sigmas.clone() if isinstance(sigmas, torch.Tensor) else None
+    init_sigma = float(sched.init_noise_sigma)
+    x = torch.from_numpy(sample) * sched.init_noise_sigma
+    with tapped_noise(tap):
+        for i, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(x, t)
+            eps = torch.from_numpy(model_outputs[i]) + 0.1 * inp
+            x = sched.step(eps, t, x).prev_sample
+    return timesteps, sigmas, init_sigma, len(tap.draws), x
+
+
+def make_scheduler_arrays():
+    if os.path.isdir(SCHED_DIR):
+        shutil.rmtree(SCHED_DIR)
+    os.makedirs(SCHED_DIR)
+    rs = np.random.RandomState(777)
+    sample = rs.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    model_outputs = rs.standard_normal((12, 1, 4, 8, 8)).astype(np.float32)
+    noise = rs.standard_normal((12, 1, 4, 8, 8)).astype(np.float32)
+    np.save(os.path.join(SCHED_DIR, "sample.npy"), sample)
+    np.save(os.path.join(SCHED_DIR, "model_outputs.npy"), model_outputs)
+    np.save(os.path.join(SCHED_DIR, "noise.npy"), noise)
+    index = {"cases": [], "skipped": []}
+    for cfg_name, (cfg, source_cls) in SCHED_CONFIGS.items():
+        cfg_dir = os.path.join(SCHED_DIR, "configs", cfg_name)
+        write_json(os.path.join(cfg_dir, "scheduler_config.json"), cfg)
+        source = source_cls.from_pretrained(cfg_dir)  # fills in the source class's defaults
+        for kiln_name in SCHEDULERS:
+            for steps in SCHED_STEPS:
+                key = dict(scheduler=kiln_name, config=cfg_name, steps=steps)
+                try:
+                    sched = convert_scheduler(source, kiln_name)
+                    ts, sig, init_sigma, draws, x = run_scheduler(sched, steps, sample, model_outputs, noise)
+                except Exception as e:  # diffusers rejects the combination
+                    index["skipped"].append(dict(key, reason=f"{type(e).__name__}: {e}"))
+                    continue
+                if not torch.isfinite(x).all():
+                    index["skipped"].append(dict(key, reason="non-finite result"))
+                    continue
+                fname = f"{kiln_name}-{cfg_name}-{steps}.json"
+                write_json(os.path.join(SCHED_DIR, fname), dict(
+                    key, timesteps=[float(v) for v in ts.tolist()], sigmas=tensor_list(sig),
+                    init_noise_sigma=f32(init_sigma), noise_draws=draws, final=tensor_list(x)), compact=True)
+                index["cases"].append(dict(key, file=fname, noise_draws=draws, n_timesteps=len(ts)))
+    index["notes"] = ("Inputs: sample.npy [1,4,8,8], model_outputs.npy / noise.npy [12,1,4,8,8] (float32). "
+                      "Each config is loaded with its source class (configs/<name>/scheduler_config.json) and "
+                      "converted with Target.from_config(source.config, **extra); note that diffusers does NOT carry "
+                      "over keys the source class filled from its own defaults (config._use_default_values, e.g. "
+                      "timestep_spacing for sd15/sd21v), so the target uses its own default for those. "
+                      "Floats are float32 values "
+                      "written as the shortest decimal that round-trips to the same float32.")
+    write_json(os.path.join(SCHED_DIR, "index.json"), index)
+    print(f"scheduler cases: {len(index['cases'])} written, {len(index['skipped'])} skipped")
+    for s in index["skipped"]:
+        print(f"  skipped {s['scheduler']}-{s['config']}-{s['steps']}: {s['reason']}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+          f"numpy {np.__version__}")
+    os.makedirs(FIXTURES, exist_ok=True)
+
+    encoder, merges = build_clip_vocab()
+    tmp_tok = os.path.join(FIXTURES, ".tmp_tokenizer")
+    write_tokenizer_dir(tmp_tok, encoder, merges, EOS)
+    check_vocab(tmp_tok)
+
+    pipes, ref_tokenizers = {}, {}
+    for name, spec in MODELS.items():
+        out_dir = os.path.join(FIXTURES, name)
+        pipe = build_pipeline(name, spec, encoder, merges, tmp_tok)
+        save_pipeline(pipe, out_dir, spec, encoder, merges)
+        pipes[name] = load_pipeline(out_dir, spec)
+        ref_tokenizers[name] = load_reference_tokenizer(os.path.join(out_dir, "tokenizer"))
+        assert ref_tokenizers[name].pad_token_id == spec["pad_id"]
+        check_vocab(os.path.join(out_dir, "tokenizer"))
+        print(f"{name}: saved to {os.path.relpath(out_dir, REPO_ROOT)}")
+        model_stats(pipes[name], name)
+    shutil.rmtree(tmp_tok)
+
+    make_images(pipes, ref_tokenizers)
+    make_tokenizer_cases(ref_tokenizers)
+    make_scheduler_arrays()
+
+
+if __name__ == "__main__":
+    main()
