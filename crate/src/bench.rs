@@ -25,15 +25,14 @@ fn config<T: serde::de::DeserializeOwned>(preset: &Value, key: &str) -> Result<T
     serde_json::from_value(preset[key].clone()).map_err(|e| Error::Invalid(format!("preset {key}: {e}")))
 }
 
-/// Mean wall time of `iters` runs after one warm-up, waiting for the device each time.
-fn time_ms(device: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
-    let sync = || device.sync().expect("device lost");
-    f();
-    sync();
+/// Mean wall time of `iters` runs after one warm-up. Reading one value of each output
+/// back makes sure the work was done, not only queued.
+fn time_ms<const D: usize>(iters: usize, mut f: impl FnMut() -> Tensor<D>) -> f64 {
+    let mut run = || f().flatten::<1>(0, D - 1).narrow(0, 0, 1).into_data();
+    run();
     let start = Instant::now();
     for _ in 0..iters {
-        f();
-        sync();
+        run();
     }
     start.elapsed().as_secs_f64() * 1000.0 / iters as f64
 }
@@ -45,9 +44,14 @@ fn reserved_bytes(device: &Device) -> Option<u64> {
 }
 
 pub fn run(device: &Device, args: &BenchArgs) -> Result<Value> {
+    if let Some(unknown) = args.models.iter().find(|m| *m != "all" && !PRESETS.iter().any(|(n, _)| n == m)) {
+        return Err(Error::Invalid(format!("unknown model {unknown:?}; choose sd15, sd-turbo or all")));
+    }
     let mut results = Vec::new();
     for (name, text) in PRESETS.iter().filter(|(n, _)| args.models.iter().any(|m| m == n || m == "all")) {
         let preset: Value = serde_json::from_str(text).expect("embedded presets are valid JSON");
+        // Each model's figures start from empty pools.
+        device.memory_cleanup();
 
         let w = Weights::random(device);
         let text_encoder = ClipTextModel::load(&w, config(&preset, "text_encoder")?)?;
@@ -64,12 +68,12 @@ pub fn run(device: &Device, args: &BenchArgs) -> Result<Value> {
         let f = vae.config.scale_factor();
         let latent = args.size / f;
         let ids = vec![vec![49406u32; text_encoder.config.max_position_embeddings]; args.batch];
-        let text_ms = time_ms(device, args.iters, || drop(text_encoder.forward(&ids)));
+        let text_ms = time_ms(args.iters, || text_encoder.forward(&ids));
         let context = text_encoder.forward(&ids);
         let sample = Tensor::<4>::random([args.batch, unet.config.in_channels, latent, latent], Distribution::Normal(0.0, 1.0), device);
-        let unet_ms = time_ms(device, args.iters, || drop(unet.forward(sample.clone(), 500.0, &context)));
+        let unet_ms = time_ms(args.iters, || unet.forward(sample.clone(), 500.0, &context));
         let z = Tensor::<4>::random([1, vae.config.latent_channels, latent, latent], Distribution::Normal(0.0, 1.0), device);
-        let vae_ms = time_ms(device, args.iters, || drop(vae.decode(z.clone())));
+        let vae_ms = time_ms(args.iters, || vae.decode(z.clone()));
 
         results.push(json!({
             "model": name,

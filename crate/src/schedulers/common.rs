@@ -29,9 +29,7 @@ pub(super) fn quote_non_finite(text: &str) -> Cow<'_, str> {
     let (mut in_string, mut escaped) = (false, false);
     let mut rest = text;
     while let Some(c) = rest.chars().next() {
-        if !in_string
-            && let Some(token) = TOKENS.into_iter().find(|t| rest.starts_with(t))
-        {
+        if !in_string && let Some(token) = TOKENS.into_iter().find(|t| rest.starts_with(t)) {
             out.push('"');
             out.push_str(token);
             out.push('"');
@@ -187,7 +185,7 @@ fn as_f64_list(key: &str, value: &Value) -> Result<Option<Vec<f64>>> {
 /// Kiln's `extra` arguments, else the published JSON's key, else the default the caller passes
 /// (the target class's own). Keys a class does not take are simply never asked for.
 pub(super) struct Params<'a> {
-    pub kind: SchedulerKind,
+    kind: SchedulerKind,
     json: &'a Map<String, Value>,
     extra: &'a [(&'static str, Value)],
 }
@@ -202,14 +200,10 @@ impl<'a> Params<'a> {
         extra.or_else(|| self.json.get(key))
     }
 
-    fn null(&self, key: &str, expected: &'static str) -> SchedulerError {
-        invalid(key, expected, &Value::Null)
-    }
-
     pub fn f64(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => as_f64(key, v)?.ok_or_else(|| self.null(key, "a number")),
+            Some(v) => as_f64(key, v)?.ok_or_else(|| invalid(key, "a number", &Value::Null)),
         }
     }
 
@@ -225,7 +219,7 @@ impl<'a> Params<'a> {
     pub fn int(&self, key: &str, default: i64) -> Result<i64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => as_int(key, v)?.ok_or_else(|| self.null(key, "an integer")),
+            Some(v) => as_int(key, v)?.ok_or_else(|| invalid(key, "an integer", &Value::Null)),
         }
     }
 
@@ -240,7 +234,7 @@ impl<'a> Params<'a> {
     pub fn string(&self, key: &str, default: &'a str) -> Result<&'a str> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => as_str(key, v)?.ok_or_else(|| self.null(key, "a string")),
+            Some(v) => as_str(key, v)?.ok_or_else(|| invalid(key, "a string", &Value::Null)),
         }
     }
 
@@ -425,12 +419,16 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     alphas.map(|a| 1.0 - a).collect()
 }
 
-/// The Euler and DPM classes pin the terminal alpha product of a zero-SNR schedule to 2^-24 so
-/// that its sigma stays finite.
-pub(super) fn pin_terminal_alpha(alphas_cumprod: &mut [f32]) {
-    if let Some(last) = alphas_cumprod.last_mut() {
+/// `alphas_cumprod` and the training sigmas of the Euler and DPM classes, which pin a zero-SNR
+/// schedule's terminal alpha product to 2^-24 so that its sigma stays finite.
+pub(super) fn sigma_schedule(p: &Params, train: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let zero_snr = p.bool("rescale_betas_zero_snr", false)?;
+    let mut alphas_cumprod = alphas_cumprod(p, train, DDPM_BETAS, zero_snr)?;
+    if zero_snr && let Some(last) = alphas_cumprod.last_mut() {
         *last = 2f32.powi(-24);
     }
+    let sigmas = train_sigmas(&alphas_cumprod);
+    Ok((alphas_cumprod, sigmas))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,6 +501,25 @@ pub(super) fn linspace(train: usize, n: usize) -> Vec<f64> {
     let mut values = np_linspace(0.0, (train - 1) as f64, n, true);
     values.reverse();
     values
+}
+
+/// Integer timesteps, descending, as DDIM and PNDM place them ("linspace" rounded half to even).
+pub(super) fn integer_timesteps(p: &Params, spacing: Spacing, train: usize, steps: usize) -> Result<Vec<i64>> {
+    Ok(match spacing {
+        Spacing::Linspace => linspace(train, steps).into_iter().map(|t| t.round_ties_even() as i64).collect(),
+        Spacing::Leading => leading(train, steps, p.int("steps_offset", 0)?),
+        Spacing::Trailing => trailing(p, train, steps)?,
+    })
+}
+
+/// The Euler schedulers' timesteps, descending: numpy float32, "linspace" left fractional.
+pub(super) fn euler_timesteps(p: &Params, spacing: Spacing, train: usize, steps: usize) -> Result<Vec<f64>> {
+    Ok(match spacing {
+        Spacing::Linspace => linspace(train, steps).into_iter().map(|t| t as f32 as f64).collect(),
+        Spacing::Leading | Spacing::Trailing => {
+            integer_timesteps(p, spacing, train, steps)?.into_iter().map(|t| t as f64).collect()
+        }
+    })
 }
 
 /// Timesteps diffusers uses to index `alphas_cumprod` must lie in the training range; leading

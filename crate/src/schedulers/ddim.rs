@@ -2,9 +2,8 @@
 
 use burn::tensor::Tensor;
 
-use super::Scheduler;
-use super::common::{self, DDPM_BETAS, EPSILON, Params, Prediction, SAMPLE, Spacing, V_PREDICTION};
-use super::SchedulerError;
+use super::common::{self, DDPM_BETAS, EPSILON, Params, Prediction, SAMPLE, V_PREDICTION};
+use super::{Scheduler, SchedulerError};
 
 pub(super) struct Ddim {
     timesteps: Vec<f64>,
@@ -30,13 +29,7 @@ impl Ddim {
         let zero_snr = p.bool("rescale_betas_zero_snr", false)?;
         let alphas_cumprod = common::alphas_cumprod(p, train, DDPM_BETAS, zero_snr)?;
         let final_alpha_cumprod = if p.bool("set_alpha_to_one", true)? { 1.0 } else { alphas_cumprod[0] };
-        let train_timesteps = match p.spacing("leading")? {
-            Spacing::Linspace => {
-                common::linspace(train, steps).into_iter().map(|t| t.round_ties_even() as i64).collect()
-            }
-            Spacing::Leading => common::leading(train, steps, p.int("steps_offset", 0)?),
-            Spacing::Trailing => common::trailing(p, train, steps)?,
-        };
+        let train_timesteps = common::integer_timesteps(p, p.spacing("leading")?, train, steps)?;
         common::check_in_range(p, steps, train, &train_timesteps)?;
         Ok(Self {
             timesteps: train_timesteps.iter().map(|&t| t as f64).collect(),

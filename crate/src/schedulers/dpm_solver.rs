@@ -3,9 +3,8 @@
 
 use burn::tensor::Tensor;
 
-use super::Scheduler;
-use super::SchedulerError;
-use super::common::{self, DDPM_BETAS, EPSILON, Params, Prediction, SAMPLE, Spacing, V_PREDICTION};
+use super::common::{self, EPSILON, Params, Prediction, SAMPLE, Spacing, V_PREDICTION};
+use super::{Scheduler, SchedulerError};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SolverType {
@@ -47,7 +46,8 @@ impl DpmSolver {
             ],
         )?;
         let prediction = p.prediction(&[EPSILON, SAMPLE, V_PREDICTION])?;
-        for switch in ["thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"] {
+        for switch in ["thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"]
+        {
             p.off(switch)?;
         }
         if let Some(variance_type) = p.opt_string("variance_type")? {
@@ -61,13 +61,8 @@ impl DpmSolver {
         let euler_at_final = p.bool("euler_at_final", false)?;
         let karras = p.bool("use_karras_sigmas", false)?;
         let spacing = p.spacing("linspace")?;
-        let zero_snr = p.bool("rescale_betas_zero_snr", false)?;
 
-        let mut alphas_cumprod = common::alphas_cumprod(p, train, DDPM_BETAS, zero_snr)?;
-        if zero_snr {
-            common::pin_terminal_alpha(&mut alphas_cumprod);
-        }
-        let train_sigmas = common::train_sigmas(&alphas_cumprod);
+        let (alphas_cumprod, train_sigmas) = common::sigma_schedule(p, train)?;
         // Integer timesteps over `steps + 1` slots with the last (0) dropped, except "trailing".
         let mut timesteps: Vec<i64> = match spacing {
             Spacing::Linspace => {

@@ -3,9 +3,8 @@
 
 use burn::tensor::Tensor;
 
-use super::Scheduler;
-use super::SchedulerError;
-use super::common::{self, DDPM_BETAS, EPSILON, Params, Prediction, SAMPLE, Spacing, V_PREDICTION};
+use super::common::{self, EPSILON, Params, Prediction, SAMPLE, Spacing, V_PREDICTION};
+use super::{Scheduler, SchedulerError};
 
 pub(super) struct Euler {
     timesteps: Vec<f64>,
@@ -26,32 +25,18 @@ impl Euler {
         let karras = p.bool("use_karras_sigmas", false)?;
         let continuous = p.choice("timestep_type", "discrete", &[("discrete", false), ("continuous", true)])?;
         let spacing = p.spacing("linspace")?;
-        let zero_snr = p.bool("rescale_betas_zero_snr", false)?;
 
-        let mut alphas_cumprod = common::alphas_cumprod(p, train, DDPM_BETAS, zero_snr)?;
-        if zero_snr {
-            common::pin_terminal_alpha(&mut alphas_cumprod);
-        }
-        let train_sigmas = common::train_sigmas(&alphas_cumprod);
+        let (alphas_cumprod, train_sigmas) = common::sigma_schedule(p, train)?;
         // diffusers keeps these timesteps in numpy float32.
-        let mut timesteps: Vec<f64> = match spacing {
-            Spacing::Linspace => common::linspace(train, steps).into_iter().map(|t| t as f32 as f64).collect(),
-            Spacing::Leading => {
-                common::leading(train, steps, p.int("steps_offset", 0)?).into_iter().map(|t| t as f64).collect()
-            }
-            Spacing::Trailing => common::trailing(p, train, steps)?.into_iter().map(|t| t as f64).collect(),
-        };
+        let mut timesteps: Vec<f64> = common::euler_timesteps(p, spacing, train, steps)?;
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| common::interp(t, &train_sigmas)).collect();
         if karras {
             sigmas = common::karras(p, sigmas[sigmas.len() - 1], sigmas[0], steps)?;
             let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
             timesteps = sigmas.iter().map(|&s| common::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
         }
-        let sigmas: Vec<f32> = sigmas
-            .iter()
-            .map(|&s| s as f32)
-            .chain([common::final_sigma(p, &alphas_cumprod)?.unwrap_or(0.0)])
-            .collect();
+        let sigmas: Vec<f32> =
+            sigmas.iter().map(|&s| s as f32).chain([common::final_sigma(p, &alphas_cumprod)?.unwrap_or(0.0)]).collect();
         if continuous && prediction == Prediction::VPrediction {
             // The UNet of continuous-time v models takes c_noise = ln(sigma) / 4 (EDM preconditioning).
             timesteps = sigmas[..steps].iter().map(|s| (0.25 * s.ln()) as f64).collect();

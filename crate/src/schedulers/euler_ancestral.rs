@@ -4,10 +4,9 @@
 
 use burn::tensor::Tensor;
 
-use super::Scheduler;
-use super::SchedulerError;
-use super::common::{self, DDPM_BETAS, EPSILON, Params, Prediction, Spacing, V_PREDICTION};
+use super::common::{self, EPSILON, Params, Prediction, V_PREDICTION};
 use super::euler::{init_noise_sigma, scale_input, v_denoised};
+use super::{Scheduler, SchedulerError};
 
 pub(super) struct EulerAncestral {
     timesteps: Vec<f64>,
@@ -23,20 +22,9 @@ impl EulerAncestral {
         // diffusers raises NotImplementedError for prediction_type="sample" here.
         let prediction = p.prediction(&[EPSILON, V_PREDICTION])?;
         let spacing = p.spacing("linspace")?;
-        let zero_snr = p.bool("rescale_betas_zero_snr", false)?;
 
-        let mut alphas_cumprod = common::alphas_cumprod(p, train, DDPM_BETAS, zero_snr)?;
-        if zero_snr {
-            common::pin_terminal_alpha(&mut alphas_cumprod);
-        }
-        let train_sigmas = common::train_sigmas(&alphas_cumprod);
-        let timesteps: Vec<f64> = match spacing {
-            Spacing::Linspace => common::linspace(train, steps).into_iter().map(|t| t as f32 as f64).collect(),
-            Spacing::Leading => {
-                common::leading(train, steps, p.int("steps_offset", 0)?).into_iter().map(|t| t as f64).collect()
-            }
-            Spacing::Trailing => common::trailing(p, train, steps)?.into_iter().map(|t| t as f64).collect(),
-        };
+        let (_, train_sigmas) = common::sigma_schedule(p, train)?;
+        let timesteps: Vec<f64> = common::euler_timesteps(p, spacing, train, steps)?;
         let sigmas: Vec<f32> =
             timesteps.iter().map(|&t| common::interp(t, &train_sigmas) as f32).chain([0.0]).collect();
         Ok(Self {

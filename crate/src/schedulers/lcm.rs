@@ -4,9 +4,8 @@
 
 use burn::tensor::Tensor;
 
-use super::Scheduler;
-use super::SchedulerError;
 use super::common::{self, EPSILON, LCM_BETAS, Params, Prediction, SAMPLE, V_PREDICTION};
+use super::{Scheduler, SchedulerError};
 
 pub(super) struct Lcm {
     timesteps: Vec<f64>,
@@ -32,7 +31,9 @@ impl Lcm {
         if steps > original_steps {
             return Err(p.invalid_steps(
                 steps,
-                format!("LCM samples a subset of its {original_steps}-step distillation schedule (original_inference_steps)"),
+                format!(
+                    "LCM samples a subset of its {original_steps}-step distillation schedule (original_inference_steps)"
+                ),
             ));
         }
         let prediction = p.prediction(&[EPSILON, SAMPLE, V_PREDICTION])?;
@@ -91,9 +92,7 @@ impl Scheduler for Lcm {
         let c_skip = 0.25 / (scaled * scaled + 0.25);
         let c_out = scaled / (scaled * scaled + 0.25).sqrt();
         let pred_original = match self.prediction {
-            Prediction::Epsilon => {
-                (sample.clone() - model_output.mul_scalar(beta_t.sqrt())).div_scalar(alpha_t.sqrt())
-            }
+            Prediction::Epsilon => (sample.clone() - model_output.mul_scalar(beta_t.sqrt())).div_scalar(alpha_t.sqrt()),
             Prediction::Sample => model_output,
             Prediction::VPrediction => {
                 sample.clone().mul_scalar(alpha_t.sqrt()) - model_output.mul_scalar(beta_t.sqrt())

@@ -57,10 +57,10 @@ impl SchedulerKind {
     }
 
     pub fn from_name(s: &str) -> Result<Self, SchedulerError> {
-        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| SchedulerError::UnknownName {
-            name: s.to_string(),
-            valid: valid_names(),
-        })
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| SchedulerError::UnknownName { name: s.to_string(), valid: valid_names() })
     }
 
     /// Automatic1111 sampler label, for PNG metadata.
@@ -127,13 +127,12 @@ pub enum SchedulerError {
     NotAnObject { found: &'static str },
     #[error("scheduler_config.json: `{key}` must be {expected}, but it is {found}")]
     InvalidValue { key: String, expected: &'static str, found: String },
-    #[error(
-        "the model's scheduler class `{class}` is not supported; choose one with --scheduler ({valid})"
-    )]
+    #[error("the model's scheduler class `{class}` is not supported; choose one with --scheduler ({valid})")]
     UnsupportedClass { class: String, valid: String },
     #[error(
-        "scheduler {kind}: {key} = {value} is not supported (supported: {supported}); \
-         pick another --scheduler or fix scheduler_config.json"
+        "scheduler {kind} (diffusers {cls}): {key} = {value} is not supported (supported: {supported}); \
+         pick another --scheduler or fix scheduler_config.json",
+        cls = .kind.class_name()
     )]
     UnsupportedOption { kind: SchedulerKind, key: &'static str, value: String, supported: String },
     #[error("scheduler {kind}: {steps} inference steps is not possible: {reason}")]
@@ -246,9 +245,7 @@ pub fn build(
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&params, steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(&params, steps)?),
         SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(&params, steps)?),
-        SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => {
-            Box::new(dpm_solver::DpmSolver::new(&params, steps)?)
-        }
+        SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolver::new(&params, steps)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&params, steps)?),
     })
 }

@@ -3,9 +3,8 @@
 
 use burn::tensor::Tensor;
 
-use super::Scheduler;
-use super::SchedulerError;
-use super::common::{self, DDPM_BETAS, EPSILON, Params, Prediction, Spacing, V_PREDICTION};
+use super::common::{self, DDPM_BETAS, EPSILON, Params, Prediction, V_PREDICTION};
+use super::{Scheduler, SchedulerError};
 
 pub(super) struct Pndm {
     timesteps: Vec<f64>,
@@ -34,13 +33,7 @@ impl Pndm {
         let prediction = p.prediction(&[EPSILON, V_PREDICTION])?;
         let alphas_cumprod = common::alphas_cumprod(p, train, DDPM_BETAS, false)?;
         let final_alpha_cumprod = if p.bool("set_alpha_to_one", false)? { 1.0 } else { alphas_cumprod[0] };
-        let descending = match p.spacing("leading")? {
-            Spacing::Linspace => {
-                common::linspace(train, steps).into_iter().map(|t| t.round_ties_even() as i64).collect()
-            }
-            Spacing::Leading => common::leading(train, steps, p.int("steps_offset", 0)?),
-            Spacing::Trailing => common::trailing(p, train, steps)?,
-        };
+        let descending = common::integer_timesteps(p, p.spacing("leading")?, train, steps)?;
         // PLMS evaluates the second timestep twice: t0, t1, t1, t2, ...
         let mut train_timesteps = descending.clone();
         if steps >= 2 {
@@ -48,7 +41,8 @@ impl Pndm {
         }
         let step_ratio = (train / steps) as i64;
         // Call 1 looks one ratio above its timestep.
-        let lookups: Vec<i64> = train_timesteps.iter().copied().chain(train_timesteps.get(1).map(|t| t + step_ratio)).collect();
+        let lookups: Vec<i64> =
+            train_timesteps.iter().copied().chain(train_timesteps.get(1).map(|t| t + step_ratio)).collect();
         common::check_in_range(p, steps, train, &lookups)?;
         Ok(Self {
             timesteps: train_timesteps.iter().map(|&t| t as f64).collect(),
