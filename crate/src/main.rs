@@ -82,8 +82,8 @@ struct GenerateArgs {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// Seed of the initial noise [default: random].
-    #[arg(long, conflicts_with = "latents")]
+    /// Seed of the initial noise and of the noise ancestral schedulers draw while stepping [default: random].
+    #[arg(long)]
     seed: Option<u64>,
     /// Initial noise as float32 .npy `[1, C, H/f, W/f]`, unscaled standard normal (as diffusers' `latents=`).
     #[arg(long)]
@@ -115,11 +115,8 @@ fn main() -> ExitCode {
 fn generate(args: GenerateArgs) -> Result<()> {
     let kind = args.scheduler.as_deref().map(SchedulerKind::from_name).transpose()?;
     let latents = args.latents.as_deref().map(npy::read).transpose()?;
-    let seed = match (&latents, args.seed) {
-        (Some(_), _) => None,
-        (None, Some(seed)) => Some(seed),
-        (None, None) => Some(random_seed()),
-    };
+    // With a latents file the seed only feeds the schedulers that draw noise while stepping.
+    let seed = args.seed.or_else(|| latents.is_none().then(random_seed));
 
     let started = Instant::now();
     let device = args.backend.device();

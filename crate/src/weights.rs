@@ -34,13 +34,30 @@ enum Source {
     Uploaded(Arc<Uploaded>),
 }
 
-/// Device tensors by name, each kept flat with its shape.
+/// Tensors by name, each kept flat with its shape: on the device, or on the host when
+/// larger than one GPU binding may be (such tables are read row by row; see `clip.rs`).
 pub struct Uploaded {
     label: PathBuf,
-    tensors: HashMap<String, (Vec<usize>, Tensor<1>)>,
+    tensors: HashMap<String, (Vec<usize>, Stored)>,
 }
 
+enum Stored {
+    Device(Tensor<1>),
+    Host(Vec<f32>),
+}
+
+/// WebGPU's default `maxStorageBufferBindingSize`, and lavapipe's.
+const MAX_BINDING_BYTES: usize = 128 << 20;
+
 impl Uploaded {
+    fn lookup(&self, name: &str, shape: &[usize]) -> Result<(&Vec<usize>, &Stored)> {
+        let (found, stored) = self.tensors.get(name).ok_or_else(|| Error::MissingTensor { path: self.label.clone(), name: name.to_owned() })?;
+        if found != shape {
+            return Err(Error::ShapeMismatch { path: self.label.clone(), name: name.to_owned(), expected: shape.to_vec(), found: found.clone() });
+        }
+        Ok((found, stored))
+    }
+
     pub fn new(label: impl Into<PathBuf>) -> Self {
         Self { label: label.into(), tensors: HashMap::new() }
     }
@@ -58,7 +75,8 @@ impl Uploaded {
             return Err(Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}` has {} values for shape {shape:?}", values.len()) });
         }
         let n = values.len();
-        self.tensors.insert(name.to_owned(), (shape, Tensor::from_data(TensorData::new(values, [n]), device)));
+        let stored = if n * 4 > MAX_BINDING_BYTES { Stored::Host(values) } else { Stored::Device(Tensor::from_data(TensorData::new(values, [n]), device)) };
+        self.tensors.insert(name.to_owned(), (shape, stored));
         Ok(())
     }
 }
@@ -137,7 +155,11 @@ impl Weights {
             Source::File(file) => file,
             Source::Random(count) => return Ok(random_values(count, name, shape)),
             Source::Uploaded(up) => {
-                return Err(Error::Invalid(format!("{}: `{full}` lives on the device; read it with `tensor`", up.label.display())));
+                let (found, stored) = up.lookup(&full, shape)?;
+                return match stored {
+                    Stored::Host(values) => Ok(values.clone()),
+                    Stored::Device(_) => Err(Error::Invalid(format!("{}: `{full}` ({found:?}) lives on the device", up.label.display()))),
+                };
             }
         };
         let info = file
@@ -160,12 +182,10 @@ impl Weights {
     /// The tensor `name` on the device, checked against `shape`.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
         if let Source::Uploaded(up) = &self.source {
-            let full = self.full_name(name);
-            let (found, flat) = up.tensors.get(&full).ok_or_else(|| Error::MissingTensor { path: up.label.clone(), name: full.clone() })?;
-            if found != &shape {
-                return Err(Error::ShapeMismatch { path: up.label.clone(), name: full, expected: shape.to_vec(), found: found.clone() });
-            }
-            return Ok(flat.clone().reshape(shape));
+            return Ok(match up.lookup(&self.full_name(name), &shape)?.1 {
+                Stored::Device(flat) => flat.clone().reshape(shape),
+                Stored::Host(values) => Tensor::from_data(TensorData::new(values.clone(), shape), &self.device),
+            });
         }
         let values = self.values(name, &shape)?;
         Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))

@@ -1,8 +1,7 @@
 //! transformers' `CLIPTextModel`: token + position embeddings, a causal pre-norm transformer,
 //! and the final layer norm whose output (`last_hidden_state`) conditions the UNet.
 use burn::tensor::activation::{gelu, sigmoid};
-use burn::tensor::module::embedding;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
 
 use super::attention::multi_head_attention;
@@ -92,7 +91,9 @@ impl EncoderLayer {
 
 pub struct ClipTextModel {
     pub config: ClipTextConfig,
-    token_embedding: Tensor<2>,
+    /// The token table stays on the host: a prompt needs only 77 of its rows, and the whole
+    /// table (49408 rows) is larger than one GPU binding may be (128 MiB by default).
+    token_embedding: Vec<f32>,
     position_embedding: Tensor<2>,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -114,7 +115,7 @@ impl ClipTextModel {
         let d = config.hidden_size;
         let layers = (0..config.num_hidden_layers).map(|i| EncoderLayer::load(&w.pp("encoder.layers").pp(i), &config)).collect::<Result<_>>()?;
         Ok(Self {
-            token_embedding: w.tensor("embeddings.token_embedding.weight", [config.vocab_size, d])?,
+            token_embedding: w.values("embeddings.token_embedding.weight", &[config.vocab_size, d])?,
             position_embedding: w.tensor("embeddings.position_embedding.weight", [config.max_position_embeddings, d])?,
             layers,
             final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), d, config.layer_norm_eps)?,
@@ -123,13 +124,12 @@ impl ClipTextModel {
         })
     }
 
-    /// Token ids `[B][77]` → `last_hidden_state` `[B, 77, hidden]`.
+    /// Token ids `[B][77]` → `last_hidden_state` `[B, 77, hidden]`. Ids come from the
+    /// tokenizer, so they index the vocabulary.
     pub fn forward(&self, ids: &[Vec<u32>]) -> Tensor<3> {
-        let (batch, len) = (ids.len(), ids[0].len());
-        let device = self.token_embedding.device();
-        let flat: Vec<i64> = ids.iter().flatten().map(|&t| t as i64).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [batch, len]), &device);
-        let tokens = embedding(self.token_embedding.clone(), ids);
+        let (batch, len, d) = (ids.len(), ids[0].len(), self.config.hidden_size);
+        let rows: Vec<f32> = ids.iter().flatten().flat_map(|&t| &self.token_embedding[t as usize * d..(t as usize + 1) * d]).copied().collect();
+        let tokens = Tensor::<3>::from_data(TensorData::new(rows, [batch, len, d]), &self.position_embedding.device());
         let positions = self.position_embedding.clone().narrow(0, 0, len).unsqueeze::<3>();
         let mut x = tokens + positions;
         for layer in &self.layers {

@@ -9,7 +9,7 @@ pub struct GenerationParams {
     pub steps: usize,
     pub sampler: String,
     pub cfg_scale: f64,
-    /// `None` when the initial noise came from a file.
+    /// `None` when the noise came from a file and no seed was given.
     pub seed: Option<u64>,
     pub width: usize,
     pub height: usize,

@@ -176,18 +176,13 @@ impl SchedulerConfig {
     /// use_karras_sigmas → DpmPp2mKarras).
     pub fn default_kind(&self) -> Result<SchedulerKind, SchedulerError> {
         let karras = matches!(self.map.get("use_karras_sigmas"), Some(Value::Bool(true)));
-        Ok(match self.class_name.as_str() {
-            "DDIMScheduler" => SchedulerKind::Ddim,
-            "PNDMScheduler" => SchedulerKind::Pndm,
-            "EulerDiscreteScheduler" => SchedulerKind::Euler,
-            "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
-            "DPMSolverMultistepScheduler" if karras => SchedulerKind::DpmPp2mKarras,
-            "DPMSolverMultistepScheduler" => SchedulerKind::DpmPp2m,
-            "LCMScheduler" => SchedulerKind::Lcm,
-            other => {
-                return Err(SchedulerError::UnsupportedClass { class: other.to_string(), valid: valid_names() });
-            }
-        })
+        if karras && self.class_name == SchedulerKind::DpmPp2mKarras.class_name() {
+            return Ok(SchedulerKind::DpmPp2mKarras);
+        }
+        SchedulerKind::ALL
+            .into_iter()
+            .find(|k| k.class_name() == self.class_name)
+            .ok_or_else(|| SchedulerError::UnsupportedClass { class: self.class_name.clone(), valid: valid_names() })
     }
 
     /// What the model predicts, for display: every supported class defaults to "epsilon".
