@@ -223,12 +223,12 @@ VAE_CONFIG = dict(
 # depths and non-square cross-attention projections (16 channels vs 32-d text).
 MODELS = {
     "sd1-tiny": dict(
-        seed=100, hidden_act="quick_gelu", pad_token=EOS, pad_id=49407,
+        seed=100, hidden_act="quick_gelu", pad_token=EOS, pad_id=49407, layout="published",
         unet=dict(UNET_COMMON, attention_head_dim=4, use_linear_projection=False),
         vae=VAE_CONFIG, scheduler=SD15_SCHEDULER, scheduler_cls=PNDMScheduler, variant=None,
     ),
     "sd2-tiny": dict(
-        seed=200, hidden_act="gelu", pad_token="!", pad_id=0,
+        seed=200, hidden_act="gelu", pad_token="!", pad_id=0, layout="transformers5",
         # Narrower/shallower than sd1 purely to keep tests/fixtures under 25 MB (SIZE NOTE above).
         unet=dict(UNET_COMMON, block_out_channels=(16, 32, 32), layers_per_block=1,
                   attention_head_dim=[2, 4, 4], use_linear_projection=True, upcast_attention=True),
@@ -341,7 +341,12 @@ def save_pipeline(pipe, out_dir, spec, encoder, merges):
         pipe.save_pretrained(out_dir, safe_serialization=True, variant="fp16")
     else:
         pipe.save_pretrained(out_dir, safe_serialization=True)
-    write_tokenizer_dir(os.path.join(out_dir, "tokenizer"), encoder, merges, spec["pad_token"])
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    write_tokenizer_dir(tok_dir, encoder, merges, spec["pad_token"])
+    if spec["layout"] == "published":
+        prefix_text_encoder_names(out_dir)
+    else:
+        resave_tokenizer(tok_dir)
     write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), spec["scheduler"])
     # model_index.json: keep what diffusers writes (null safety_checker/feature_extractor entries).
     with open(os.path.join(out_dir, "model_index.json")) as f:
@@ -351,13 +356,30 @@ def save_pipeline(pipe, out_dir, spec, encoder, merges):
     assert index.get("requires_safety_checker") is False
 
 
+def prefix_text_encoder_names(out_dir):
+    """Published SD repos name CLIP's tensors `text_model.*`; transformers 5 saves them bare.
+    Both load the same model, so Kiln must read both: sd1 keeps the published names."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(out_dir, "text_encoder", "model.safetensors")
+    tensors = load_file(path)
+    save_file({f"text_model.{k}": v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def resave_tokenizer(tok_dir):
+    """sd2 keeps the tokenizer as transformers 5 saves it: tokenizer.json + tokenizer_config.json."""
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    shutil.rmtree(tok_dir)
+    tok.save_pretrained(tok_dir)
+
+
 def expected_files(spec):
     v = ".fp16" if spec["variant"] == "fp16" else ""
-    return sorted([
+    tokenizer = (["tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/vocab.json"]
+                 if spec["layout"] == "published" else ["tokenizer/tokenizer.json"])
+    return sorted(tokenizer + [
         "model_index.json", "scheduler/scheduler_config.json",
         "text_encoder/config.json", f"text_encoder/model{v}.safetensors",
-        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
-        "tokenizer/vocab.json",
+        "tokenizer/tokenizer_config.json",
         "unet/config.json", f"unet/diffusion_pytorch_model{v}.safetensors",
         "vae/config.json", f"vae/diffusion_pytorch_model{v}.safetensors",
     ])

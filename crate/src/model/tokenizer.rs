@@ -106,8 +106,11 @@ impl ClipTokenizer {
         };
         let id = |t: &AddedToken| inner.token_to_id(&t.content).ok_or_else(|| err(format!("special token {:?} is not in the vocabulary", t.content)));
         let (bos_id, eos_id, pad_id) = (id(&bos)?, id(&eos)?, id(&pad)?);
-        // Special tokens typed in a prompt stay whole, as in transformers (SD 2.x's pad "!" too).
-        inner.add_special_tokens(vec![bos, eos, unk, pad]).map_err(|e| err(e.to_string()))?;
+        // Special tokens typed in a prompt stay whole, as in transformers (SD 2.x's pad "!" too);
+        // a tokenizer.json already lists them with its own flags.
+        if files.tokenizer_json.is_none() {
+            inner.add_special_tokens(vec![bos, eos, unk, pad]).map_err(|e| err(e.to_string()))?;
+        }
         Ok(Self { bos: bos_id, eos: eos_id, pad: pad_id, max_length: model_max.min(max_positions), inner })
     }
 
