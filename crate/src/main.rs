@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use burn::tensor::{Device, DeviceKind};
+use burn::tensor::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::pipeline::png::{self, GenerationParams};
@@ -31,7 +31,10 @@ enum Backend {
 impl Backend {
     fn device(self) -> Device {
         match self {
-            Backend::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
+            Backend::Wgpu => Device::wgpu_options().init().unwrap_or_else(|e| {
+                eprintln!("warning: no wgpu device ({e}); using the CPU backend");
+                Device::flex()
+            }),
             Backend::Cpu => Device::flex(),
         }
     }

@@ -48,6 +48,10 @@ pub struct UNetConfig {
     pub time_cond_proj_dim: Option<usize>,
     pub resnet_time_scale_shift: String,
     pub time_embedding_type: String,
+    /// Width of the time embedding; diffusers defaults to 4 × the first block's channels.
+    pub time_embedding_dim: Option<usize>,
+    pub time_embedding_act_fn: Option<String>,
+    pub timestep_post_act: Option<String>,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
     pub attention_type: String,
@@ -89,6 +93,9 @@ impl Default for UNetConfig {
             time_cond_proj_dim: None,
             resnet_time_scale_shift: "default".into(),
             time_embedding_type: "positional".into(),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
             conv_in_kernel: 3,
             conv_out_kernel: 3,
             attention_type: "default".into(),
@@ -120,6 +127,7 @@ impl UNetConfig {
             (self.time_cond_proj_dim.is_some(), "time_cond_proj_dim (guidance-embedded LCM UNets)".into()),
             (self.resnet_time_scale_shift != "default", format!("resnet_time_scale_shift={}", self.resnet_time_scale_shift)),
             (self.time_embedding_type != "positional", format!("time_embedding_type={}", self.time_embedding_type)),
+            (self.time_embedding_act_fn.is_some() || self.timestep_post_act.is_some(), "extra time-embedding activations".into()),
             (self.conv_in_kernel != 3 || self.conv_out_kernel != 3, "conv kernels other than 3".into()),
             (self.attention_type != "default", format!("attention_type={}", self.attention_type)),
             (self.only_cross_attention.expand(n).is_none_or(|v| v.iter().any(|&b| b)), "only_cross_attention".into()),
@@ -170,7 +178,7 @@ impl UNet2DConditionModel {
         let r = config.resolve().map_err(Error::Invalid)?;
         let ch = &config.block_out_channels;
         let n = ch.len();
-        let temb = ch[0] * 4;
+        let temb = config.time_embedding_dim.unwrap_or(ch[0] * 4);
         let block_cfg = |i: usize, cross: bool, scale: f64| BlockConfig {
             resnet: ResnetConfig { groups: config.norm_num_groups, eps: config.norm_eps, temb_channels: Some(temb), output_scale_factor: scale },
             transformer: cross.then(|| Transformer2DConfig {
