@@ -12,7 +12,14 @@ used or downloaded.  Outputs (all under tests/fixtures/):
   sd1-tiny/, sd2-tiny/       tiny pipelines in the published diffusers folder layout
   images/                    reference txt2img PNGs + their latents/noise + cases.json
   tokenizer_cases.json       CLIP token ids for ~330 prompts (SD1 and SD2 padding)
-  schedulers/                scheduler trajectories on fixed inputs, one JSON per case
+  schedulers/                scheduler trajectories on fixed inputs, one JSON per case; add_noise.*:
+                             img2img/inpainting starts (set_begin_index + add_noise) on the same inputs
+  sd1-inpaint-tiny/          a 9-channel inpainting UNet; text encoder, tokenizer and VAE are
+                             symlinks into sd1-tiny
+  sd-x4-upscaler-tiny/       a tiny x4 upscaler (class-conditioned 7-channel UNet, own factor-4
+                             VAE, low_res_scheduler); text encoder and tokenizer link into sd1-tiny
+  editing/                   img2img / inpainting / upscaling references made by the diffusers
+                             pipelines, their input images and every noise draw, + cases.json
 
 Pip packages needed (no GPU, no network beyond PyPI):
   torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow
@@ -48,7 +55,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # quiet save/load of
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
@@ -59,8 +66,12 @@ from diffusers import (  # noqa: E402
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    DDPMScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
@@ -275,11 +286,12 @@ def encode(text_encoder, tokenizer, prompt):
     return text_encoder(ids)[0]
 
 
-def calibrate_unet(unet, text_encoder, tokenizer, seed):
-    """Scale conv_out so the prediction has std UNET_OUT_STD on N(0,1) latents at t=500."""
-    x = torch.from_numpy(np.random.RandomState(seed).standard_normal((1, 4, 8, 8)).astype(np.float32))
+def calibrate_unet(unet, text_encoder, tokenizer, seed, **unet_kwargs):
+    """Scale conv_out so the prediction has std UNET_OUT_STD on N(0,1) inputs at t=500."""
+    shape = (1, unet.config.in_channels, 8, 8)
+    x = torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
     emb = encode(text_encoder, tokenizer, "a photo of a cat")
-    s = unet(x, 500, encoder_hidden_states=emb).sample.std().item()
+    s = unet(x, 500, encoder_hidden_states=emb, **unet_kwargs).sample.std().item()
     unet.conv_out.weight.mul_(UNET_OUT_STD / s)
     unet.conv_out.bias.mul_(UNET_OUT_STD / s)
 
@@ -696,6 +708,7 @@ SCHED_CONFIGS = {  # name -> (published config, source class)
     "turbo": (TURBO_SCHEDULER, EulerDiscreteScheduler),
 }
 SCHED_STEPS = (1, 4, 7)
+ADD_NOISE_STARTS = ((4, 0.5), (7, 0.8))  # (steps, strength) of the add_noise cases
 
 
 def tensor_list(t):
@@ -773,6 +786,321 @@ def make_scheduler_arrays():
         print(f"  skipped {s['scheduler']}-{s['config']}-{s['steps']}: {s['reason']}")
 
 
+def make_add_noise_arrays():
+    """img2img/inpainting starts on the scheduler inputs: set_timesteps, get_timesteps' slice,
+    set_begin_index, add_noise(sample, noise[0], timesteps[:1]), then the slice's steps with the
+    inpainting mask blend (left half of the latent kept at add_noise(sample, noise[0], next t))."""
+    sample = np.load(os.path.join(SCHED_DIR, "sample.npy"))
+    model_outputs = np.load(os.path.join(SCHED_DIR, "model_outputs.npy"))
+    noise = np.load(os.path.join(SCHED_DIR, "noise.npy"))
+    x0, n0 = torch.from_numpy(sample), torch.from_numpy(noise[0])
+    keep = torch.zeros((1, 1, 8, 8))
+    keep[..., :4] = 1
+    cases, skipped, arrays = [], [], []
+    for cfg_name, (_, source_cls) in SCHED_CONFIGS.items():
+        source = source_cls.from_pretrained(os.path.join(SCHED_DIR, "configs", cfg_name))
+        for kiln_name in SCHEDULERS:
+            for steps, strength in ADD_NOISE_STARTS:
+                key = dict(scheduler=kiln_name, config=cfg_name, steps=steps, strength=strength)
+                try:
+                    sched = convert_scheduler(source, kiln_name)
+                    sched.set_timesteps(steps)
+                    t_start = max(steps - min(int(steps * strength), steps), 0)
+                    begin = t_start * sched.order
+                    timesteps = sched.timesteps[begin:]
+                    if hasattr(sched, "set_begin_index"):
+                        sched.set_begin_index(begin)
+                    noisy = sched.add_noise(x0, n0, timesteps[:1])
+                    draws = iter(noise[1:])
+                    tap = NoiseTap(lambda shape: next(draws))
+                    x = noisy
+                    with tapped_noise(tap):
+                        for i, t in enumerate(timesteps):
+                            eps = torch.from_numpy(model_outputs[i]) + 0.1 * sched.scale_model_input(x, t)
+                            x = sched.step(eps, t, x).prev_sample
+                            kept = x0 if i == len(timesteps) - 1 else sched.add_noise(x0, n0, timesteps[i + 1:i + 2])
+                            x = keep * kept + (1 - keep) * x
+                except Exception as e:  # diffusers rejects the combination
+                    skipped.append(dict(key, reason=f"{type(e).__name__}: {e}"))
+                    continue
+                cases.append(dict(key, begin=begin, calls=len(timesteps), noise_draws=len(tap.draws)))
+                arrays.append(np.stack([noisy.numpy(), x.numpy()]))
+    np.save(os.path.join(SCHED_DIR, "add_noise.npy"), np.stack(arrays).astype(np.float32))
+    write_json(os.path.join(SCHED_DIR, "add_noise.json"), {
+        "cases": cases, "skipped": skipped,
+        "notes": ("add_noise.npy [case, (noisy start, final), 1, 4, 8, 8] on sample.npy / model_outputs.npy; "
+                  "noise.npy[0] is add_noise's noise, the stochastic schedulers draw noise.npy[1:] in order. "
+                  "begin = t_start * order as get_timesteps computes it; steps run over timesteps[begin:]; "
+                  "after each step the left half (x < 4) is reset to add_noise(sample, noise[0], next timestep), "
+                  "or to sample after the last step (StableDiffusionInpaintPipeline's 4-channel blend)."),
+    })
+    print(f"add_noise cases: {len(cases)} written, {len(skipped)} skipped")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Image editing: img2img, inpainting, x4 upscaling
+# ----------------------------------------------------------------------------------------------
+
+EDIT_DIR = os.path.join(FIXTURES, "editing")
+
+# The tiny pipelines share sd1-tiny's text encoder and tokenizer (and, for inpainting, its VAE)
+# through relative symlinks, which diffusers and Kiln both follow; only the UNets (fp16) and the
+# upscaler's factor-4 VAE are new.
+INPAINT_UNET = dict(
+    sample_size=8, in_channels=9, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)
+# Shaped like stabilityai/stable-diffusion-x4-upscaler's UNet (and diffusers' own upscaler test):
+# no attention in the first block, linear projections, only_cross_attention, a noise-level table.
+UPSCALER_UNET = dict(
+    sample_size=32, in_channels=7, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+    only_cross_attention=(True, True, False), num_class_embeds=1000,
+)
+UPSCALER_VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    sample_size=128, scaling_factor=0.08333,
+)
+# The x4 upscaler's published scheduler and low_res_scheduler configs.
+UPSCALER_SCHEDULER = dict(SD15_SCHEDULER, _class_name="DDIMScheduler", beta_start=0.0001, beta_end=0.02,
+                          prediction_type="v_prediction")
+LOW_RES_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "scaled_linear", "beta_start": 0.0001,
+    "clip_sample": False, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small",
+}
+
+EDIT_PROMPT = "a small house on a green hill under an evening sky"
+IMG2IMG_CASES = [  # (name, model, scheduler, strength, steps, guidance, negative prompt)
+    ("img2img-ddim-0.8", "sd1-tiny", "ddim", 0.8, 5, 7.5, None),
+    ("img2img-pndm-0.5", "sd1-tiny", "pndm", 0.5, 6, 7.5, None),
+    ("img2img-euler-a-0.5", "sd1-tiny", "euler-a", 0.5, 6, 7.5, NEGATIVE),
+    ("img2img-dpmpp-2m-0.8", "sd1-tiny", "dpmpp-2m", 0.8, 5, 7.5, NEGATIVE),
+    ("img2img-lcm-0.5", "sd1-tiny", "lcm", 0.5, 4, 1.0, None),
+    ("img2img-sd2-euler-0.8", "sd2-tiny", "euler", 0.8, 5, 7.5, None),
+]
+INPAINT_CASES = [  # (name, model, scheduler, strength, steps, guidance, mask blur)
+    ("inpaint-9ch-pndm", "sd1-inpaint-tiny", "pndm", 1.0, 4, 7.5, 0),
+    ("inpaint-9ch-euler-a-0.6", "sd1-inpaint-tiny", "euler-a", 0.6, 5, 7.5, 0),
+    ("inpaint-9ch-dpmpp-2m-blur3", "sd1-inpaint-tiny", "dpmpp-2m", 1.0, 4, 7.5, 3),
+    ("inpaint-blend-euler", "sd1-tiny", "euler", 1.0, 4, 7.5, 0),
+    ("inpaint-blend-dpmpp-2m-0.75", "sd1-tiny", "dpmpp-2m", 0.75, 4, 7.5, 0),
+    ("inpaint-blend-ddim-blur2", "sd1-tiny", "ddim", 1.0, 4, 7.5, 2),
+]
+UPSCALE_CASES = [  # (name, scheduler, steps, guidance, noise level)
+    ("upscale-ddim", "ddim", 4, 7.5, 20),
+    ("upscale-euler-a", "euler-a", 4, 1.0, 100),
+]
+# Modules whose randn_tensor draws the editing pipelines' noise, labelled by role.
+EDIT_NOISE_MODULES = {
+    "diffusers.models.autoencoders.vae": "encode",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img": "latents",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint": "latents",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale": "latents",
+    **{m: "step" for m in NOISY_SCHEDULER_MODULES},
+}
+
+
+@contextlib.contextmanager
+def labelled_noise(seed):
+    """Every randn_tensor of the editing pipelines, drawn from one RandomState; yields the list of
+    (role, array) in draw order."""
+    rs = np.random.RandomState(seed)
+    draws = []
+    saved = {}
+    for name, role in EDIT_NOISE_MODULES.items():
+        mod = sys.modules[name]
+        saved[name] = mod.randn_tensor
+
+        def tap(shape, generator=None, device=None, dtype=None, layout=None, role=role):
+            arr = rs.standard_normal(tuple(shape)).astype(np.float32)
+            draws.append((role, arr))
+            return torch.from_numpy(arr.copy()).to(device=device or "cpu", dtype=dtype or torch.float32)
+
+        mod.randn_tensor = tap
+    try:
+        yield draws
+    finally:
+        for name, fn in saved.items():
+            sys.modules[name].randn_tensor = fn
+
+
+def edit_images():
+    """The inputs: a 64x64 scene, a mask with grey levels on both sides of the 0.5 threshold and
+    coloured patches (PIL luma decides), and the scene at 32x32 for the upscaler."""
+    img = Image.new("RGB", (64, 64))
+    draw = ImageDraw.Draw(img)
+    for y in range(64):
+        draw.line([(0, y), (63, y)], fill=(40 + 3 * y, 60 + y, 180 - 2 * y))
+    draw.ellipse((-20, 36, 84, 100), fill=(60, 140, 50))
+    draw.rectangle((22, 28, 40, 44), fill=(150, 80, 60))
+    draw.polygon([(18, 30), (31, 18), (44, 30)], fill=(90, 40, 40))
+    draw.ellipse((46, 6, 58, 18), fill=(250, 210, 90))
+    mask = Image.new("RGB", (64, 64))
+    draw = ImageDraw.Draw(mask)
+    draw.ellipse((18, 14, 46, 50), fill=(255, 255, 255))
+    draw.rectangle((2, 2, 9, 9), fill=(127, 127, 127))     # luma 127: kept
+    draw.rectangle((54, 2, 61, 9), fill=(128, 128, 128))   # luma 128: repainted
+    draw.rectangle((2, 54, 9, 61), fill=(255, 0, 0))       # luma 76: kept
+    draw.rectangle((54, 54, 61, 61), fill=(0, 255, 0))     # luma 150: repainted
+    return img, mask, img.resize((32, 32), Image.BICUBIC)
+
+
+def link_components(out_dir, components):
+    for comp in components:
+        os.symlink(os.path.join("..", "sd1-tiny", comp), os.path.join(out_dir, comp))
+
+
+def save_edit_pipeline(pipe, out_dir, new_models, linked, schedulers):
+    """save_pretrained with the new models' weights in fp16, then sd1-tiny's components as
+    symlinks and the published-style scheduler configs."""
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    for model in new_models:  # sd1-tiny's shared components stay float32 in memory
+        model.to(torch.float16)
+    pipe.save_pretrained(out_dir, safe_serialization=True, variant="fp16")
+    for comp in linked:
+        shutil.rmtree(os.path.join(out_dir, comp))
+    link_components(out_dir, linked)
+    for folder, cfg in schedulers.items():
+        write_json(os.path.join(out_dir, folder, "scheduler_config.json"), cfg)
+
+
+def build_inpaint_pipeline(sd1):
+    torch.manual_seed(300)
+    unet = UNet2DConditionModel(**INPAINT_UNET)
+    texture_init(unet, 302, {"attn2.to_out": CROSS_ATTN_OUT_GAIN})
+    calibrate_unet(unet, sd1.text_encoder, sd1.tokenizer, 304)
+    pipe = StableDiffusionInpaintPipeline(vae=sd1.vae, text_encoder=sd1.text_encoder, tokenizer=sd1.tokenizer,
+                                          unet=unet, scheduler=sd1.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    out_dir = os.path.join(FIXTURES, "sd1-inpaint-tiny")
+    save_edit_pipeline(pipe, out_dir, (unet,), ("text_encoder", "tokenizer", "vae"), {"scheduler": SD15_SCHEDULER})
+    return out_dir
+
+
+def build_upscale_pipeline(sd1):
+    torch.manual_seed(400)
+    unet = UNet2DConditionModel(**UPSCALER_UNET)
+    vae = AutoencoderKL(**UPSCALER_VAE)
+    texture_init(unet, 402, {"attn2.to_out": CROSS_ATTN_OUT_GAIN})
+    texture_init(vae, 403)
+    calibrate_unet(unet, sd1.text_encoder, sd1.tokenizer, 404, class_labels=torch.tensor([20]))
+    calibrate_vae(vae, 405)
+    strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=sd1.text_encoder, tokenizer=sd1.tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler.from_config(strip(LOW_RES_SCHEDULER)),
+        scheduler=DDIMScheduler.from_config(strip(UPSCALER_SCHEDULER)), max_noise_level=350)
+    out_dir = os.path.join(FIXTURES, "sd-x4-upscaler-tiny")
+    save_edit_pipeline(pipe, out_dir, (unet, vae), ("text_encoder", "tokenizer"),
+                       {"scheduler": UPSCALER_SCHEDULER, "low_res_scheduler": LOW_RES_SCHEDULER})
+    return out_dir
+
+
+def save_draws(name, draws, roles):
+    """One .npy per role (draws of a role stacked, or the single draw); returns {role: file}."""
+    files = {}
+    for role in roles:
+        arrs = [a for r, a in draws if r == role]
+        if not arrs:
+            continue
+        fname = f"{name}.{role}.npy"
+        np.save(os.path.join(EDIT_DIR, fname), np.stack(arrs) if role == "step" else arrs[0])
+        files[role] = fname
+    return files
+
+
+def make_editing(sd_pipes):
+    if os.path.isdir(EDIT_DIR):
+        shutil.rmtree(EDIT_DIR)
+    os.makedirs(EDIT_DIR)
+    init, mask, low_res = edit_images()
+    init.save(os.path.join(EDIT_DIR, "init.png"))
+    mask.save(os.path.join(EDIT_DIR, "mask.png"))
+    low_res.save(os.path.join(EDIT_DIR, "low_res.png"))
+    # The pipelines read the images back from disk, as Kiln does.
+    init, mask, low_res = (Image.open(os.path.join(EDIT_DIR, f)).convert("RGB")
+                           for f in ("init.png", "mask.png", "low_res.png"))
+    base = {name: pipe.scheduler for name, pipe in sd_pipes.items()}
+    sd1 = sd_pipes["sd1-tiny"]
+    inpaint_dir = build_inpaint_pipeline(sd1)
+    upscale_dir = build_upscale_pipeline(sd1)
+    pipes = dict(sd_pipes)
+    pipes["sd1-inpaint-tiny"] = StableDiffusionInpaintPipeline.from_pretrained(
+        inpaint_dir, variant="fp16", torch_dtype=torch.float32)
+    upscaler = StableDiffusionUpscalePipeline.from_pretrained(upscale_dir, variant="fp16", torch_dtype=torch.float32)
+    base["sd1-inpaint-tiny"] = pipes["sd1-inpaint-tiny"].scheduler
+    base["sd-x4-upscaler-tiny"] = upscaler.scheduler
+    assert upscaler.unet.config.num_class_embeds == 1000 and upscaler.vae.config.scaling_factor == 0.08333
+    for p in list(pipes.values()) + [upscaler]:
+        p.set_progress_bar_config(disable=True)
+
+    index = []
+    print("editing references:")
+
+    def record(case, images, draws, roles):
+        name = case["name"]
+        files = save_draws(name, draws, roles)
+        Image.fromarray(to_uint8(images)[0]).save(os.path.join(EDIT_DIR, f"{name}.png"))
+        index.append(dict(case, image=f"{name}.png", noise=files))
+        print(f"  {name:30s} draws {[r for r, _ in draws]}")
+
+    for i, (name, model, sched, strength, steps, guidance, negative) in enumerate(IMG2IMG_CASES):
+        pipe = StableDiffusionImg2ImgPipeline(**pipes[model].components)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = convert_scheduler(base[model], sched)
+        with labelled_noise(5000 + i) as draws:
+            images = pipe(EDIT_PROMPT, image=init, strength=strength, num_inference_steps=steps,
+                          guidance_scale=guidance, negative_prompt=negative, output_type="np").images
+        assert [r for r, _ in draws][:2] == ["encode", "latents"]
+        case = dict(name=name, mode="img2img", model=model, scheduler=sched, strength=strength, steps=steps,
+                    guidance=guidance, prompt=EDIT_PROMPT, negative_prompt=negative, image_input="init.png")
+        record(case, images, draws, ("encode", "latents", "step"))
+
+    for i, (name, model, sched, strength, steps, guidance, blur) in enumerate(INPAINT_CASES):
+        pipe = pipes[model]
+        if model == "sd1-tiny":
+            pipe = StableDiffusionInpaintPipeline(**pipe.components)
+            pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = convert_scheduler(base[model], sched)
+        mask_in = pipe.mask_processor.blur(mask, blur_factor=blur) if blur else mask
+        with labelled_noise(6000 + i) as draws:
+            images = pipe(EDIT_PROMPT, image=init, mask_image=mask_in, strength=strength, num_inference_steps=steps,
+                          guidance_scale=guidance, height=64, width=64, output_type="np").images
+        # Roles in draw order: [image encode,] latents (initial noise), masked-image encode, steps.
+        roles = [r for r, _ in draws]
+        first_encode = roles[0] == "encode"
+        relabelled = []
+        for k, (role, arr) in enumerate(draws):
+            if role == "encode":
+                role = "image_encode" if first_encode and k == 0 else "masked_encode"
+            relabelled.append((role, arr))
+        case = dict(name=name, mode="inpaint", model=model, scheduler=sched, strength=strength, steps=steps,
+                    guidance=guidance, prompt=EDIT_PROMPT, negative_prompt=None, image_input="init.png",
+                    mask="mask.png", mask_blur=blur)
+        used = ("image_encode", "latents", "step") if model == "sd1-tiny" else (
+            "image_encode", "latents", "masked_encode", "step")  # the blend never uses the masked image
+        record(case, images, relabelled, used)
+
+    for i, (name, sched, steps, guidance, noise_level) in enumerate(UPSCALE_CASES):
+        upscaler.scheduler = convert_scheduler(base["sd-x4-upscaler-tiny"], sched)
+        with labelled_noise(7000 + i) as draws:
+            images = upscaler(EDIT_PROMPT, image=low_res, num_inference_steps=steps, guidance_scale=guidance,
+                              noise_level=noise_level, output_type="np").images
+        # The pipeline draws the low-res image's noise, then the initial latents.
+        assert [r for r, _ in draws][:2] == ["latents", "latents"]
+        relabelled = [("low_res", draws[0][1])] + draws[1:]
+        case = dict(name=name, mode="upscale", model="sd-x4-upscaler-tiny", scheduler=sched, strength=None,
+                    steps=steps, guidance=guidance, prompt=EDIT_PROMPT, negative_prompt=None,
+                    image_input="low_res.png", noise_level=noise_level)
+        record(case, images, relabelled, ("low_res", "latents", "step"))
+    write_json(os.path.join(EDIT_DIR, "cases.json"), index)
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -805,6 +1133,8 @@ def main():
     make_images(pipes, ref_tokenizers)
     make_tokenizer_cases(ref_tokenizers)
     make_scheduler_arrays()
+    make_add_noise_arrays()
+    make_editing(pipes)
 
 
 if __name__ == "__main__":

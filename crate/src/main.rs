@@ -1,13 +1,17 @@
-//! `kiln`: the command-line face of the engine (generation and benchmarks).
-use std::path::PathBuf;
+//! `kiln`: the command-line face of the engine (generation, image editing, upscaling and benchmarks).
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use burn::tensor::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use kiln::pipeline::image_processor::Image8;
+use kiln::pipeline::img2img::{self, Img2Img};
+use kiln::pipeline::inpaint::{self, Inpaint};
 use kiln::pipeline::png::{self, GenerationParams};
-use kiln::pipeline::{Request, StableDiffusion};
+use kiln::pipeline::upscale::{self, TileSize, Upscale};
+use kiln::pipeline::{Denoising, Request, StableDiffusion};
 use kiln::schedulers::SchedulerKind;
 use kiln::{Error, Result, npy};
 
@@ -44,6 +48,12 @@ impl Backend {
 enum Command {
     /// Text to image.
     Generate(GenerateArgs),
+    /// Image to image: repaint an init image, keeping its composition (StableDiffusionImg2ImgPipeline).
+    Img2img(Img2ImgArgs),
+    /// Repaint the white part of a mask (StableDiffusionInpaintPipeline).
+    Inpaint(InpaintArgs),
+    /// Four times the resolution with the Stable Diffusion x4 upscaler (StableDiffusionUpscalePipeline).
+    Upscale(UpscaleArgs),
     /// Time full-size SD 1.5 / SD-Turbo with random weights (no download); prints JSON.
     Bench {
         /// sd15, sd-turbo or all.
@@ -62,8 +72,9 @@ enum Command {
     },
 }
 
+/// The settings every mode takes.
 #[derive(clap::Args)]
-struct GenerateArgs {
+struct CommonArgs {
     /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
     #[arg(long)]
     model: PathBuf,
@@ -71,24 +82,20 @@ struct GenerateArgs {
     prompt: String,
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Denoising steps [default: 50].
+    /// Denoising steps [default: 50; upscale: 75]. img2img and inpaint run strength × steps of them.
     #[arg(long)]
     steps: Option<usize>,
-    /// Classifier-free guidance scale; 1 or less skips the unconditional pass [default: 7.5].
+    /// Classifier-free guidance scale; 1 or less skips the unconditional pass [default: 7.5; upscale: 9].
     #[arg(long)]
     guidance: Option<f64>,
     /// ddim, pndm, euler, euler-a, dpmpp-2m, dpmpp-2m-karras or lcm [default: the model's own].
     #[arg(long)]
     scheduler: Option<String>,
-    /// [default: the UNet's sample_size × the VAE factor]
-    #[arg(long)]
-    width: Option<usize>,
-    #[arg(long)]
-    height: Option<usize>,
-    /// Seed of the initial noise and of the noise ancestral schedulers draw while stepping [default: random].
+    /// Seed of every noise draw (initial noise, VAE sampling, ancestral steps) [default: random].
     #[arg(long)]
     seed: Option<u64>,
-    /// Initial noise as float32 .npy `[1, C, H/f, W/f]`, unscaled standard normal (as diffusers' `latents=`).
+    /// Initial noise as float32 .npy `[1, C, h, w]`, unscaled standard normal, instead of the seed's
+    /// (for generate what diffusers calls `latents=`; for img2img the noise added to the image).
     #[arg(long)]
     latents: Option<PathBuf>,
     #[arg(long)]
@@ -97,10 +104,73 @@ struct GenerateArgs {
     backend: Backend,
 }
 
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// [default: the UNet's sample_size × the VAE factor]
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct Img2ImgArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The image to start from (PNG); its size is the output's and must suit the model (not resized).
+    #[arg(long)]
+    init_image: PathBuf,
+    /// In (0, 1]: the share of the steps that run, so how much is repainted [default: 0.8].
+    #[arg(long)]
+    strength: Option<f64>,
+}
+
+#[derive(clap::Args)]
+struct InpaintArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The image to repaint (PNG); its size is the output's and must suit the model.
+    #[arg(long)]
+    init_image: PathBuf,
+    /// PNG of the image's size: white is repainted, black kept (grey is cut at half intensity).
+    #[arg(long)]
+    mask: PathBuf,
+    /// Gaussian blur of the mask in pixels before it is cut, which rounds its outline.
+    #[arg(long, default_value_t = 0.0)]
+    mask_blur: f32,
+    /// In (0, 1]; below 1 the masked region starts from the noised image, not from noise [default: 1].
+    #[arg(long)]
+    strength: Option<f64>,
+}
+
+#[derive(clap::Args)]
+struct UpscaleArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The low-resolution image (PNG), sides multiples of the UNet's down-sampling (8 for the x4 upscaler).
+    #[arg(long)]
+    image: PathBuf,
+    /// Noise added to the image before upscaling, 0 to the model's max_noise_level (350).
+    #[arg(long, default_value_t = upscale::DEFAULT_NOISE_LEVEL)]
+    noise_level: usize,
+    /// Upscale in overlapping tiles of this many input pixels (a multiple of the UNet's
+    /// down-sampling) to bound memory; an image no larger than one tile runs in one piece.
+    #[arg(long, default_value_t = 128)]
+    tile: usize,
+    /// Minimum overlap of neighbouring tiles, in input pixels.
+    #[arg(long, default_value_t = 32)]
+    tile_overlap: usize,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Img2img(args) => img2img(args),
+        Command::Inpaint(args) => inpaint(args),
+        Command::Upscale(args) => upscale(args),
         Command::Bench { model, size, batch, iters, backend } => {
             let args = bench::BenchArgs { models: vec![model], size, batch, iters };
             bench::run(&backend.device(), &args).map(|report| println!("{}", serde_json::to_string_pretty(&report).expect("JSON")))
@@ -116,10 +186,56 @@ fn main() -> ExitCode {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
+    let (width, height) = (args.width, args.height);
+    run(args.common, false, Vec::new(), |pipe, mut request| {
+        request.width = width;
+        request.height = height;
+        pipe.start(request)
+    })
+}
+
+fn img2img(args: Img2ImgArgs) -> Result<()> {
+    let image = read_image(&args.init_image)?;
+    let strength = args.strength.unwrap_or(img2img::DEFAULT_STRENGTH);
+    let extra = vec![("Denoising strength", strength.to_string())];
+    run(args.common, true, extra, |pipe, request| pipe.start_img2img(request, Img2Img { image, strength, encode_noise: None }))
+}
+
+fn inpaint(args: InpaintArgs) -> Result<()> {
+    let image = read_image(&args.init_image)?;
+    let mask = read_image(&args.mask)?;
+    let strength = args.strength.unwrap_or(inpaint::DEFAULT_STRENGTH);
+    let extra = vec![("Denoising strength", strength.to_string()), ("Mask blur", args.mask_blur.to_string())];
+    run(args.common, true, extra, |pipe, request| {
+        let input = Inpaint { image, mask, mask_blur: args.mask_blur, strength, image_noise: None, masked_image_noise: None };
+        pipe.start_inpaint(request, input)
+    })
+}
+
+fn upscale(args: UpscaleArgs) -> Result<()> {
+    let image = read_image(&args.image)?;
+    let tiles = TileSize { size: args.tile, overlap: args.tile_overlap };
+    let mut extra = vec![("Noise level", args.noise_level.to_string())];
+    if image.width > tiles.size || image.height > tiles.size {
+        extra.extend([("Tile size", tiles.size.to_string()), ("Tile overlap", tiles.overlap.to_string())]);
+    }
+    run(args.common, true, extra, |pipe, request| {
+        pipe.start_upscale(request, Upscale { image, noise_level: args.noise_level, tiles: Some(tiles), low_res_noise: None })
+    })
+}
+
+fn read_image(path: &Path) -> Result<Image8> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Image8::decode_png(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Loads the model, starts the run with `start`, reports progress and writes the PNG with its
+/// parameters (`extra`: the mode's own). Without `--seed` a random one is drawn, except for
+/// text-to-image from a latents file, where the seed only feeds ancestral steps.
+fn run(args: CommonArgs, always_seeded: bool, extra: Vec<(&str, String)>, start: impl FnOnce(&StableDiffusion, Request) -> Result<Denoising>) -> Result<()> {
     let kind = args.scheduler.as_deref().map(SchedulerKind::from_name).transpose()?;
     let latents = args.latents.as_deref().map(npy::read).transpose()?;
-    // With a latents file the seed only feeds the schedulers that draw noise while stepping.
-    let seed = args.seed.or_else(|| latents.is_none().then(random_seed));
+    let seed = args.seed.or_else(|| (always_seeded || latents.is_none()).then(random_seed));
 
     let started = Instant::now();
     let device = args.backend.device();
@@ -135,14 +251,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
         steps: args.steps,
         guidance: args.guidance,
         scheduler: kind,
-        width: args.width,
-        height: args.height,
         seed: seed.unwrap_or(0),
         latents,
-        step_noise: None,
+        ..Default::default()
     };
-    let guidance = request.guidance.unwrap_or(kiln::pipeline::DEFAULT_GUIDANCE);
-    let mut run = pipe.start(request)?;
+    let mut run = start(&pipe, request)?;
     for warning in &run.warnings {
         eprintln!("warning: {warning}");
     }
@@ -159,13 +272,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
         negative_prompt: args.negative_prompt,
         steps: run.steps,
         sampler: run.kind.a1111_name().to_string(),
-        cfg_scale: guidance,
+        cfg_scale: run.guidance(),
         seed,
         width: run.width,
         height: run.height,
         model: pipe.name.clone(),
     };
-    let bytes = png::encode(&rgb, run.width, run.height, &params.a1111_text())?;
+    let bytes = png::encode(&rgb, run.width, run.height, &params.a1111_text_with(&extra))?;
     std::fs::write(&args.out, bytes).map_err(|e| Error::io(&args.out, e))?;
     eprintln!("wrote {} ({}x{}) in {:.1}s", args.out.display(), run.width, run.height, started.elapsed().as_secs_f64());
     Ok(())

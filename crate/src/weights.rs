@@ -34,8 +34,9 @@ enum Source {
     Uploaded(Arc<Uploaded>),
 }
 
-/// Tensors by name, each kept flat with its shape: on the device, or on the host when
-/// larger than one GPU binding may be (such tables are read row by row; see `clip.rs`).
+/// Tensors by name, each kept flat with its shape: on the device, or on the host for
+/// embedding tables (read row by row; see `clip.rs`) and anything larger than one GPU
+/// binding may be.
 pub struct Uploaded {
     label: PathBuf,
     tensors: HashMap<String, (Vec<usize>, Stored)>,
@@ -75,7 +76,11 @@ impl Uploaded {
             return Err(Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}` has {} values for shape {shape:?}", values.len()) });
         }
         let n = values.len();
-        let stored = if n * 4 > MAX_BINDING_BYTES { Stored::Host(values) } else { Stored::Device(Tensor::from_data(TensorData::new(values, [n]), device)) };
+        let stored = if name.ends_with("embedding.weight") || n * 4 > MAX_BINDING_BYTES {
+            Stored::Host(values)
+        } else {
+            Stored::Device(Tensor::from_data(TensorData::new(values, [n]), device))
+        };
         self.tensors.insert(name.to_owned(), (shape, stored));
         Ok(())
     }

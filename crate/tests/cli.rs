@@ -70,19 +70,128 @@ fn generate_writes_diffusers_image_with_parameters() {
     let (max, mean) = common::pixel_diff(&ours, &theirs);
     assert!(max <= 3 && mean <= 0.5, "max {max}, mean {mean}");
 
-    let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("PNG");
-    let info = reader.info();
-    let texts: Vec<(String, String)> = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|t| (t.keyword.clone(), t.text.clone()))
-        .chain(info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap())))
-        .collect();
     let expected = format!(
         "{}\nNegative prompt: {negative}\nSteps: {steps}, Sampler: Euler, CFG scale: {guidance}, Size: {}x{}, Model: sd1-tiny",
         case.prompt, case.width, case.height
     );
-    assert_eq!(texts, vec![("parameters".to_string(), expected)]);
+    assert_eq!(png_texts(&bytes), vec![("parameters".to_string(), expected)]);
+}
+
+/// The PNG's text chunks as (keyword, text).
+fn png_texts(bytes: &[u8]) -> Vec<(String, String)> {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("PNG");
+    let info = reader.info();
+    info.uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .chain(info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap())))
+        .collect()
+}
+
+/// Runs a successful command writing `out`; returns the image's pixels, size and parameters text.
+fn succeeds(args: &[&str], out: &std::path::Path, last_step: &str) -> (Vec<u8>, usize, usize, String) {
+    let result = kiln(args);
+    assert!(result.status.success(), "kiln {args:?} failed: {}", stderr(&result));
+    assert!(stderr(&result).contains(last_step), "progress on stderr: {}", stderr(&result));
+    let bytes = std::fs::read(out).expect("PNG written");
+    let (pixels, w, h) = common::read_png(&bytes);
+    let mut texts = png_texts(&bytes);
+    assert_eq!(texts.len(), 1, "one parameters chunk");
+    let (keyword, text) = texts.pop().unwrap();
+    assert_eq!(keyword, "parameters");
+    (pixels, w, h, text)
+}
+
+#[test]
+fn img2img_writes_image_with_parameters() {
+    let out = temp_dir("img2img").join("out.png");
+    let (model, init, out_str) = (fixture("sd1-tiny"), fixture("editing/init.png"), out.to_str().unwrap());
+    let with_seed = |seed: &str| {
+        let args = ["img2img", "--model", &model, "--prompt", "a hill", "--init-image", &init, "--strength", "0.5", "--steps", "4"];
+        succeeds(&[&args[..], &["--scheduler", "euler", "--seed", seed, "--out", out_str]].concat(), &out, "step 2/2")
+    };
+    let (first, w, h, text) = with_seed("7");
+    assert_eq!((w, h), (64, 64));
+    assert_eq!(text, "a hill\nSteps: 4, Sampler: Euler, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: sd1-tiny, Denoising strength: 0.5");
+    assert_eq!(with_seed("7").0, first, "a seed gives the same image");
+    assert_ne!(with_seed("8").0, first, "another seed gives another image");
+}
+
+#[test]
+fn inpaint_writes_image_with_parameters() {
+    let out = temp_dir("inpaint").join("out.png");
+    let (model, init, mask, out_str) = (fixture("sd1-inpaint-tiny"), fixture("editing/init.png"), fixture("editing/mask.png"), out.to_str().unwrap());
+    let (_, w, h, text) = succeeds(
+        &["inpaint", "--model", &model, "--prompt", "a door", "--init-image", &init, "--mask", &mask, "--mask-blur", "2", "--steps", "3", "--seed", "1", "--out", out_str],
+        &out,
+        "step 4/4",
+    );
+    assert_eq!((w, h), (64, 64));
+    assert_eq!(text, "a door\nSteps: 3, Sampler: PLMS, CFG scale: 7.5, Seed: 1, Size: 64x64, Model: sd1-inpaint-tiny, Denoising strength: 1, Mask blur: 2");
+    // A plain checkpoint inpaints by blending, from part-way with strength below 1.
+    let (_, _, _, text) = succeeds(
+        &["inpaint", "--model", &fixture("sd1-tiny"), "--prompt", "a door", "--init-image", &init, "--mask", &mask, "--strength", "0.5", "--steps", "4", "--scheduler", "ddim", "--seed", "1", "--out", out_str],
+        &out,
+        "step 2/2",
+    );
+    assert!(text.ends_with("Model: sd1-tiny, Denoising strength: 0.5, Mask blur: 0"), "{text}");
+}
+
+#[test]
+fn upscale_writes_four_times_the_size() {
+    let out = temp_dir("upscale").join("out.png");
+    let (model, image, out_str) = (fixture("sd-x4-upscaler-tiny"), fixture("editing/low_res.png"), out.to_str().unwrap());
+    let (_, w, h, text) = succeeds(&["upscale", "--model", &model, "--prompt", "", "--image", &image, "--steps", "2", "--seed", "3", "--out", out_str], &out, "step 2/2");
+    assert_eq!((w, h), (128, 128));
+    assert_eq!(text, "\nSteps: 2, Sampler: DDIM, CFG scale: 9, Seed: 3, Size: 128x128, Model: sd-x4-upscaler-tiny, Noise level: 20");
+    let (_, w, _, text) = succeeds(
+        &["upscale", "--model", &model, "--prompt", "", "--image", &image, "--steps", "1", "--tile", "16", "--tile-overlap", "8", "--out", out_str],
+        &out,
+        "step 1/1",
+    );
+    assert_eq!(w, 128);
+    assert!(text.ends_with("Noise level: 20, Tile size: 16, Tile overlap: 8"), "{text}");
+}
+
+#[test]
+fn bad_edit_inputs_are_refused() {
+    let dir = temp_dir("edit-errors");
+    let out = dir.join("x.png");
+    let out = out.to_str().unwrap();
+    let (sd1, inpainting, upscaler) = (fixture("sd1-tiny"), fixture("sd1-inpaint-tiny"), fixture("sd-x4-upscaler-tiny"));
+    let (init, mask, low_res) = (fixture("editing/init.png"), fixture("editing/mask.png"), fixture("editing/low_res.png"));
+    let img2img = |model: &str, extra: &[&str], needle: &str| {
+        fails_with(&[&["img2img", "--model", model, "--prompt", "x", "--init-image", &init, "--out", out][..], extra].concat(), needle)
+    };
+    img2img(&sd1, &["--strength", "0"], "strength 0 is outside (0, 1]");
+    img2img(&sd1, &["--strength", "1.5"], "strength 1.5 is outside (0, 1]");
+    img2img(&sd1, &["--steps", "1", "--strength", "0.5"], "steps × strength ≥ 1");
+    img2img(&upscaler, &[], "use `kiln upscale`");
+    img2img(&inpainting, &[], "use `kiln inpaint`");
+    fails_with(&["generate", "--model", &inpainting, "--prompt", "x", "--out", out], "use `kiln inpaint`");
+    // sd1-tiny takes multiples of 32 (VAE factor 8 × UNet down-sampling 4).
+    let odd = dir.join("odd.png");
+    std::fs::write(&odd, kiln::pipeline::png::encode(&vec![0u8; 48 * 48 * 3], 48, 48, "").unwrap()).unwrap();
+    fails_with(&["img2img", "--model", &sd1, "--prompt", "x", "--init-image", odd.to_str().unwrap(), "--out", out], "the init image's width 48 is not a positive multiple of 32");
+    let not_png = dir.join("not.png");
+    std::fs::write(&not_png, b"hello").unwrap();
+    fails_with(&["img2img", "--model", &sd1, "--prompt", "x", "--init-image", not_png.to_str().unwrap(), "--out", out], "not a readable PNG");
+    fails_with(&["img2img", "--model", &sd1, "--prompt", "x", "--init-image", "/nonexistent.png", "--out", out], "cannot read /nonexistent.png");
+
+    let inpaint = |extra: &[&str], needle: &str| {
+        fails_with(&[&["inpaint", "--model", &inpainting, "--prompt", "x", "--init-image", &init, "--out", out][..], extra].concat(), needle)
+    };
+    inpaint(&["--mask", &low_res], "the mask is 32x32 but the image is 64x64");
+    inpaint(&["--mask", &mask, "--mask-blur=-1"], "mask blur -1");
+    inpaint(&["--mask", &mask, "--strength", "2"], "strength 2 is outside (0, 1]");
+
+    let upscale = |model: &str, extra: &[&str], needle: &str| {
+        fails_with(&[&["upscale", "--model", model, "--prompt", "x", "--image", &low_res, "--out", out][..], extra].concat(), needle)
+    };
+    upscale(&sd1, &[], "not an x4 upscaler");
+    upscale(&upscaler, &["--noise-level", "351"], "noise level 351 is above the model's maximum 350");
+    upscale(&upscaler, &["--tile", "10"], "tile size 10 is not a positive multiple of 4");
+    upscale(&upscaler, &["--tile", "16", "--tile-overlap", "16"], "tile overlap 16 must be smaller than the tile size 16");
 }
 
 #[test]

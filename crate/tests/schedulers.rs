@@ -1,6 +1,7 @@
 //! Schedulers against diffusers: every fixture case under tests/fixtures/schedulers replays the
 //! reference loop on the CPU device and compares timesteps, sigmas, init_noise_sigma, the number
-//! of noise draws and the final latents. Plus unit tests of names, config parsing and resolution.
+//! of noise draws and the final latents; the add_noise cases start part-way through the schedule
+//! as img2img and inpainting do. Plus unit tests of names, config parsing and resolution.
 
 use std::path::{Path, PathBuf};
 
@@ -175,6 +176,71 @@ fn fixtures_match_diffusers() {
     println!("{passed} cases passed ({skipped} skipped by the fixture generator), max relative error {worst:.2e}");
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
     assert!(passed > 0, "no fixture cases listed in {}", dir.join("index.json").display());
+}
+
+/// img2img/inpainting starts (tests/fixtures/schedulers/add_noise.json): `add_noise` at the
+/// begin index of `get_timesteps`, then the steps from there with the 4-channel inpainting blend
+/// (left half reset to the sample noised to the next timestep), against diffusers.
+#[test]
+fn add_noise_from_a_begin_index_matches_diffusers() {
+    let device = Device::flex();
+    let dir = fixtures();
+    let tensor = |values: Vec<f32>| Tensor::<4>::from_data(TensorData::new(values, [1, 4, 8, 8]), &device);
+    let sample = tensor(read_npy_f32(&dir.join("sample.npy")).1);
+    let model_outputs = stacked("model_outputs.npy", &device);
+    let noise = stacked("noise.npy", &device);
+    let (shape, expected) = read_npy_f32(&dir.join("add_noise.npy"));
+    assert_eq!(shape[1..], [2, 1, 4, 8, 8]);
+    let expected: Vec<&[f32]> = expected.chunks_exact(256).collect();
+    let keep = tensor((0..256).map(|i| if i % 8 < 4 { 1.0 } else { 0.0 }).collect());
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("add_noise.json")).unwrap()).unwrap();
+    let cases = index["cases"].as_array().expect("add_noise.json lists cases");
+
+    let mut failures = Vec::new();
+    let mut worst = 0.0f64;
+    for (n, case) in cases.iter().enumerate() {
+        let label = format!("{}-{}-{}-{}", case["scheduler"], case["config"], case["steps"], case["strength"]);
+        let result = (|| -> Result<f64, String> {
+            let kind = SchedulerKind::from_name(case["scheduler"].as_str().unwrap()).map_err(|e| e.to_string())?;
+            let steps = case["steps"].as_u64().unwrap() as usize;
+            let begin = case["begin"].as_u64().unwrap() as usize;
+            let mut scheduler = build(kind, &config(case["config"].as_str().unwrap()), steps).map_err(|e| e.to_string())?;
+            let len = scheduler.timesteps().len();
+            if len - begin != case["calls"].as_u64().unwrap() as usize {
+                return Err(format!("{} calls from index {begin}, expected {}", len - begin, case["calls"]));
+            }
+            let widen = |t: Tensor<4>| values(t).into_iter().map(f64::from).collect::<Vec<_>>();
+            let compare_latents = |what: &str, actual: Tensor<4>, expected: &[f32]| {
+                let expected: Vec<f64> = expected.iter().map(|&v| f64::from(v)).collect();
+                compare(what, &widen(actual), &expected, latent_floor(&expected))
+            };
+            let mut x = scheduler.add_noise(sample.clone(), noise[0].clone(), begin);
+            let mut worst = compare_latents("noisy start", x.clone(), expected[2 * n])?;
+            let mut draws = 0usize;
+            for i in begin..len {
+                let model_output = model_outputs[i - begin].clone() + scheduler.scale_model_input(x.clone(), i).mul_scalar(0.1);
+                let mut draw = || {
+                    draws += 1;
+                    noise.get(draws).cloned().expect("more noise draws than the fixture holds")
+                };
+                x = scheduler.step(model_output, i, x, &mut draw);
+                let kept = if i + 1 < len { scheduler.add_noise(sample.clone(), noise[0].clone(), i + 1) } else { sample.clone() };
+                x = keep.clone() * kept + keep.clone().neg().add_scalar(1.0) * x;
+            }
+            if draws != case["noise_draws"].as_u64().unwrap() as usize {
+                return Err(format!("{draws} noise draws, expected {}", case["noise_draws"]));
+            }
+            worst = worst.max(compare_latents("final", x, expected[2 * n + 1])?);
+            Ok(worst)
+        })();
+        match result {
+            Ok(err) => worst = worst.max(err),
+            Err(msg) => failures.push(format!("{label}: {msg}")),
+        }
+    }
+    println!("{} add_noise cases, max relative error {worst:.2e}", cases.len());
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(!cases.is_empty(), "add_noise.json lists no cases");
 }
 
 #[test]

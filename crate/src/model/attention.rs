@@ -106,6 +106,7 @@ impl FeedForward {
 }
 
 /// `BasicTransformerBlock`: self-attention, cross-attention on the text, feed-forward; each pre-normed and residual.
+/// With `only_cross_attention` the first attention attends to the text too (the x4 upscaler).
 pub struct BasicTransformerBlock {
     pub norm1: LayerNorm,
     pub attn1: Attention,
@@ -113,22 +114,26 @@ pub struct BasicTransformerBlock {
     pub attn2: Attention,
     pub norm3: LayerNorm,
     pub ff: FeedForward,
+    only_cross_attention: bool,
 }
 
 impl BasicTransformerBlock {
-    pub fn load(w: &Weights, dim: usize, heads: usize, head_dim: usize, context_dim: usize) -> Result<Self> {
+    pub fn load(w: &Weights, dim: usize, heads: usize, head_dim: usize, context_dim: usize, only_cross_attention: bool) -> Result<Self> {
+        let attn1_context = if only_cross_attention { context_dim } else { dim };
         Ok(Self {
             norm1: LayerNorm::load(&w.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(&w.pp("attn1"), dim, dim, heads, head_dim)?,
+            attn1: Attention::load(&w.pp("attn1"), dim, attn1_context, heads, head_dim)?,
             norm2: LayerNorm::load(&w.pp("norm2"), dim, 1e-5)?,
             attn2: Attention::load(&w.pp("attn2"), dim, context_dim, heads, head_dim)?,
             norm3: LayerNorm::load(&w.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::load(&w.pp("ff"), dim)?,
+            only_cross_attention,
         })
     }
 
     pub fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let attn1_context = self.only_cross_attention.then(|| context.clone());
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), attn1_context) + x;
         let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }

@@ -26,6 +26,7 @@ pub struct Transformer2DConfig {
     pub context_dim: usize,
     pub norm_num_groups: usize,
     pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
 }
 
 impl Transformer2DModel {
@@ -39,7 +40,7 @@ impl Transformer2DModel {
             })
         };
         let transformer_blocks = (0..cfg.num_layers)
-            .map(|i| BasicTransformerBlock::load(&w.pp("transformer_blocks").pp(i), inner, cfg.heads, cfg.head_dim, cfg.context_dim))
+            .map(|i| BasicTransformerBlock::load(&w.pp("transformer_blocks").pp(i), inner, cfg.heads, cfg.head_dim, cfg.context_dim, cfg.only_cross_attention))
             .collect::<Result<_>>()?;
         Ok(Self {
             norm: GroupNorm::load(&w.pp("norm"), cfg.norm_num_groups, channels, 1e-6)?,

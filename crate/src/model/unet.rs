@@ -1,4 +1,5 @@
-//! diffusers' `UNet2DConditionModel` as SD 1.x / 2.x / Turbo use it, sized entirely by `unet/config.json`.
+//! diffusers' `UNet2DConditionModel` as SD 1.x / 2.x / Turbo, the inpainting checkpoints and the
+//! x4 upscaler use it, sized entirely by `unet/config.json`.
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 use serde::Deserialize;
@@ -39,10 +40,13 @@ pub struct UNetConfig {
     pub use_linear_projection: bool,
     /// The engine computes attention in f32 throughout, so upcasting is always satisfied.
     pub upcast_attention: bool,
+    /// Blocks whose first attention also attends to the text instead of the image (the x4 upscaler).
     pub only_cross_attention: PerBlock<bool>,
     pub dual_cross_attention: bool,
     pub class_embed_type: Option<String>,
+    /// Size of the class-label table added to the time embedding (the x4 upscaler's noise level).
     pub num_class_embeds: Option<usize>,
+    pub class_embeddings_concat: bool,
     pub addition_embed_type: Option<String>,
     pub encoder_hid_dim: Option<usize>,
     pub time_cond_proj_dim: Option<usize>,
@@ -88,6 +92,7 @@ impl Default for UNetConfig {
             dual_cross_attention: false,
             class_embed_type: None,
             num_class_embeds: None,
+            class_embeddings_concat: false,
             addition_embed_type: None,
             encoder_hid_dim: None,
             time_cond_proj_dim: None,
@@ -109,6 +114,7 @@ struct Resolved {
     layers: Vec<usize>,
     transformer_layers: Vec<usize>,
     cross_dims: Vec<usize>,
+    only_cross: Vec<bool>,
 }
 
 impl UNetConfig {
@@ -121,7 +127,8 @@ impl UNetConfig {
         let unsupported = [
             (self.act_fn != "silu", format!("act_fn={}", self.act_fn)),
             (self.dual_cross_attention, "dual_cross_attention".into()),
-            (self.class_embed_type.is_some() || self.num_class_embeds.is_some(), "class embeddings".into()),
+            (self.class_embed_type.is_some(), format!("class_embed_type={:?} (only a num_class_embeds table is implemented)", self.class_embed_type)),
+            (self.class_embeddings_concat, "class_embeddings_concat".into()),
             (self.addition_embed_type.is_some(), "addition_embed_type".into()),
             (self.encoder_hid_dim.is_some(), "encoder_hid_dim".into()),
             (self.time_cond_proj_dim.is_some(), "time_cond_proj_dim (guidance-embedded LCM UNets)".into()),
@@ -130,7 +137,6 @@ impl UNetConfig {
             (self.time_embedding_act_fn.is_some() || self.timestep_post_act.is_some(), "extra time-embedding activations".into()),
             (self.conv_in_kernel != 3 || self.conv_out_kernel != 3, "conv kernels other than 3".into()),
             (self.attention_type != "default", format!("attention_type={}", self.attention_type)),
-            (self.only_cross_attention.expand(n).is_none_or(|v| v.iter().any(|&b| b)), "only_cross_attention".into()),
             (self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn"), format!("mid_block_type={:?}", self.mid_block_type)),
         ];
         if let Some((_, what)) = unsupported.into_iter().find(|(bad, _)| *bad) {
@@ -153,6 +159,7 @@ impl UNetConfig {
             layers: list("layers_per_block", &self.layers_per_block)?,
             transformer_layers: list("transformer_layers_per_block", &self.transformer_layers_per_block)?,
             cross_dims: list("cross_attention_dim", &self.cross_attention_dim)?,
+            only_cross: self.only_cross_attention.expand(n).ok_or_else(|| format!("only_cross_attention must have one entry per block ({n})"))?,
         })
     }
 
@@ -165,6 +172,8 @@ impl UNetConfig {
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     pub time_embedding: TimestepEmbedding,
+    /// `[num_class_embeds, time embedding width]`, when the config has a class table.
+    pub class_embedding: Option<Tensor<2>>,
     pub conv_in: Conv2d,
     pub down_blocks: Vec<DownBlock2D>,
     pub mid_block: MidBlock2DCrossAttn,
@@ -179,7 +188,9 @@ impl UNet2DConditionModel {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb = config.time_embedding_dim.unwrap_or(ch[0] * 4);
-        let block_cfg = |i: usize, cross: bool, scale: f64| BlockConfig {
+        // The mid block never restricts itself to cross-attention (diffusers ignores
+        // only_cross_attention for UNetMidBlock2DCrossAttn).
+        let block_cfg = |i: usize, cross: bool, only_cross: bool, scale: f64| BlockConfig {
             resnet: ResnetConfig { groups: config.norm_num_groups, eps: config.norm_eps, temb_channels: Some(temb), output_scale_factor: scale },
             transformer: cross.then(|| Transformer2DConfig {
                 heads: r.heads[i],
@@ -188,6 +199,7 @@ impl UNet2DConditionModel {
                 context_dim: r.cross_dims[i],
                 norm_num_groups: config.norm_num_groups,
                 use_linear_projection: config.use_linear_projection,
+                only_cross_attention: only_cross,
             }),
         };
 
@@ -195,23 +207,27 @@ impl UNet2DConditionModel {
         for (i, kind) in config.down_block_types.iter().enumerate() {
             let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
             let padding = (i + 1 < n).then_some(config.downsample_padding);
-            let cfg = block_cfg(i, kind.starts_with("CrossAttn"), 1.0);
+            let cfg = block_cfg(i, kind.starts_with("CrossAttn"), r.only_cross[i], 1.0);
             down_blocks.push(DownBlock2D::load(&w.pp("down_blocks").pp(i), c_in, ch[i], r.layers[i], padding, &cfg)?);
         }
 
-        let mid_block = MidBlock2DCrossAttn::load(&w.pp("mid_block"), ch[n - 1], &block_cfg(n - 1, true, config.mid_block_scale_factor))?;
+        let mid_block = MidBlock2DCrossAttn::load(&w.pp("mid_block"), ch[n - 1], &block_cfg(n - 1, true, false, config.mid_block_scale_factor))?;
 
         // Up blocks mirror the down path: block i here pairs with down block n-1-i.
         let mut up_blocks = Vec::with_capacity(n);
         for (i, kind) in config.up_block_types.iter().enumerate() {
             let d = n - 1 - i;
             let channels = UpChannels { c_in: ch[d.saturating_sub(1)], c_out: ch[d], c_prev: if i == 0 { ch[n - 1] } else { ch[d + 1] } };
-            let cfg = block_cfg(d, kind.starts_with("CrossAttn"), 1.0);
+            let cfg = block_cfg(d, kind.starts_with("CrossAttn"), r.only_cross[d], 1.0);
             up_blocks.push(UpBlock2D::load(&w.pp("up_blocks").pp(i), &channels, r.layers[d] + 1, i + 1 < n, &cfg)?);
         }
 
         Ok(Self {
             time_embedding: TimestepEmbedding::load(&w.pp("time_embedding"), ch[0], temb)?,
+            class_embedding: match config.num_class_embeds {
+                Some(classes) => Some(w.tensor("class_embedding.weight", [classes, temb])?),
+                None => None,
+            },
             conv_in: Conv2d::load(&w.pp("conv_in"), config.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
             mid_block,
@@ -224,10 +240,20 @@ impl UNet2DConditionModel {
 
     /// Predicts noise (or v) for `sample` `[B, C, h, w]` at `timestep` given the text states `[B, 77, D]`.
     pub fn forward(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>) -> Tensor<4> {
+        self.forward_with_class(sample, timestep, context, None)
+    }
+
+    /// [`Self::forward`] with a class label (below `num_class_embeds`) added to the time
+    /// embedding, as the x4 upscaler conditions on its noise level. The label is used only
+    /// when the model has a class table; the pipelines check the pairing.
+    pub fn forward_with_class(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>, class_label: Option<usize>) -> Tensor<4> {
         let batch = sample.dims()[0];
         let cfg = &self.config;
         let t_emb = timestep_embedding(timestep, batch, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift, &sample.device());
-        let temb = self.time_embedding.forward(t_emb);
+        let mut temb = self.time_embedding.forward(t_emb);
+        if let (Some(table), Some(label)) = (&self.class_embedding, class_label) {
+            temb = temb + table.clone().narrow(0, label, 1).repeat_dim(0, batch);
+        }
 
         let sample = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample };
         let mut x = self.conv_in.forward(sample);

@@ -1,7 +1,13 @@
-//! Text-to-image as diffusers' `StableDiffusionPipeline` does it, driven one step at a time
-//! so a caller (CLI loop, browser worker) can report progress and cancel between steps.
+//! Stable Diffusion as diffusers' pipelines run it, driven one step at a time so a caller (CLI
+//! loop, browser worker) can report progress and cancel between steps. Text-to-image is here;
+//! `img2img`, `inpaint` and `upscale` prepare their own latents and conditioning and then share
+//! the same [`Denoising`] loop.
+pub mod image_processor;
+pub mod img2img;
+pub mod inpaint;
 pub mod png;
 pub mod rng;
+pub mod upscale;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -23,6 +29,8 @@ use rng::NormalRng;
 struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: String,
+    /// The x4 upscaler's highest noise level (diffusers' default 350).
+    max_noise_level: Option<usize>,
 }
 
 pub struct StableDiffusion {
@@ -33,6 +41,8 @@ pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
+    /// Present for `StableDiffusionUpscalePipeline` folders.
+    pub upscaler: Option<upscale::UpscalerConfig>,
     device: Device,
 }
 
@@ -81,7 +91,11 @@ impl StableDiffusion {
         let unet = UNet2DConditionModel::load(&weights("unet/diffusion_pytorch_model")?, json(files, "unet/config.json")?)?;
         let vae = AutoencoderKL::load(&weights("vae/diffusion_pytorch_model")?, json(files, "vae/config.json")?)?;
         let scheduler_config = SchedulerConfig::from_json(&files.require_text("scheduler/scheduler_config.json")?)?;
-        Ok(Self { name: short_name(files), tokenizer, text_encoder, unet, vae, scheduler_config, device: device.clone() })
+        let upscaler = match index.class_name.as_str() {
+            "StableDiffusionUpscalePipeline" => Some(upscale::UpscalerConfig::load(files, index.max_noise_level)?),
+            _ => None,
+        };
+        Ok(Self { name: short_name(files), tokenizer, text_encoder, unet, vae, scheduler_config, upscaler, device: device.clone() })
     }
 
     /// Loads a diffusers folder on disk.
@@ -125,22 +139,60 @@ impl StableDiffusion {
 
     /// Validates `req`, encodes the prompt and prepares the initial latents.
     pub fn start(&self, req: Request) -> Result<Denoising> {
-        let multiple = self.size_multiple();
+        self.require_unet("text-to-image", self.latent_channels(), false)?;
         let f = self.vae.config.scale_factor();
         let latent_dim = |axis: usize| req.latents.as_ref().and_then(|l| l.shape.get(axis)).map(|d| d * f);
         let width = req.width.or(latent_dim(3)).unwrap_or(self.default_size());
         let height = req.height.or(latent_dim(2)).unwrap_or(self.default_size());
+        self.check_size("", width, height)?;
+        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
+        let noise = setup.normals(req.latents, self.latent_shape(width, height), "initial latents")?;
+        let latents = noise.mul_scalar(setup.scheduler.init_noise_sigma());
+        Ok(setup.denoising(latents, 0, Conditioning::default(), req.step_noise, width, height))
+    }
+
+    /// Channels of the latents the VAE makes, which the UNet predicts.
+    fn latent_channels(&self) -> usize {
+        self.vae.config.latent_channels
+    }
+
+    /// Refuses a checkpoint made for another mode: diffusers picks the pipeline by the UNet's
+    /// input channels (4 plain, 9 inpainting, 7 the x4 upscaler) and class table.
+    fn require_unet(&self, mode: &str, in_channels: usize, class_labels: bool) -> Result<()> {
+        let config = &self.unet.config;
+        let latent = self.latent_channels();
+        if config.in_channels == in_channels && config.num_class_embeds.is_some() == class_labels {
+            return Ok(());
+        }
+        let what = if config.in_channels == 2 * latent + 1 {
+            "an inpainting model (its UNet also takes a mask and the masked image): use `kiln inpaint`".to_string()
+        } else if config.num_class_embeds.is_some() {
+            "an upscaler (its UNet takes the low-resolution image and a noise level): use `kiln upscale`".to_string()
+        } else {
+            format!("a UNet with {} input channels", config.in_channels)
+        };
+        Err(Error::Invalid(format!("{}: {mode} needs a UNet with {in_channels} input channels; this is {what}", self.name)))
+    }
+
+    /// Sizes must be positive multiples of [`Self::size_multiple`]; `what` names the image.
+    fn check_size(&self, what: &str, width: usize, height: usize) -> Result<()> {
+        let multiple = self.size_multiple();
         for (name, v) in [("width", width), ("height", height)] {
             if v == 0 || v % multiple != 0 {
                 return Err(Error::Invalid(format!(
-                    "{name} {v} is not a positive multiple of {multiple} (the VAE's factor {} × the UNet's down-sampling {})",
+                    "{what}{name} {v} is not a positive multiple of {multiple} (the VAE's factor {} × the UNet's down-sampling {})",
                     self.vae.config.scale_factor(),
                     self.unet.config.downsample_factor()
                 )));
             }
         }
-        let steps = req.steps.unwrap_or(DEFAULT_STEPS);
-        let guidance = req.guidance.unwrap_or(DEFAULT_GUIDANCE);
+        Ok(())
+    }
+
+    /// What every mode does first: checks the settings, builds the scheduler and encodes the prompt.
+    fn setup(&self, req: &Request, default_steps: usize, default_guidance: f64) -> Result<Setup> {
+        let steps = req.steps.unwrap_or(default_steps);
+        let guidance = req.guidance.unwrap_or(default_guidance);
         if !guidance.is_finite() {
             return Err(Error::Invalid(format!("guidance scale {guidance} is not a number")));
         }
@@ -149,32 +201,107 @@ impl StableDiffusion {
             None => self.default_scheduler()?,
         };
         let scheduler = schedulers::build(kind, &self.scheduler_config, steps)?;
-
-        let shape = [1, self.unet.config.in_channels, height / f, width / f];
-        let mut rng = NormalRng::new(req.seed);
-        let latents = match req.latents {
-            Some(given) if given.shape == shape => given.values,
-            Some(given) => {
-                return Err(Error::Invalid(format!("initial latents have shape {:?}; {width}x{height} needs {shape:?}", given.shape)));
-            }
-            None => rng.normals(shape.iter().product()),
-        };
-        let latents = Tensor::<4>::from_data(TensorData::new(latents, shape), &self.device).mul_scalar(scheduler.init_noise_sigma());
-
         // diffusers guides only above 1; SD-Turbo and LCM run at 0 or 1 with one UNet pass.
         let guided = guidance > 1.0;
         let (context, warnings) = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
-        let noise = match req.step_noise {
-            Some(queue) => NoiseSource::Given(queue),
-            None => NoiseSource::Seeded(rng),
+        Ok(Setup { scheduler, kind, steps, guidance, guided, context, warnings, rng: NormalRng::new(req.seed), device: self.device.clone() })
+    }
+
+    /// Encodes `image` `[1, 3, H, W]` in [-1, 1] to scaled latents as diffusers'
+    /// `retrieve_latents(vae.encode(image), generator)` does: a sample of the latent
+    /// distribution, mean + std × `noise`.
+    fn encode_image(&self, image: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
+        let (mean, logvar) = self.vae.encode(image);
+        (mean + logvar.mul_scalar(0.5).exp() * noise).mul_scalar(self.vae.config.scaling_factor)
+    }
+
+    /// `[1, C, h, w]` latent shape of a `width`×`height` image.
+    fn latent_shape(&self, width: usize, height: usize) -> [usize; 4] {
+        let f = self.vae.config.scale_factor();
+        [1, self.latent_channels(), height / f, width / f]
+    }
+}
+
+/// A validated request's shared state, before the mode-specific latents exist.
+struct Setup {
+    scheduler: Box<dyn Scheduler>,
+    kind: SchedulerKind,
+    steps: usize,
+    guidance: f64,
+    guided: bool,
+    context: Tensor<3>,
+    warnings: Vec<String>,
+    rng: NormalRng,
+    device: Device,
+}
+
+impl Setup {
+    /// Standard normals shaped `shape`: `given` (checked) for parity with diffusers' draws, else
+    /// the seed's next ones. `what` names them in errors.
+    fn normals(&mut self, given: Option<crate::npy::Array>, shape: [usize; 4], what: &str) -> Result<Tensor<4>> {
+        let values = match given {
+            Some(given) if given.shape == shape => given.values,
+            Some(given) => return Err(Error::Invalid(format!("{what} have shape {:?}; this image needs {shape:?}", given.shape))),
+            None => self.rng.normals(shape.iter().product()),
         };
-        Ok(Denoising { scheduler, latents, context, guidance, guided, index: 0, noise, shape, warnings, kind, steps, width, height })
+        Ok(Tensor::<4>::from_data(TensorData::new(values, shape), &self.device))
+    }
+
+    /// Starts the loop at call `begin` from `latents`; step noise continues the seed's stream
+    /// unless `step_noise` supplies it.
+    fn denoising(self, latents: Tensor<4>, begin: usize, conditioning: Conditioning, step_noise: Option<VecDeque<Vec<f32>>>, width: usize, height: usize) -> Denoising {
+        let noise = match step_noise {
+            Some(queue) => NoiseSource::Given(queue),
+            None => NoiseSource::Seeded(self.rng),
+        };
+        Denoising {
+            shape: latents.dims(),
+            scheduler: self.scheduler,
+            latents,
+            context: self.context,
+            guidance: self.guidance,
+            guided: self.guided,
+            begin,
+            index: begin,
+            noise,
+            conditioning,
+            warnings: self.warnings,
+            kind: self.kind,
+            steps: self.steps,
+            width,
+            height,
+        }
     }
 }
 
 enum NoiseSource {
     Seeded(NormalRng),
     Given(VecDeque<Vec<f32>>),
+}
+
+/// What the UNet sees besides the latents, and what is re-imposed after each step; text-to-image
+/// uses none of it.
+#[derive(Default)]
+struct Conditioning {
+    /// Channels concatenated after the scaled latents `[1, C', h, w]` (inpainting's mask and
+    /// masked-image latents, the upscaler's noisy low-resolution image).
+    extra_channels: Option<Tensor<4>>,
+    /// The upscaler's noise level, for the UNet's class embedding.
+    class_label: Option<usize>,
+    /// Inpainting with a plain 4-channel UNet.
+    blend: Option<MaskBlend>,
+    /// Overlapping windows the UNet and the VAE decoder run on one at a time (upscaling).
+    tiles: Option<upscale::Tiles>,
+}
+
+/// After each step the kept region is reset to the init image's latents noised to the next
+/// timestep: `latents = (1 - mask) * add_noise(image_latents, noise, next) + mask * latents`.
+struct MaskBlend {
+    /// 1 = repaint, 0 = keep, broadcast over the latent channels.
+    mask: Tensor<4>,
+    image_latents: Tensor<4>,
+    /// The initial noise, reused at every step as diffusers does.
+    noise: Tensor<4>,
 }
 
 /// A generation in progress: call [`Denoising::step`] until [`Denoising::finished`], then
@@ -185,12 +312,17 @@ pub struct Denoising {
     context: Tensor<3>,
     guidance: f64,
     guided: bool,
+    /// The first call's index into the scheduler's timesteps (img2img starts part-way).
+    begin: usize,
+    /// The next call's index.
     index: usize,
     noise: NoiseSource,
     shape: [usize; 4],
+    conditioning: Conditioning,
     /// Messages for the user (e.g. a truncated prompt).
     pub warnings: Vec<String>,
     pub kind: SchedulerKind,
+    /// Inference steps the schedule was made for; img2img runs only the last part of them.
     pub steps: usize,
     pub width: usize,
     pub height: usize,
@@ -199,16 +331,21 @@ pub struct Denoising {
 impl Denoising {
     /// UNet calls in total (PNDM makes one more than the step count).
     pub fn total(&self) -> usize {
-        self.scheduler.timesteps().len()
+        self.scheduler.timesteps().len() - self.begin
     }
 
     /// UNet calls made so far.
     pub fn done(&self) -> usize {
-        self.index
+        self.index - self.begin
     }
 
     pub fn finished(&self) -> bool {
-        self.index >= self.total()
+        self.index >= self.scheduler.timesteps().len()
+    }
+
+    /// The guidance scale in use (the request's, else the mode's default).
+    pub fn guidance(&self) -> f64 {
+        self.guidance
     }
 
     /// Runs one UNet call and scheduler update (none once finished). Nothing is read back
@@ -216,14 +353,13 @@ impl Denoising {
     pub fn step(&mut self, pipe: &StableDiffusion) -> Result<()> {
         let Some(&t) = self.scheduler.timesteps().get(self.index) else { return Ok(()) };
         let input = self.scheduler.scale_model_input(self.latents.clone(), self.index);
-        let prediction = if self.guided {
-            let out = pipe.unet.forward(Tensor::cat(vec![input.clone(), input], 0), t, &self.context);
-            let mut halves = out.chunk(2, 0);
-            let cond = halves.pop().expect("two halves");
-            let uncond = halves.pop().expect("two halves");
-            uncond.clone() + (cond - uncond).mul_scalar(self.guidance)
-        } else {
-            pipe.unet.forward(input, t, &self.context)
+        let input = match &self.conditioning.extra_channels {
+            Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
+            None => input,
+        };
+        let prediction = match &self.conditioning.tiles {
+            Some(tiles) => tiles.blend(input, |window| self.predict(pipe, window, t)),
+            None => self.predict(pipe, input, t),
         };
         let (shape, device) = (self.shape, pipe.device.clone());
         let mut missing_noise = false;
@@ -243,7 +379,29 @@ impl Denoising {
             return Err(Error::Invalid("the scheduler drew more step noise than was supplied".into()));
         }
         self.index += 1;
+        if let Some(blend) = &self.conditioning.blend {
+            let kept = if self.index < self.scheduler.timesteps().len() {
+                self.scheduler.add_noise(blend.image_latents.clone(), blend.noise.clone(), self.index)
+            } else {
+                blend.image_latents.clone()
+            };
+            self.latents = blend.mask.clone().neg().add_scalar(1.0) * kept + blend.mask.clone() * self.latents.clone();
+        }
         Ok(())
+    }
+
+    /// The UNet's prediction for `input` (latents and extra channels) at timestep `t`, guided.
+    fn predict(&self, pipe: &StableDiffusion, input: Tensor<4>, t: f64) -> Tensor<4> {
+        let label = self.conditioning.class_label;
+        if self.guided {
+            let out = pipe.unet.forward_with_class(Tensor::cat(vec![input.clone(), input], 0), t, &self.context, label);
+            let mut halves = out.chunk(2, 0);
+            let cond = halves.pop().expect("two halves");
+            let uncond = halves.pop().expect("two halves");
+            uncond.clone() + (cond - uncond).mul_scalar(self.guidance)
+        } else {
+            pipe.unet.forward_with_class(input, t, &self.context, label)
+        }
     }
 
     /// The final latents, before VAE scaling.
@@ -254,7 +412,11 @@ impl Denoising {
     /// Decodes the latents to an image `[1, 3, H, W]` in [0, 1], still on the device.
     pub fn decode(&self, pipe: &StableDiffusion) -> Tensor<4> {
         let vae = &pipe.vae;
-        let image = vae.decode(self.latents.clone().div_scalar(vae.config.scaling_factor));
+        let latents = self.latents.clone().div_scalar(vae.config.scaling_factor);
+        let image = match &self.conditioning.tiles {
+            Some(tiles) => tiles.decode(latents, vae.config.scale_factor(), |window| vae.decode(window)),
+            None => vae.decode(latents),
+        };
         (image.div_scalar(2.0).add_scalar(0.5)).clamp(0.0, 1.0)
     }
 }

@@ -18,6 +18,11 @@ pub struct GenerationParams {
 
 impl GenerationParams {
     pub fn a1111_text(&self) -> String {
+        self.a1111_text_with(&[])
+    }
+
+    /// With mode-specific settings appended to the settings line (`("Denoising strength", "0.75")`).
+    pub fn a1111_text_with(&self, extra: &[(&str, String)]) -> String {
         let mut text = self.prompt.clone();
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
@@ -27,6 +32,9 @@ impl GenerationParams {
             text.push_str(&format!(", Seed: {seed}"));
         }
         text.push_str(&format!(", Size: {}x{}, Model: {}", self.width, self.height, self.model));
+        for (key, value) in extra {
+            text.push_str(&format!(", {key}: {value}"));
+        }
         text
     }
 }
@@ -84,6 +92,10 @@ mod tests {
         p.seed = None;
         p.cfg_scale = 7.5;
         assert_eq!(p.a1111_text(), "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Size: 512x768, Model: sd15");
+        assert_eq!(
+            p.a1111_text_with(&[("Denoising strength", 0.75.to_string()), ("Mask blur", 4.to_string())]),
+            "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Size: 512x768, Model: sd15, Denoising strength: 0.75, Mask blur: 4"
+        );
     }
 
     #[test]

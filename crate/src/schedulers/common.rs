@@ -1,5 +1,5 @@
 //! Pieces every scheduler shares: config resolution, the training noise schedule, timestep
-//! spacing, and the sigma helpers of the Euler/DPM family.
+//! spacing, the sigma helpers of the Euler/DPM family, and the forward noising (`add_noise`).
 //!
 //! diffusers builds its tables with torch float32 (betas, `alphas_cumprod`, sigmas) and places
 //! timesteps with numpy float64; the helpers here reproduce both bit for bit where practical,
@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 
+use burn::tensor::Tensor;
 use serde_json::{Map, Value};
 
 use super::{SchedulerError, SchedulerKind};
@@ -185,14 +186,22 @@ fn as_f64_list(key: &str, value: &Value) -> Result<Option<Vec<f64>>> {
 /// Kiln's `extra` arguments, else the published JSON's key, else the default the caller passes
 /// (the target class's own). Keys a class does not take are simply never asked for.
 pub(super) struct Params<'a> {
-    kind: SchedulerKind,
+    owner: Owner,
     json: &'a Map<String, Value>,
     extra: &'a [(&'static str, Value)],
 }
 
+/// Who reads a config, for error messages.
+#[derive(Clone, Copy)]
+pub(super) enum Owner {
+    Scheduler(SchedulerKind),
+    /// The x4 upscaler's `low_res_scheduler` (a DDPMScheduler used only for its `add_noise`).
+    LowRes,
+}
+
 impl<'a> Params<'a> {
-    pub fn new(kind: SchedulerKind, json: &'a Map<String, Value>, extra: &'a [(&'static str, Value)]) -> Self {
-        Self { kind, json, extra }
+    pub fn new(owner: Owner, json: &'a Map<String, Value>, extra: &'a [(&'static str, Value)]) -> Self {
+        Self { owner, json, extra }
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {
@@ -261,11 +270,17 @@ impl<'a> Params<'a> {
     }
 
     pub fn unsupported(&self, key: &'static str, value: String, supported: String) -> SchedulerError {
-        SchedulerError::UnsupportedOption { kind: self.kind, key, value, supported }
+        match self.owner {
+            Owner::Scheduler(kind) => SchedulerError::UnsupportedOption { kind, key, value, supported },
+            Owner::LowRes => SchedulerError::UnsupportedLowRes { key, value, supported },
+        }
     }
 
     pub fn invalid_steps(&self, steps: usize, reason: String) -> SchedulerError {
-        SchedulerError::InvalidSteps { kind: self.kind, steps, reason }
+        match self.owner {
+            Owner::Scheduler(kind) => SchedulerError::InvalidSteps { kind, steps, reason },
+            Owner::LowRes => SchedulerError::UnsupportedLowRes { key: "num_train_timesteps", value: steps.to_string(), supported: reason },
+        }
     }
 
     /// `num_train_timesteps`, checked against the requested step count (diffusers' DDIM and LCM
@@ -596,4 +611,22 @@ pub(super) fn final_sigma(p: &Params, alphas_cumprod: &[f32]) -> Result<Option<f
 /// Widens float32 values for the [`Scheduler`](super::Scheduler) accessors.
 pub(super) fn widen(values: &[f32]) -> Vec<f64> {
     values.iter().map(|&v| v as f64).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward noising (img2img, inpainting, the upscaler's low-res image)
+// ---------------------------------------------------------------------------------------------
+
+/// `sqrt(alphas_cumprod[t]) * original + sqrt(1 - alphas_cumprod[t]) * noise`: `add_noise` of the
+/// classes that index the training schedule by timestep (DDPM, DDIM, PNDM, LCM), float32
+/// coefficients as torch computes them.
+pub(super) fn add_noise_at(alphas_cumprod: &[f32], t: usize, original: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
+    let alpha = alphas_cumprod[t];
+    original.mul_scalar(alpha.sqrt()) + noise.mul_scalar((1.0 - alpha).sqrt())
+}
+
+/// `original + sigma * noise`: `add_noise` of the Euler schedulers, whose latents carry
+/// sigma-scaled noise rather than a variance-preserving mix.
+pub(super) fn add_noise_sigma(sigma: f32, original: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
+    original + noise.mul_scalar(sigma)
 }

@@ -167,6 +167,12 @@ impl Scheduler for DpmSolver {
         sample
     }
 
+    /// Variance-preserving, like the DDPM family, but at the call's sigma.
+    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
+        original.mul_scalar(alpha) + noise.mul_scalar(sigma)
+    }
+
     fn step(
         &mut self,
         model_output: Tensor<4>,

@@ -88,6 +88,10 @@ impl Scheduler for Euler {
         scale_input(sample, self.sigmas[index])
     }
 
+    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
+        common::add_noise_sigma(self.sigmas[index], original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: Tensor<4>,

@@ -76,6 +76,10 @@ impl Scheduler for Lcm {
         sample
     }
 
+    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
+        common::add_noise_at(&self.alphas_cumprod, self.train_timesteps[index], original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: Tensor<4>,

@@ -19,7 +19,7 @@ use std::fmt;
 use burn::tensor::Tensor;
 use serde_json::{Map, Value};
 
-use common::Params;
+use common::{Owner, Params};
 
 /// Kiln's scheduler names, as the CLI takes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,6 +137,8 @@ pub enum SchedulerError {
     UnsupportedOption { kind: SchedulerKind, key: &'static str, value: String, supported: String },
     #[error("scheduler {kind}: {steps} inference steps is not possible: {reason}")]
     InvalidSteps { kind: SchedulerKind, steps: usize, reason: String },
+    #[error("low_res_scheduler/scheduler_config.json: {key} = {value} is not supported (supported: {supported})")]
+    UnsupportedLowRes { key: &'static str, value: String, supported: String },
 }
 
 /// scheduler/scheduler_config.json as published (raw JSON object; `_class_name` names the source class).
@@ -205,9 +207,13 @@ pub trait Scheduler {
     fn init_noise_sigma(&self) -> f64;
     /// diffusers' scale_model_input for call `index`.
     fn scale_model_input(&self, sample: Tensor<4>, index: usize) -> Tensor<4>;
+    /// diffusers' `add_noise` at call `index`: clean latents `original` noised to the level the
+    /// scheduler expects at that call (after `set_begin_index`, as img2img and inpainting use it).
+    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4>;
     /// One denoising update for call `index`; `noise` is invoked only when the scheduler draws
     /// fresh noise (euler-a every step, lcm between steps), returning standard-normal noise shaped
-    /// like `sample`.
+    /// like `sample`. Calls may start at any index (img2img's `set_begin_index`) and then go up
+    /// by one.
     fn step(
         &mut self,
         model_output: Tensor<4>,
@@ -234,7 +240,7 @@ pub fn build(
         return Err(SchedulerError::InvalidSteps { kind, steps, reason: "at least 1 step is needed".into() });
     }
     let extra = kind.extra();
-    let params = Params::new(kind, &config.map, &extra);
+    let params = Params::new(Owner::Scheduler(kind), &config.map, &extra);
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&params, steps)?),
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&params, steps)?),
@@ -243,4 +249,29 @@ pub fn build(
         SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolver::new(&params, steps)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&params, steps)?),
     })
+}
+
+/// The forward process alone, as diffusers' `DDPMScheduler.add_noise`: the x4 upscaler noises its
+/// low-resolution input with it (`low_res_scheduler`) at the requested `noise_level`.
+pub struct ForwardNoise {
+    alphas_cumprod: Vec<f32>,
+}
+
+impl ForwardNoise {
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
+        let p = Params::new(Owner::LowRes, &config.map, &[]);
+        let train = p.train_steps(1)?;
+        let zero_snr = p.bool("rescale_betas_zero_snr", false)?;
+        Ok(Self { alphas_cumprod: common::alphas_cumprod(&p, train, common::DDPM_BETAS, zero_snr)? })
+    }
+
+    /// Timesteps (noise levels) the schedule defines: `0..num_train_timesteps`.
+    pub fn levels(&self) -> usize {
+        self.alphas_cumprod.len()
+    }
+
+    /// `original` noised to training timestep `level` (below [`ForwardNoise::levels`]).
+    pub fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, level: usize) -> Tensor<4> {
+        common::add_noise_at(&self.alphas_cumprod, level, original, noise)
+    }
 }

@@ -16,8 +16,12 @@ pub(super) struct Pndm {
     prediction: Prediction,
     /// The last (up to four) model outputs, oldest first.
     ets: Vec<Tensor<4>>,
-    /// The sample of call 0, reused by call 1 (PLMS warm-up is a two-evaluation Heun-like step).
+    /// The sample of the first call, reused by the second (PLMS warm-up is a two-evaluation
+    /// Heun-like step).
     first_sample: Option<Tensor<4>>,
+    /// Calls made so far (diffusers' `counter`): the warm-up depends on it, not on the index,
+    /// since img2img starts part-way through the timesteps.
+    counter: usize,
 }
 
 impl Pndm {
@@ -40,7 +44,7 @@ impl Pndm {
             train_timesteps.insert(1, descending[1]);
         }
         let step_ratio = (train / steps) as i64;
-        // Call 1 looks one ratio above its timestep.
+        // The second call looks one ratio above its timestep, which is at most entry 1's.
         let lookups: Vec<i64> =
             train_timesteps.iter().copied().chain(train_timesteps.get(1).map(|t| t + step_ratio)).collect();
         common::check_in_range(p, steps, train, &lookups)?;
@@ -53,6 +57,7 @@ impl Pndm {
             prediction,
             ets: Vec::with_capacity(4),
             first_sample: None,
+            counter: 0,
         })
     }
 
@@ -87,6 +92,10 @@ impl Scheduler for Pndm {
         sample
     }
 
+    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
+        common::add_noise_at(&self.alphas_cumprod, self.train_timesteps[index] as usize, original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: Tensor<4>,
@@ -96,7 +105,9 @@ impl Scheduler for Pndm {
     ) -> Tensor<4> {
         let mut t = self.train_timesteps[index];
         let mut prev = t - self.step_ratio;
-        if index == 1 {
+        let counter = self.counter;
+        self.counter += 1;
+        if counter == 1 {
             // The repeated timestep: redo the first step from its sample with averaged outputs.
             prev = t;
             t += self.step_ratio;
@@ -107,13 +118,13 @@ impl Scheduler for Pndm {
             self.ets.push(model_output.clone());
         }
         let e = |back: usize| self.ets[self.ets.len() - back].clone();
-        let (model_output, sample) = match (self.ets.len(), index) {
+        let (model_output, sample) = match (self.ets.len(), counter) {
             (1, 0) => {
                 self.first_sample = Some(sample.clone());
                 (model_output, sample)
             }
             (1, _) => {
-                let first = self.first_sample.take().expect("PLMS call 1 follows call 0");
+                let first = self.first_sample.take().expect("the second PLMS call follows the first");
                 ((model_output + e(1)).div_scalar(2.0), first)
             }
             (2, _) => ((e(1).mul_scalar(3.0) - e(2)).div_scalar(2.0), sample),

@@ -1,0 +1,91 @@
+//! Image-to-image as diffusers' `StableDiffusionImg2ImgPipeline`: the init image's latents,
+//! noised to the timestep where `strength` enters the schedule, are denoised over the rest of it.
+use burn::tensor::{Tensor, TensorData};
+
+use super::image_processor::Image8;
+use super::{Conditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, Request, StableDiffusion};
+use crate::error::{Error, Result};
+use crate::npy;
+
+/// diffusers' default `strength` for image-to-image.
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// What image-to-image adds to a [`Request`] (whose `latents` are the noise added to the image).
+pub struct Img2Img {
+    /// The init image; its size is the output's and must suit the model (nothing is resized).
+    pub image: Image8,
+    /// In (0, 1]: how much of the schedule runs, so how much of the image is repainted.
+    pub strength: f64,
+    /// The VAE's latent-sampling noise `[1, C, h, w]` instead of the seed's (parity tests).
+    pub encode_noise: Option<npy::Array>,
+}
+
+/// Checks a `strength` in (0, 1].
+pub(super) fn check_strength(strength: f64) -> Result<f64> {
+    if strength > 0.0 && strength <= 1.0 {
+        Ok(strength)
+    } else {
+        Err(Error::Invalid(format!("strength {strength} is outside (0, 1]")))
+    }
+}
+
+/// diffusers' `get_timesteps`: the schedule for `steps` is kept from call `t_start` on, where
+/// `t_start = steps - min(int(steps * strength), steps)` (every supported scheduler has order 1).
+pub(super) fn begin_index(steps: usize, strength: f64) -> Result<usize> {
+    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
+    if init_timestep == 0 {
+        return Err(Error::Invalid(format!(
+            "steps {steps} × strength {strength} leaves no step to run (diffusers runs int(steps × strength) of them); \
+             raise --steps or --strength so that steps × strength ≥ 1 (SD-Turbo: e.g. --steps 2 --strength 0.5)"
+        )));
+    }
+    Ok(steps - init_timestep)
+}
+
+impl StableDiffusion {
+    /// Validates `req` and `input`, encodes the image and prompt, and noises the image latents
+    /// to the first timestep that runs.
+    pub fn start_img2img(&self, req: Request, input: Img2Img) -> Result<super::Denoising> {
+        self.require_unet("image-to-image", self.latent_channels(), false)?;
+        let (width, height) = self.image_size(&req, &input.image, "init image")?;
+        let strength = check_strength(input.strength)?;
+        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
+        let begin = begin_index(setup.steps, strength)?;
+        let shape = self.latent_shape(width, height);
+        let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
+        let encode_noise = setup.normals(input.encode_noise, shape, "VAE sampling noise")?;
+        let image_latents = self.encode_image(image, encode_noise);
+        let noise = setup.normals(req.latents, shape, "initial latents")?;
+        let latents = setup.scheduler.add_noise(image_latents, noise, begin);
+        Ok(setup.denoising(latents, begin, Conditioning::default(), req.step_noise, width, height))
+    }
+
+    /// The output size of a mode that starts from `image`: the image's own, which must be a
+    /// valid size for the model; `req` may repeat it but not change it.
+    pub(super) fn image_size(&self, req: &Request, image: &Image8, what: &str) -> Result<(usize, usize)> {
+        let (width, height) = (image.width, image.height);
+        if req.width.is_some_and(|w| w != width) || req.height.is_some_and(|h| h != height) {
+            return Err(Error::Invalid(format!("the output size is the {what}'s ({width}x{height}); width and height cannot change it")));
+        }
+        self.check_size(&format!("the {what}'s "), width, height)?;
+        Ok((width, height))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_index_follows_get_timesteps() {
+        assert_eq!(begin_index(10, 1.0).unwrap(), 0);
+        assert_eq!(begin_index(10, 0.5).unwrap(), 5);
+        // int(4 * 0.8) = 3 steps run.
+        assert_eq!(begin_index(4, 0.8).unwrap(), 1);
+        // 10 * 0.3 is 3.0000000000000004 in float64: 3 steps run, as in Python.
+        assert_eq!(begin_index(10, 0.3).unwrap(), 7);
+        let msg = begin_index(1, 0.5).unwrap_err().to_string();
+        assert!(msg.contains("steps × strength ≥ 1"), "{msg}");
+        assert!(check_strength(0.0).is_err() && check_strength(1.5).is_err() && check_strength(f64::NAN).is_err());
+    }
+}
