@@ -159,14 +159,6 @@ impl Scheduler for DpmSolver {
         Some(&self.sigmas_f64)
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _index: usize) -> Tensor<4> {
-        sample
-    }
-
     /// Variance-preserving, like the DDPM family, but at the call's sigma.
     fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
         let (alpha, sigma) = alpha_sigma(self.sigmas[index]);

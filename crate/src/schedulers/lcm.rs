@@ -68,14 +68,6 @@ impl Scheduler for Lcm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _index: usize) -> Tensor<4> {
-        sample
-    }
-
     fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
         common::add_noise_at(&self.alphas_cumprod, self.train_timesteps[index], original, noise)
     }

@@ -204,9 +204,14 @@ pub trait Scheduler {
     fn sigmas(&self) -> Option<&[f64]> {
         None
     }
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' scale_model_input for call `index`.
-    fn scale_model_input(&self, sample: Tensor<4>, index: usize) -> Tensor<4>;
+    /// How far the initial noise is scaled; 1 except for the sigma-based schedulers.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' scale_model_input for call `index`; only sigma-based schedulers rescale.
+    fn scale_model_input(&self, sample: Tensor<4>, _index: usize) -> Tensor<4> {
+        sample
+    }
     /// diffusers' `add_noise` at call `index`: clean latents `original` noised to the level the
     /// scheduler expects at that call (after `set_begin_index`, as img2img and inpainting use it).
     fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4>;
