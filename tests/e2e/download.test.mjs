@@ -1,0 +1,97 @@
+// Downloads: resumed with HTTP Range after a reload and after a dropped connection, and
+// corrupt files rejected, discarded and fetched again on retry.
+import assert from "node:assert/strict";
+import { statSync } from "node:fs";
+import { after, before, test } from "node:test";
+import { appUrl, cachedFiles, echoConsole, errorText, faults, generate, launch, startServers } from "./harness.mjs";
+
+const SETTINGS = { prompt: "a red cube", seed: "1", steps: "1", guidance: "0", width: "64", height: "64" };
+const TEXT_ENCODER = "text_encoder/model.safetensors";
+const UNET = "unet/diffusion_pytorch_model.safetensors";
+const VAE = "vae/diffusion_pytorch_model.safetensors";
+const CHUNK = 4 << 20;
+
+let browser, servers;
+before(async () => {
+  [browser, servers] = await Promise.all([launch(), startServers()]);
+});
+after(async () => {
+  await browser?.close();
+  await servers?.close();
+});
+
+const fileSize = (model, path) => statSync(`tests/fixtures/${model}/${path}`).size;
+const gets = (log, path) => log.filter((e) => e.method === "GET" && e.path === path);
+
+test("a download resumes with Range after a reload and after a dropped connection", async () => {
+  const { app, hub } = servers;
+  const model = `${hub.url}/sd1-tiny`;
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  echoConsole(page, "resume");
+  // The text encoder's first request hangs after 5 MB (the page is reloaded meanwhile);
+  // the UNet's first request drops after 5 MB (the worker retries by itself).
+  hub.fault(`/sd1-tiny/${TEXT_ENCODER}`, faults.stall(5e6));
+  hub.fault(`/sd1-tiny/${UNET}`, faults.cut(5e6));
+
+  await page.goto(appUrl(app, model, SETTINGS));
+  await page.getByRole("button", { name: "Generate", exact: true }).click();
+  // Wait until a whole chunk of the text encoder is stored, then reload mid-download.
+  for (;;) {
+    const files = await cachedFiles(page, model);
+    if (files.some((f) => f.path === TEXT_ENCODER && f.received >= CHUNK)) break;
+    await page.waitForTimeout(200);
+  }
+  await page.reload();
+  const png = await generate(page);
+  assert.ok(png.length > 0);
+
+  for (const path of [TEXT_ENCODER, UNET]) {
+    const [first, second, ...rest] = gets(hub.log, `/sd1-tiny/${path}`);
+    assert.equal(rest.length, 0, `${path}: two requests`);
+    assert.equal(first.range, null);
+    assert.equal(first.sent, 5e6);
+    assert.equal(second.range, `bytes=${CHUNK}-`, `${path} resumes from the stored chunk`);
+    assert.equal(second.status, 206);
+    assert.equal(second.sent, fileSize("sd1-tiny", path) - CHUNK);
+  }
+  const files = await cachedFiles(page, model);
+  assert.ok(files.length > 0 && files.every((f) => f.complete));
+
+  // Removing the model frees every byte of it.
+  const total = files.reduce((sum, f) => sum + f.received, 0);
+  await page.getByRole("button", { name: "Remove cached model" }).click();
+  await page.getByText(`Removed the cached model: ${(total / 1e6).toFixed(1)} MB freed.`).waitFor();
+  assert.deepEqual(await cachedFiles(page, model), []);
+  await context.close();
+});
+
+test("a corrupt or truncated file is reported, discarded, and fetched again on retry", async () => {
+  const { app, hub } = servers;
+  const model = `${hub.url}/sd2-tiny`;
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  echoConsole(page, "corrupt");
+  const unet = UNET.replace(".safetensors", ".fp16.safetensors");
+  const vae = VAE.replace(".safetensors", ".fp16.safetensors");
+  hub.fault(`/sd2-tiny/${unet}`, faults.truncate(100_000));
+  hub.fault(`/sd2-tiny/${vae}`, faults.corrupt());
+  await page.goto(appUrl(app, model, SETTINGS));
+  const generateButton = page.getByRole("button", { name: "Generate", exact: true });
+
+  await generateButton.click();
+  assert.match(await errorText(page), new RegExp(`${unet} is corrupt \\(its header describes \\d+ bytes but 100000 arrived\\)`));
+  assert.ok(!(await cachedFiles(page, model)).some((f) => f.path === unet), "nothing of the truncated file is kept");
+
+  await generateButton.click();
+  assert.match(await errorText(page), new RegExp(`${vae} is corrupt \\(its SHA-256 differs`));
+  const files = await cachedFiles(page, model);
+  assert.ok(!files.some((f) => f.path === vae), "nothing of the corrupt file is kept");
+  assert.ok(files.some((f) => f.path === unet && f.complete), "the retried UNet is complete");
+
+  // Both faults were one-shot: the host now serves good files, and a retry works.
+  const png = await generate(page);
+  assert.ok(png.length > 0);
+  assert.equal(gets(hub.log, `/sd2-tiny/${vae}`).length, 2);
+  await context.close();
+});

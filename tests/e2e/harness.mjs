@@ -1,0 +1,123 @@
+// Shared pieces of the browser tests: dist/ on one port, the fixture pipelines on another
+// (a stand-in for the Hugging Face hub, with a request log and injectable faults), and
+// headless Chromium, whose WebGPU runs on SwiftShader.
+import { createHash } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { chromium } from "playwright-core";
+import { serve } from "../../scripts/web/server.mjs";
+
+const CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+  "--disable-quic",
+];
+
+export async function launch({ webgpu = true } = {}) {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: webgpu ? [...CHROMIUM_ARGS, "--enable-unsafe-webgpu"] : CHROMIUM_ARGS,
+  });
+}
+
+/** The app (dist/) and the hub (tests/fixtures/); `hub.fault(path, fault)` breaks one GET of a file. */
+export async function startServers() {
+  const log = [];
+  const faults = new Map();
+  const intercept = (path, body, method) => {
+    // Like the HF hub: LFS files (the weights) state their SHA-256.
+    const sha = createHash("sha256").update(body).digest("hex");
+    const out = { headers: path.endsWith(".safetensors") ? { "X-Linked-Etag": `"${sha}"`, ETag: `"${sha}"` } : { ETag: `"${sha.slice(0, 40)}"` } };
+    const fault = method === "GET" && faults.get(path);
+    if (!fault) return out;
+    faults.delete(path);
+    return fault(body, out);
+  };
+  const app = await serve({ root: "dist" });
+  const hub = await serve({ root: "tests/fixtures", cors: true, log, intercept });
+  return {
+    app,
+    hub: { ...hub, log, fault: (path, fault) => faults.set(path, fault) },
+    close: () => Promise.all([app.close(), hub.close()]),
+  };
+}
+
+/** Faults for `hub.fault`. */
+export const faults = {
+  /** Drops the connection after `n` bytes. */
+  cut: (n) => (_body, out) => ({ ...out, cutAfter: n }),
+  /** Sends `n` bytes, then nothing, keeping the connection open. */
+  stall: (n) => (_body, out) => ({ ...out, stallAfter: n }),
+  /** Flips bytes in the middle while stating the true SHA-256. */
+  corrupt: () => (body, out) => {
+    const bad = Buffer.from(body);
+    for (let i = bad.length >> 1; i < (bad.length >> 1) + 64; i++) bad[i] ^= 0xff;
+    return { ...out, body: bad };
+  },
+  /** A shorter file with a matching length and no stated digest. */
+  truncate: (n) => (body) => ({ body: body.subarray(0, n), headers: {} }),
+};
+
+/** The app's URL for a model and settings, as a share link would carry them. */
+export function appUrl(app, model, settings = {}) {
+  return `${app.url}/?${new URLSearchParams({ model, ...settings })}`;
+}
+
+/** Sets the generation controls by their accessible names. */
+export async function fillSettings(page, { prompt, seed, steps, guidance, width, height, scheduler }) {
+  await page.getByLabel("Prompt", { exact: true }).fill(prompt);
+  await page.getByLabel("Seed", { exact: true }).fill(String(seed));
+  await page.getByLabel("Steps", { exact: true }).fill(String(steps));
+  await page.getByLabel("Guidance scale", { exact: true }).fill(String(guidance));
+  await page.getByLabel("Width", { exact: true }).fill(String(width));
+  await page.getByLabel("Height", { exact: true }).fill(String(height));
+  await page.getByLabel("Scheduler", { exact: true }).selectOption(scheduler);
+}
+
+/** Clicks Generate and resolves to the PNG bytes behind the download link. */
+export async function generate(page, timeout = 240_000) {
+  await page.getByRole("button", { name: "Generate", exact: true }).click();
+  return resultPng(page, timeout);
+}
+
+/** Waits for the generated image, then saves it through the "Download PNG" link. */
+export async function resultPng(page, timeout = 240_000) {
+  await page.getByRole("img", { name: "Generated image" }).waitFor({ state: "visible", timeout });
+  const [download] = await Promise.all([page.waitForEvent("download"), page.getByRole("link", { name: "Download PNG" }).click()]);
+  return readFile(await download.path());
+}
+
+/** Waits for the page's error alert and returns its text. */
+export async function errorText(page, timeout = 120_000) {
+  const alert = page.locator("#error");
+  await alert.waitFor({ state: "visible", timeout });
+  return alert.textContent();
+}
+
+/** The cache's file records ({ path, received, complete }) for one model. */
+export function cachedFiles(page, base) {
+  return page.evaluate(async (base) => {
+    // Opening a database that does not exist would create it empty, under the app's version.
+    if (!(await indexedDB.databases()).some((d) => d.name === "kiln")) return [];
+    const db = await new Promise((resolve, reject) => {
+      const open = indexedDB.open("kiln");
+      open.onsuccess = () => resolve(open.result);
+      open.onerror = () => reject(open.error);
+    });
+    const records = await new Promise((resolve, reject) => {
+      const req = db.transaction("files").objectStore("files").getAll(IDBKeyRange.bound(`${base}/`, `${base}/\uffff`));
+      req.onsuccess = () => resolve(req.result);
+      req.onerror = () => reject(req.error);
+    });
+    db.close();
+    return records.map(({ path, received, complete }) => ({ path, received, complete }));
+  }, base);
+}
+
+/** Logs each page's console errors to the test output, which helps when a test fails. */
+export function echoConsole(page, name) {
+  page.on("console", (m) => m.type() === "error" && console.log(`[${name}] ${m.text()}`));
+  page.on("pageerror", (e) => console.log(`[${name}] ${e.message}`));
+}

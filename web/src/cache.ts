@@ -1,0 +1,415 @@
+// Model files in IndexedDB: streamed in as they download, resumed with HTTP Range after a
+// reload or a lost connection, verified before they are marked complete, and read back
+// piece by piece so no whole weight file is ever held in memory.
+//
+// Store "files": one FileRecord per `${base}/${path}`. Store "chunks": the bytes, CHUNK at
+// a time, keyed [fileKey, index]. A chunk and the record counting it are written in one
+// transaction, so the record never claims bytes that are not stored.
+import { headerLength, parseHeader, type Header } from "./safetensors";
+import { Sha256, type Sha256State } from "./sha256";
+import { CONFIG_FILES, TOKENIZER_FILES, WEIGHT_STEMS, weightVariants } from "./model";
+
+/** Bytes per stored chunk: a resumed download repeats at most this much. */
+const CHUNK = 4 << 20;
+/** Attempts per file when the connection drops; each continues where the last stopped. */
+const ATTEMPTS = 4;
+
+export interface FileRecord {
+  key: string;
+  base: string;
+  path: string;
+  /** As the host states it; null when it does not say. */
+  size: number | null;
+  /** Bytes stored. */
+  received: number;
+  chunkSize: number;
+  /** The SHA-256 the host states for the file (hex), if any. */
+  sha256: string | null;
+  /** The host's name for this version of the file: a resume must get the same one. */
+  etag: string | null;
+  /** The digest of the stored bytes so far, while the file is incomplete. */
+  hash: Sha256State | null;
+  /** Verified. Nothing reads an incomplete file except the verification itself. */
+  complete: boolean;
+  /** The host has no such file (an optional one): known, so an offline start need not ask. */
+  absent?: true;
+}
+
+/** A file that arrived but failed verification. It has been discarded. */
+export class CorruptDownload extends Error {}
+/** The host has no such file (HTTP 404). */
+export class NotFound extends Error {}
+/** The connection failed or dropped; what was stored is kept for the next attempt. */
+export class NetworkError extends Error {}
+/** Not enough storage for the download. */
+export class StorageShort extends Error {}
+
+// ---- IndexedDB ----
+
+let opened: Promise<IDBDatabase> | null = null;
+
+function db(): Promise<IDBDatabase> {
+  opened ??= new Promise((resolve, reject) => {
+    const req = indexedDB.open("kiln", 1);
+    req.onupgradeneeded = () => {
+      req.result.createObjectStore("files", { keyPath: "key" });
+      req.result.createObjectStore("chunks");
+    };
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+  return opened;
+}
+
+function result<T>(req: IDBRequest<T>): Promise<T> {
+  return new Promise((resolve, reject) => {
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+}
+
+/** Runs `fill` in one read-write transaction over both stores; resolves once it is durable. */
+async function write(fill: (files: IDBObjectStore, chunks: IDBObjectStore) => void): Promise<void> {
+  const tx = (await db()).transaction(["files", "chunks"], "readwrite");
+  fill(tx.objectStore("files"), tx.objectStore("chunks"));
+  await new Promise<void>((resolve, reject) => {
+    tx.oncomplete = () => resolve();
+    tx.onabort = tx.onerror = () => {
+      const e = tx.error;
+      reject(e?.name === "QuotaExceededError" ? new StorageShort("The browser's storage for this site is full.") : e);
+    };
+  });
+}
+
+function chunkRange(key: string): IDBKeyRange {
+  return IDBKeyRange.bound([key, 0], [key, Infinity]);
+}
+
+async function getRecord(key: string): Promise<FileRecord | undefined> {
+  return result((await db()).transaction("files").objectStore("files").get(key));
+}
+
+async function discard(key: string): Promise<void> {
+  await write((files, chunks) => {
+    files.delete(key);
+    chunks.delete(chunkRange(key));
+  });
+}
+
+/** Every record stored for one model. */
+async function recordsOf(base: string): Promise<FileRecord[]> {
+  const range = IDBKeyRange.bound(`${base}/`, `${base}/\uffff`);
+  return result((await db()).transaction("files").objectStore("files").getAll(range));
+}
+
+// ---- reading ----
+
+/** Reads byte ranges of a stored file, keeping the last chunk so sequential reads fetch each once. */
+export class StoredFile {
+  private last: { index: number; bytes: Uint8Array } | null = null;
+
+  constructor(readonly record: FileRecord) {}
+
+  async read(begin: number, end: number): Promise<Uint8Array> {
+    if (end > this.record.received) throw new Error(`${this.record.path}: read past the stored ${this.record.received} bytes`);
+    const size = this.record.chunkSize;
+    const first = Math.floor(begin / size);
+    if (end <= (first + 1) * size) return (await this.chunk(first)).subarray(begin - first * size, end - first * size);
+    const out = new Uint8Array(end - begin);
+    for (let i = first; i * size < end; i++) {
+      const from = Math.max(begin, i * size);
+      const to = Math.min(end, (i + 1) * size);
+      out.set((await this.chunk(i)).subarray(from - i * size, to - i * size), from - begin);
+    }
+    return out;
+  }
+
+  async all(): Promise<Uint8Array> {
+    return this.read(0, this.record.received);
+  }
+
+  async safetensorsHeader(): Promise<Header> {
+    const n = headerLength(await this.read(0, 8));
+    if (8 + n > this.record.received) throw new Error(`the header claims ${n} bytes, more than the file holds`);
+    return parseHeader(await this.read(8, 8 + n));
+  }
+
+  private async chunk(index: number): Promise<Uint8Array> {
+    if (this.last?.index !== index) {
+      const store = (await db()).transaction("chunks").objectStore("chunks");
+      const bytes: Uint8Array | undefined = await result(store.get([this.record.key, index]));
+      if (!bytes) throw new Error(`${this.record.path}: chunk ${index} is missing from the cache`);
+      this.last = { index, bytes };
+    }
+    return this.last.bytes;
+  }
+}
+
+// ---- what a model needs ----
+
+export interface PlannedFile {
+  path: string;
+  size: number | null;
+  received: number;
+  complete: boolean;
+  absent?: true;
+}
+
+/** The files to load for a model, which of them still need downloading, and their sizes. */
+export async function planModel(base: string): Promise<PlannedFile[]> {
+  const stored = new Map((await recordsOf(base)).map((r) => [r.path, r]));
+  const plan = async (path: string): Promise<PlannedFile> => {
+    const rec = stored.get(path);
+    if (rec?.complete) return { path, size: rec.received, received: rec.received, complete: true, absent: rec.absent };
+    return { path, size: await remoteSize(`${base}/${path}`), received: rec?.received ?? 0, complete: false };
+  };
+  const optional = async (path: string): Promise<PlannedFile> => {
+    try {
+      return await plan(path);
+    } catch (e) {
+      if (!(e instanceof NotFound)) throw e;
+      const key = `${base}/${path}`;
+      const rec: FileRecord = { key, base, path, size: 0, received: 0, chunkSize: CHUNK, sha256: null, etag: null, hash: null, complete: true, absent: true };
+      await write((files) => files.put(rec));
+      return { path, size: 0, received: 0, complete: true, absent: true };
+    }
+  };
+  const weight = async (stem: string): Promise<PlannedFile> => {
+    const variants = weightVariants(stem);
+    // A variant already (partly) stored wins, so a resume or an offline start needs no probe.
+    const cached = variants.find((v) => stored.get(v)?.complete) ?? variants.find((v) => stored.has(v));
+    if (cached) return plan(cached);
+    for (const path of variants) {
+      try {
+        return await plan(path);
+      } catch (e) {
+        if (!(e instanceof NotFound)) throw e;
+      }
+    }
+    throw new NotFound(`${base} has neither ${variants.join(" nor ")}`);
+  };
+  return Promise.all([...CONFIG_FILES.map(plan), ...TOKENIZER_FILES.map(optional), ...WEIGHT_STEMS.map(weight)]);
+}
+
+async function remoteSize(url: string): Promise<number | null> {
+  const res = await network(() => fetch(url, { method: "HEAD", cache: "no-store" }));
+  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
+  if (!res.ok) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const n = res.headers.get("content-length");
+  return n === null ? null : Number(n);
+}
+
+/** Fails with a clear message when the browser will not give the site enough space. */
+export async function checkSpace(files: PlannedFile[]): Promise<void> {
+  const needed = files.reduce((sum, f) => sum + (f.complete ? 0 : (f.size ?? 0) - f.received), 0);
+  if (needed === 0 || !navigator.storage?.estimate) return;
+  const { quota = Infinity, usage = 0 } = await navigator.storage.estimate();
+  if (needed > quota - usage) {
+    throw new StorageShort(
+      `The model needs ${gb(needed)} more storage, but the browser allows this site only ${gb(quota - usage)} more. ` +
+        `Free disk space or remove other cached models, then try again.`,
+    );
+  }
+}
+
+function gb(bytes: number): string {
+  return `${(bytes / 1e9).toFixed(2)} GB`;
+}
+
+export interface CacheStatus {
+  bytes: number;
+  complete: boolean;
+}
+
+/** How much of a model is stored and whether all of it is verified. */
+export async function modelStatus(base: string): Promise<CacheStatus> {
+  const records = await recordsOf(base);
+  const done = new Set(records.filter((r) => r.complete).map((r) => r.path));
+  const complete =
+    [...CONFIG_FILES, ...TOKENIZER_FILES].every((p) => done.has(p)) && WEIGHT_STEMS.every((s) => weightVariants(s).some((v) => done.has(v)));
+  return { bytes: records.reduce((sum, r) => sum + r.received, 0), complete };
+}
+
+/** Deletes everything stored for a model; returns the bytes freed. */
+export async function removeModel(base: string): Promise<number> {
+  const records = await recordsOf(base);
+  await write((files, chunks) => {
+    for (const r of records) {
+      files.delete(r.key);
+      chunks.delete(chunkRange(r.key));
+    }
+  });
+  return records.reduce((sum, r) => sum + r.received, 0);
+}
+
+// ---- downloading ----
+
+/** A stored, verified file. */
+export async function openStored(base: string, path: string): Promise<StoredFile> {
+  const rec = await getRecord(`${base}/${path}`);
+  if (!rec?.complete || rec.absent) throw new Error(`${base}/${path} is not in the cache`);
+  return new StoredFile(rec);
+}
+
+/**
+ * Stores `${base}/${path}` completely and verified, continuing whatever part is already
+ * stored. `onProgress` gets the file's stored-or-buffered byte count as data arrives.
+ */
+export async function download(base: string, path: string, signal: AbortSignal, onProgress: (received: number) => void): Promise<FileRecord> {
+  const key = `${base}/${path}`;
+  // Two tabs must not append to the same file at once.
+  return navigator.locks.request(`kiln:${key}`, async () => {
+    for (let attempt = 1; ; attempt++) {
+      const rec = await getRecord(key);
+      if (rec?.complete) return rec;
+      try {
+        return await fetchRest(base, path, rec ?? null, signal, onProgress);
+      } catch (e) {
+        if (!(e instanceof NetworkError) || signal.aborted || attempt === ATTEMPTS) throw e;
+        await new Promise((r) => setTimeout(r, 1000 * 2 ** attempt));
+      }
+    }
+  });
+}
+
+/** Runs a fetch step, turning a lost connection into a NetworkError. */
+async function network<T>(step: () => Promise<T>): Promise<T> {
+  try {
+    return await step();
+  } catch (e) {
+    throw new NetworkError(`The connection failed (${(e as Error).message}).`);
+  }
+}
+
+/** The SHA-256 the host states: the HF hub puts it in `x-linked-etag` (LFS files) or `etag`. */
+async function statedSha256(res: Response, base: string, path: string): Promise<string | null> {
+  for (const name of ["x-linked-etag", "etag"]) {
+    const value = res.headers.get(name)?.replace(/^W\//, "").replaceAll('"', "");
+    if (value && /^[0-9a-f]{64}$/i.test(value)) return value.toLowerCase();
+  }
+  return hubPointerSha256(base, path);
+}
+
+/**
+ * On huggingface.co the `x-linked-etag` sits on the redirect to the CDN, which fetch follows
+ * unseen; the same SHA-256 is in the file's LFS pointer at `…/raw/<revision>/<path>`.
+ */
+async function hubPointerSha256(base: string, path: string): Promise<string | null> {
+  const hub = /^(https:\/\/huggingface\.co\/.+)\/resolve\/([^/]+)$/.exec(base);
+  if (!hub || !path.endsWith(".safetensors")) return null;
+  const res = await fetch(`${hub[1]}/raw/${hub[2]}/${path}`, { cache: "no-store" }).catch(() => null);
+  return (res?.ok && /^oid sha256:([0-9a-f]{64})$/m.exec(await res.text())?.[1]) || null;
+}
+
+async function fetchRest(
+  base: string,
+  path: string,
+  rec: FileRecord | null,
+  signal: AbortSignal,
+  onProgress: (n: number) => void,
+): Promise<FileRecord> {
+  if (rec && rec.size !== null && rec.received === rec.size) return finish(rec, Sha256.restore(rec.hash!), 206);
+  const url = `${base}/${path}`;
+  const from = rec?.received ?? 0;
+  const res = await network(() => fetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} }));
+  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
+  if (res.status !== 200 && res.status !== 206) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const etag = res.headers.get("x-linked-etag") ?? res.headers.get("etag");
+  const range = /^bytes (\d+)-\d+\/(\d+)$/.exec(res.headers.get("content-range") ?? "");
+  if (rec && from > 0 && !(res.status === 206 && Number(range?.[1]) === from && rec.etag === etag)) {
+    // The host ignored the range or the file changed since: the stored part is worthless.
+    await discard(rec.key);
+    rec = null;
+    if (res.status === 206) {
+      await res.body?.cancel();
+      return fetchRest(base, path, null, signal, onProgress);
+    }
+  }
+  const length = res.headers.get("content-length");
+  rec ??= {
+    key: `${base}/${path}`,
+    base,
+    path,
+    size: range ? Number(range[2]) : length === null ? null : Number(length),
+    received: 0,
+    chunkSize: CHUNK,
+    sha256: await statedSha256(res, base, path),
+    etag,
+    hash: new Sha256().save(),
+    complete: false,
+  };
+  const hasher = Sha256.restore(rec.hash!);
+  const reader = res.body!.getReader();
+  const buffer = new Uint8Array(rec.chunkSize);
+  let fill = 0;
+  for (;;) {
+    const { done, value } = await network(() => reader.read());
+    if (done) break;
+    for (let i = 0; i < value.length; ) {
+      const n = Math.min(buffer.length - fill, value.length - i);
+      buffer.set(value.subarray(i, i + n), fill);
+      fill += n;
+      i += n;
+      if (fill === buffer.length) {
+        await store(rec, hasher, buffer);
+        fill = 0;
+      }
+    }
+    onProgress(rec.received + fill);
+  }
+  // A body that ends short without an error is a dropped connection too: keep the whole
+  // chunks, and let the next attempt fetch the rest.
+  if (rec.size !== null && rec.received + fill < rec.size) {
+    throw new NetworkError(`The connection closed after ${rec.received + fill} of ${rec.size} bytes of ${path}.`);
+  }
+  if (fill > 0) await store(rec, hasher, buffer.slice(0, fill));
+  return finish(rec, hasher, res.status);
+}
+
+/** Appends one chunk and the record counting it, atomically. */
+async function store(rec: FileRecord, hasher: Sha256, bytes: Uint8Array): Promise<void> {
+  const index = rec.received / rec.chunkSize;
+  hasher.update(bytes);
+  const next = { ...rec, received: rec.received + bytes.length, hash: hasher.save() };
+  await write((files, chunks) => {
+    chunks.put(bytes, [rec.key, index]);
+    files.put(next);
+  });
+  Object.assign(rec, next);
+}
+
+/** Verifies a fully stored file and marks it complete, or discards it. */
+async function finish(rec: FileRecord, hasher: Sha256, status: number): Promise<FileRecord> {
+  const problem = await verify(rec, hasher, status);
+  if (problem) {
+    await discard(rec.key);
+    throw new CorruptDownload(`${rec.base}/${rec.path} is corrupt (${problem}). The download was discarded; try again.`);
+  }
+  const done = { ...rec, size: rec.received, hash: null, complete: true };
+  await write((files) => files.put(done));
+  return done;
+}
+
+/** What is wrong with a stored file, or null. */
+async function verify(rec: FileRecord, hasher: Sha256, status: number): Promise<string | null> {
+  // A compressed 200 response decodes to more bytes than its Content-Length states.
+  if (rec.size !== null && rec.received > rec.size && status === 206) return `${rec.received} bytes where the host stated ${rec.size}`;
+  if (rec.sha256 && hasher.hex() !== rec.sha256) return "its SHA-256 differs from the one the host states";
+  const file = new StoredFile(rec);
+  if (rec.path.endsWith(".safetensors")) {
+    let header;
+    try {
+      header = await file.safetensorsHeader();
+    } catch (e) {
+      return (e as Error).message;
+    }
+    if (header.fileSize !== rec.received) return `its header describes ${header.fileSize} bytes but ${rec.received} arrived`;
+  } else if (rec.path.endsWith(".json")) {
+    try {
+      JSON.parse(new TextDecoder().decode(await file.all()));
+    } catch {
+      return "it is not valid JSON";
+    }
+  }
+  return null;
+}

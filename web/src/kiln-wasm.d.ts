@@ -1,0 +1,18 @@
+// The engine's wasm-bindgen module (crate/src/web.rs), built by scripts/build and bundled
+// into worker.js under this name. Typed by hand so the page type-checks without a wasm build.
+declare module "kiln-wasm" {
+  export default function init(options: { module_or_path: URL }): Promise<unknown>;
+
+  export class Engine {
+    static create(): Promise<Engine>;
+    set_file(path: string, bytes: Uint8Array): void;
+    add_tensor(stem: string, name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array): void;
+    finish_load(model_name: string): import("./protocol").ModelInfo;
+    start(request: import("./protocol").GenerateRequest): import("./protocol").Started;
+    step(): number;
+    finished(): boolean;
+    wait(): Promise<void>;
+    cancel(): void;
+    finish(): Promise<Uint8Array>;
+  }
+}

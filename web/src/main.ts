@@ -1,0 +1,416 @@
+// The page: controls, share links, progress and errors. The engine, the downloads and the
+// GPU all live in the worker; this thread only renders and relays.
+import { modelStatus, removeModel } from "./cache";
+import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ToWorker } from "./protocol";
+import { PRESETS, SCHEDULERS, fromQuery, modelDefaults, normalizeModelUrl, presetFor, randomSeed, toQuery, type Settings } from "./settings";
+
+const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
+const ui = {
+  form: $<HTMLFormElement>("form"),
+  model: $<HTMLSelectElement>("model"),
+  custom: $("custom"),
+  modelUrl: $<HTMLInputElement>("model-url"),
+  cacheStatus: $("cache-status"),
+  remove: $<HTMLButtonElement>("remove"),
+  prompt: $<HTMLTextAreaElement>("prompt"),
+  negative: $<HTMLTextAreaElement>("negative"),
+  seed: $<HTMLInputElement>("seed"),
+  randomize: $<HTMLButtonElement>("randomize"),
+  steps: $<HTMLInputElement>("steps"),
+  guidance: $<HTMLInputElement>("guidance"),
+  scheduler: $<HTMLSelectElement>("scheduler"),
+  width: $<HTMLInputElement>("width"),
+  height: $<HTMLInputElement>("height"),
+  generate: $<HTMLButtonElement>("generate"),
+  cancel: $<HTMLButtonElement>("cancel"),
+  share: $<HTMLAnchorElement>("share"),
+  status: $("status"),
+  bar: $<HTMLProgressElement>("bar"),
+  files: $("files"),
+  error: $("error"),
+  warnings: $("warnings"),
+  result: $("result"),
+  image: $<HTMLImageElement>("image"),
+  save: $<HTMLAnchorElement>("save"),
+  pageError: $("page-error"),
+};
+
+const CUSTOM = "custom";
+
+const NO_WEBGPU =
+  "Kiln needs WebGPU, and this browser does not provide it{why}.\n" +
+  "WebGPU works in Chrome and Edge 113+ (Windows, macOS, ChromeOS), Chrome 121+ on Android, " +
+  "Safari 26+ (macOS, iOS, iPadOS) and Firefox 141+ on Windows. On Linux, Chrome needs " +
+  "chrome://flags/#enable-unsafe-webgpu (and on some GPUs #enable-vulkan). " +
+  "If it is enabled, chrome://gpu tells whether WebGPU is blocked for this GPU or driver.";
+
+let settings: Settings = fromQuery(location.search);
+let worker: Worker | null = null;
+/** The model the worker was last asked for, and the one it holds. */
+let workerModel: string | null = null;
+let loaded: { base: string; info: ModelInfo } | null = null;
+/** The worker has a task: loading, or generating (then `run` is set). */
+let busy = false;
+let run: { seed: number; startedAt: number } | null = null;
+let imageUrl: string | null = null;
+
+// ---- settings <-> controls <-> address bar ----
+
+function showSettings(s: Settings): void {
+  const preset = presetFor(s.model);
+  ui.model.value = preset ? preset.id : CUSTOM;
+  ui.custom.hidden = !!preset;
+  ui.modelUrl.required = !preset;
+  if (!preset) ui.modelUrl.value = s.model;
+  ui.prompt.value = s.prompt;
+  ui.negative.value = s.negativePrompt;
+  ui.seed.value = String(s.seed);
+  ui.steps.value = String(s.steps);
+  ui.guidance.value = String(s.guidance);
+  fillSchedulers(loaded?.base === s.model ? loaded.info : null, s.scheduler);
+  ui.width.value = s.width === null ? "" : String(s.width);
+  ui.height.value = s.height === null ? "" : String(s.height);
+}
+
+function readControls(): Settings {
+  const preset = PRESETS.find((p) => p.id === ui.model.value);
+  const number = (input: HTMLInputElement, fallback: number) => (Number.isFinite(input.valueAsNumber) ? input.valueAsNumber : fallback);
+  const size = (input: HTMLInputElement) => (Number.isFinite(input.valueAsNumber) ? input.valueAsNumber : null);
+  return {
+    model: preset ? preset.url : normalizeModelUrl(ui.modelUrl.value),
+    prompt: ui.prompt.value,
+    negativePrompt: ui.negative.value,
+    seed: number(ui.seed, settings.seed),
+    steps: number(ui.steps, settings.steps),
+    guidance: number(ui.guidance, settings.guidance),
+    scheduler: ui.scheduler.value,
+    width: size(ui.width),
+    height: size(ui.height),
+  };
+}
+
+/** The address bar is the share link. */
+function publish(): void {
+  history.replaceState(null, "", toQuery(settings));
+  ui.share.href = location.href;
+}
+
+function fillSchedulers(info: ModelInfo | null, selected: string): void {
+  const names = info?.schedulers ?? SCHEDULERS;
+  const options = [new Option(info ? `Model default (${info.default_scheduler})` : "Model default", "")];
+  for (const name of names) options.push(new Option(name, name));
+  ui.scheduler.replaceChildren(...options);
+  ui.scheduler.value = names.includes(selected) ? selected : "";
+}
+
+/** Sizes and schedulers as the loaded model defines them. */
+function applyInfo(info: ModelInfo): void {
+  fillSchedulers(info, settings.scheduler);
+  for (const input of [ui.width, ui.height]) {
+    input.step = input.min = String(info.size_multiple);
+    input.placeholder = `${info.default_size} (model default)`;
+  }
+}
+
+async function changeModel(): Promise<void> {
+  const model = readControls().model;
+  const { steps, guidance } = modelDefaults(model);
+  settings = { ...settings, model, steps, guidance, scheduler: "", width: null, height: null };
+  showSettings(settings);
+  for (const input of [ui.width, ui.height]) {
+    input.step = input.min = "8";
+    input.placeholder = "model default";
+  }
+  publish();
+  await warmUp();
+}
+
+// ---- the model cache ----
+
+function host(url: string): string {
+  try {
+    return new URL(url).host;
+  } catch {
+    return url;
+  }
+}
+
+async function showCache(): Promise<boolean> {
+  const status = await modelStatus(settings.model);
+  ui.cacheStatus.textContent = status.complete
+    ? `Stored in this browser (${bytes(status.bytes)}); works offline.`
+    : status.bytes > 0
+      ? `Partly downloaded (${bytes(status.bytes)}); Generate continues the download.`
+      : `Not downloaded yet; Generate downloads it once from ${host(settings.model)}.`;
+  ui.remove.disabled = busy || status.bytes === 0;
+  return status.complete;
+}
+
+/** Loads a fully cached model onto the GPU right away, so the first Generate is quick. */
+async function warmUp(): Promise<void> {
+  if ((await showCache()) && !busy && loaded?.base !== settings.model && !ui.generate.disabled) {
+    busy = true;
+    ui.remove.disabled = true;
+    setStatus("Loading the model from the cache…");
+    send({ type: "load", base: settings.model });
+  }
+}
+
+async function remove(): Promise<void> {
+  const freed = await removeModel(settings.model);
+  setStatus(`Removed the cached model: ${bytes(freed)} freed.`);
+  await showCache();
+}
+
+// ---- the worker ----
+
+function send(msg: Exclude<ToWorker, { type: "cancel" }>): void {
+  // One model on the GPU at a time: another model gets a fresh worker (and device).
+  if (workerModel !== msg.base) stopWorker();
+  workerModel = msg.base;
+  if (!worker) {
+    worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+    worker.onmessage = (e: MessageEvent<FromWorker>) => receive(e.data);
+    worker.onerror = (e) => {
+      e.preventDefault();
+      fail("crash", e.message || "the worker could not start");
+    };
+  }
+  worker.postMessage(msg);
+}
+
+function stopWorker(): void {
+  worker?.terminate();
+  worker = workerModel = loaded = null;
+}
+
+function receive(msg: FromWorker): void {
+  switch (msg.type) {
+    case "download":
+      showDownload(msg.progress);
+      break;
+    case "uploading":
+      progress(msg.done, msg.total);
+      setStatus(`Loading the model into GPU memory: ${Math.floor((100 * msg.done) / msg.total)}%`);
+      break;
+    case "loaded":
+      loaded = { base: msg.base, info: msg.info };
+      ui.files.replaceChildren();
+      if (msg.base === settings.model) applyInfo(msg.info);
+      if (!run) finish("Model ready.");
+      break;
+    case "started":
+      ui.warnings.replaceChildren(...msg.started.warnings.map((w) => item(w)));
+      progress(0, msg.started.total);
+      setStatus(`Generating ${msg.started.width}×${msg.started.height}: step 0 of ${msg.started.total}`);
+      break;
+    case "step":
+      progress(msg.done, msg.total);
+      setStatus(`Generating: step ${msg.done} of ${msg.total}`);
+      break;
+    case "image":
+      showImage(msg.png);
+      finish(`Done in ${((performance.now() - run!.startedAt) / 1000).toFixed(1)} s.`);
+      break;
+    case "cancelled":
+      finish("Cancelled.");
+      break;
+    case "error":
+      fail(msg.kind, msg.message);
+      break;
+  }
+}
+
+const ERROR_TEXT: Record<ErrorKind, (m: string) => string> = {
+  download: (m) => `Download failed: ${m}\nPress Generate to try again: an interrupted file continues where it stopped, a corrupt one downloads again.`,
+  storage: (m) => m,
+  settings: (m) => `These settings do not work with this model: ${m}`,
+  model: (m) => `The model could not be loaded: ${m}`,
+  webgpu: (m) => `WebGPU could not start: ${m}`,
+  "device-lost": (m) => `${m}\nThe engine restarts and reloads the model from the cache.`,
+  crash: (m) => `The engine stopped: ${m}\nPress Generate to restart it; the model reloads from the cache.`,
+};
+
+function fail(kind: ErrorKind, message: string): void {
+  // After a panic or a lost device the wasm instance is unusable: start a fresh worker.
+  if (kind === "crash" || kind === "device-lost") stopWorker();
+  ui.error.textContent = ERROR_TEXT[kind](message);
+  ui.error.hidden = false;
+  finish();
+  if (kind === "device-lost") void warmUp();
+}
+
+// ---- generating ----
+
+function generate(): void {
+  if (run || !ui.form.reportValidity()) return;
+  settings = readControls();
+  publish();
+  ui.error.hidden = ui.result.hidden = true;
+  ui.warnings.replaceChildren();
+  busy = true;
+  run = { seed: settings.seed, startedAt: performance.now() };
+  ui.generate.disabled = ui.remove.disabled = true;
+  ui.cancel.disabled = false;
+  // Ask the browser not to evict the model under storage pressure.
+  void navigator.storage?.persist?.();
+  setStatus(loaded?.base === settings.model ? "Starting…" : "Preparing the model…");
+  const request: GenerateRequest = {
+    prompt: settings.prompt,
+    negative_prompt: settings.negativePrompt,
+    steps: settings.steps,
+    guidance: settings.guidance,
+    scheduler: settings.scheduler || undefined,
+    width: settings.width ?? undefined,
+    height: settings.height ?? undefined,
+    seed: settings.seed,
+  };
+  send({ type: "generate", base: settings.model, request });
+}
+
+/** The worker is idle again; `status` is the new progress line. */
+function finish(status = ""): void {
+  busy = false;
+  run = null;
+  ui.generate.disabled = false;
+  ui.cancel.disabled = true;
+  ui.bar.hidden = true;
+  setStatus(status);
+  void showCache();
+}
+
+function showImage(png: Uint8Array): void {
+  if (imageUrl) URL.revokeObjectURL(imageUrl);
+  imageUrl = URL.createObjectURL(new Blob([png as BlobPart], { type: "image/png" }));
+  ui.image.src = ui.save.href = imageUrl;
+  ui.save.download = `kiln-${run!.seed}.png`;
+  ui.result.hidden = false;
+}
+
+// ---- progress ----
+
+function setStatus(text: string): void {
+  ui.status.textContent = text;
+}
+
+function progress(done: number, total: number): void {
+  ui.bar.hidden = false;
+  ui.bar.max = Math.max(total, 1);
+  ui.bar.value = done;
+}
+
+function showDownload(p: DownloadProgress): void {
+  const received = p.files.reduce((sum, f) => sum + f.received, 0);
+  const total = p.files.reduce((sum, f) => sum + (f.size ?? f.received), 0);
+  progress(received, total);
+  const left = p.rate > 0 ? ` · about ${duration((total - received) / p.rate)} left` : "";
+  setStatus(`Downloading the model: ${bytes(received)} of ${bytes(total)} · ${bytes(p.rate)}/s${left}`);
+  ui.files.replaceChildren(
+    ...p.files.map((f) => item(`${f.path}: ${f.size !== null && f.received >= f.size ? `${bytes(f.size)}, done` : `${bytes(f.received)} of ${f.size === null ? "?" : bytes(f.size)}`}`)),
+  );
+}
+
+function item(text: string): HTMLLIElement {
+  const li = document.createElement("li");
+  li.textContent = text;
+  return li;
+}
+
+function bytes(n: number): string {
+  if (n < 1e3) return `${Math.round(n)} B`;
+  const [unit, scale] = n < 1e6 ? ["kB", 1e3] : n < 1e9 ? ["MB", 1e6] : ["GB", 1e9];
+  return `${(n / scale).toFixed(n / scale < 10 ? 2 : 1)} ${unit}`;
+}
+
+function duration(seconds: number): string {
+  if (seconds < 60) return `${Math.ceil(seconds)} s`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
+}
+
+// ---- start ----
+
+/**
+ * The limits the engine's kernels rely on: WebGPU's defaults, which every full ("core")
+ * adapter meets but a compatibility-mode one may not. Weight tables larger than one
+ * binding stay on the host, so no model needs more.
+ */
+const REQUIRED_LIMITS = {
+  maxBufferSize: 256 << 20,
+  maxStorageBufferBindingSize: 128 << 20,
+  maxStorageBuffersPerShaderStage: 8,
+  maxComputeWorkgroupStorageSize: 16384,
+  maxComputeInvocationsPerWorkgroup: 256,
+  maxComputeWorkgroupSizeX: 256,
+  maxComputeWorkgroupSizeY: 256,
+} as const;
+
+async function webgpuProblem(): Promise<string | null> {
+  if (!navigator.gpu) return NO_WEBGPU.replace("{why}", " (navigator.gpu is missing)");
+  const adapter = await navigator.gpu.requestAdapter().catch(() => null);
+  if (!adapter) return NO_WEBGPU.replace("{why}", " (it found no usable GPU adapter)");
+  const short = Object.entries(REQUIRED_LIMITS).filter(([name, needed]) => adapter.limits[name as keyof typeof REQUIRED_LIMITS] < needed);
+  if (short.length === 0) return null;
+  return (
+    "This GPU's WebGPU limits are too small for Kiln:\n" +
+    short.map(([name, needed]) => `${name} is ${adapter.limits[name as keyof typeof REQUIRED_LIMITS]}, and Kiln needs ${needed}`).join("\n")
+  );
+}
+
+function wire(): void {
+  ui.model.replaceChildren(...PRESETS.map((p) => new Option(p.label, p.id)), new Option("Custom diffusers repo…", CUSTOM));
+  ui.form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    generate();
+  });
+  ui.form.addEventListener("input", (e) => {
+    if (e.target === ui.model || e.target === ui.modelUrl) return;
+    settings = readControls();
+    publish();
+  });
+  ui.model.addEventListener("change", () => {
+    ui.custom.hidden = ui.model.value !== CUSTOM;
+    ui.modelUrl.required = ui.model.value === CUSTOM;
+    if (ui.model.value !== CUSTOM || ui.modelUrl.checkValidity()) void changeModel();
+  });
+  ui.modelUrl.addEventListener("change", () => {
+    if (ui.modelUrl.value && ui.modelUrl.checkValidity()) void changeModel();
+  });
+  ui.prompt.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      ui.form.requestSubmit();
+    }
+  });
+  ui.randomize.addEventListener("click", () => {
+    ui.seed.value = String(randomSeed());
+    settings = readControls();
+    publish();
+  });
+  ui.cancel.addEventListener("click", () => {
+    setStatus("Cancelling…");
+    worker?.postMessage({ type: "cancel" } satisfies ToWorker);
+  });
+  ui.remove.addEventListener("click", () => void remove());
+}
+
+async function main(): Promise<void> {
+  wire();
+  showSettings(settings);
+  publish();
+  // The app shell (not the model) is cached by the service worker for offline use.
+  void navigator.serviceWorker?.register("./sw.js").catch(() => {});
+  const problem = await webgpuProblem();
+  if (problem) {
+    ui.pageError.textContent = problem;
+    ui.pageError.hidden = false;
+    ui.generate.disabled = true;
+    setStatus("");
+    await showCache();
+    return;
+  }
+  setStatus("");
+  await warmUp();
+}
+
+void main();

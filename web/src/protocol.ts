@@ -1,0 +1,62 @@
+// Messages between the page (main.ts) and the engine's worker (worker.ts).
+
+export interface GenerateRequest {
+  prompt: string;
+  negative_prompt?: string;
+  steps?: number;
+  guidance?: number;
+  scheduler?: string;
+  width?: number;
+  height?: number;
+  seed: number;
+}
+
+/** What `Engine.finish_load` reports about the loaded model. */
+export interface ModelInfo {
+  default_size: number;
+  size_multiple: number;
+  default_scheduler: string;
+  schedulers: string[];
+}
+
+export interface Started {
+  total: number;
+  width: number;
+  height: number;
+  warnings: string[];
+}
+
+export interface FileProgress {
+  path: string;
+  received: number;
+  size: number | null;
+}
+
+export interface DownloadProgress {
+  files: FileProgress[];
+  /** Bytes per second over the last few seconds. */
+  rate: number;
+}
+
+export type ToWorker =
+  | { type: "load"; base: string }
+  | { type: "generate"; base: string; request: GenerateRequest }
+  | { type: "cancel" };
+
+/**
+ * - download: a file failed (network, 404, corrupt); nothing bad was kept, a retry continues.
+ * - storage: not enough space. - settings: `start` refused them. - model: the files do not make a model.
+ * - webgpu: no usable device.
+ * - device-lost / crash: the worker is unusable; the page replaces it.
+ */
+export type ErrorKind = "download" | "storage" | "settings" | "model" | "webgpu" | "device-lost" | "crash";
+
+export type FromWorker =
+  | { type: "download"; progress: DownloadProgress }
+  | { type: "uploading"; done: number; total: number }
+  | { type: "loaded"; base: string; info: ModelInfo }
+  | { type: "started"; started: Started }
+  | { type: "step"; done: number; total: number }
+  | { type: "image"; png: Uint8Array }
+  | { type: "cancelled" }
+  | { type: "error"; kind: ErrorKind; message: string };

@@ -1,0 +1,94 @@
+// The model and every generation setting live in the page's query string, so the address
+// bar is always a share link: opening it restores the same model and settings.
+
+export interface Preset {
+  id: string;
+  label: string;
+  url: string;
+  steps: number;
+  guidance: number;
+}
+
+export const PRESETS: Preset[] = [
+  { id: "sd-turbo", label: "SD-Turbo", url: "https://huggingface.co/stabilityai/sd-turbo/resolve/main", steps: 1, guidance: 0 },
+  { id: "sd15", label: "Stable Diffusion 1.5", url: "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main", steps: 25, guidance: 7.5 },
+  { id: "sd21-base", label: "Stable Diffusion 2.1 base", url: "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main", steps: 25, guidance: 7.5 },
+];
+
+/** The engine's schedulers, offered until a loaded model's own list replaces them. */
+export const SCHEDULERS = ["ddim", "pndm", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm"];
+
+/** Steps and guidance for a model that is not a preset. */
+const CUSTOM_DEFAULTS = { steps: 25, guidance: 7.5 };
+
+export interface Settings {
+  model: string;
+  prompt: string;
+  negativePrompt: string;
+  seed: number;
+  steps: number;
+  guidance: number;
+  /** Empty: the model's own scheduler. */
+  scheduler: string;
+  /** null: the model's default size. */
+  width: number | null;
+  height: number | null;
+}
+
+/** A model URL without trailing slashes, so one repo has one cache key. */
+export function normalizeModelUrl(url: string): string {
+  return url.trim().replace(/\/+$/, "");
+}
+
+export function presetFor(model: string): Preset | undefined {
+  return PRESETS.find((p) => p.url === normalizeModelUrl(model));
+}
+
+export function modelDefaults(model: string): { steps: number; guidance: number } {
+  return presetFor(model) ?? CUSTOM_DEFAULTS;
+}
+
+export function randomSeed(): number {
+  return crypto.getRandomValues(new Uint32Array(1))[0];
+}
+
+/** Reads settings from a query string; whatever is missing or malformed takes its default. */
+export function fromQuery(search: string): Settings {
+  const q = new URLSearchParams(search);
+  const model = normalizeModelUrl(q.get("model") || PRESETS[0].url);
+  const defaults = modelDefaults(model);
+  return {
+    model,
+    prompt: q.get("prompt") ?? "",
+    negativePrompt: q.get("negative") ?? "",
+    seed: int(q.get("seed"), 0, Number.MAX_SAFE_INTEGER) ?? randomSeed(),
+    steps: int(q.get("steps"), 1, 1000) ?? defaults.steps,
+    guidance: num(q.get("guidance")) ?? defaults.guidance,
+    scheduler: q.get("scheduler") ?? "",
+    width: int(q.get("width"), 8, 4096),
+    height: int(q.get("height"), 8, 4096),
+  };
+}
+
+export function toQuery(s: Settings): string {
+  const q = new URLSearchParams({ model: s.model, prompt: s.prompt });
+  if (s.negativePrompt) q.set("negative", s.negativePrompt);
+  q.set("seed", String(s.seed));
+  q.set("steps", String(s.steps));
+  q.set("guidance", String(s.guidance));
+  if (s.scheduler) q.set("scheduler", s.scheduler);
+  if (s.width !== null) q.set("width", String(s.width));
+  if (s.height !== null) q.set("height", String(s.height));
+  return "?" + q.toString();
+}
+
+function int(value: string | null, min: number, max: number): number | null {
+  const n = num(value);
+  return n !== null && Number.isInteger(n) && n >= min && n <= max ? n : null;
+}
+
+function num(value: string | null): number | null {
+  if (value === null || value.trim() === "") return null;
+  const n = Number(value);
+  return Number.isFinite(n) ? n : null;
+}

@@ -1,0 +1,196 @@
+// The engine's Web Worker: downloads a model into the cache, streams its tensors from the
+// cache to the GPU, and runs generations one step at a time so the page sees progress and
+// a cancel lands within one step. The page replaces the whole worker after a crash or a
+// lost device, since the wasm module cannot be trusted after either.
+import init, { Engine } from "kiln-wasm";
+import { CorruptDownload, NetworkError, NotFound, StorageShort, StoredFile, checkSpace, download, openStored, planModel, type PlannedFile } from "./cache";
+import type { ErrorKind, FileProgress, FromWorker, GenerateRequest, ToWorker } from "./protocol";
+import { WEIGHT_STEMS } from "./model";
+
+const scope = self as unknown as DedicatedWorkerGlobalScope;
+
+function post(msg: FromWorker, transfer: Transferable[] = []): void {
+  scope.postMessage(msg, transfer);
+}
+
+/** An error the page should show as `kind`. */
+class Failure extends Error {
+  constructor(readonly kind: ErrorKind, message: string) {
+    super(message);
+  }
+}
+
+/** `e` as a `kind` failure, unless it is a trap: that stays a crash whatever call it hit. */
+function failure(kind: ErrorKind, e: unknown, prefix = ""): unknown {
+  return e instanceof WebAssembly.RuntimeError ? e : new Failure(kind, prefix + describe(e));
+}
+
+// burn creates the GPUDevice inside wasm, out of JavaScript's reach. Wrapping requestDevice
+// lets the worker watch the device's `lost` promise and tell the page at once.
+if (typeof GPUAdapter !== "undefined") {
+  const requestDevice = GPUAdapter.prototype.requestDevice;
+  GPUAdapter.prototype.requestDevice = async function (this: GPUAdapter, descriptor?: GPUDeviceDescriptor) {
+    const device = await requestDevice.call(this, descriptor);
+    device.lost.then((info) => post({ type: "error", kind: "device-lost", message: `The GPU device was lost (${info.message || info.reason}).` }));
+    return device;
+  };
+}
+
+let engine: Engine | null = null;
+/** The model the engine holds, by base URL. */
+let loaded: string | null = null;
+let tasks: Promise<void> = Promise.resolve();
+let current: AbortController | null = null;
+
+scope.onmessage = (event: MessageEvent<ToWorker>) => {
+  const msg = event.data;
+  if (msg.type === "cancel") {
+    current?.abort();
+    return;
+  }
+  tasks = tasks.then(() => run(msg));
+};
+
+// console_error_panic_hook prints a Rust panic through console.error just before the
+// module traps: report the crash right there, with the panic's own message, whether the
+// trap then lands in a task's catch or in an engine future.
+const consoleError = console.error;
+console.error = (...args: unknown[]) => {
+  consoleError.apply(console, args);
+  const text = args.map(String).join(" ");
+  if (text.includes("panicked at")) post({ type: "error", kind: "crash", message: text.split("\n\nStack:")[0] });
+};
+scope.onunhandledrejection = (event) => post({ type: "error", kind: "crash", message: describe(event.reason) });
+
+async function run(msg: Exclude<ToWorker, { type: "cancel" }>): Promise<void> {
+  const abort = (current = new AbortController());
+  try {
+    await ensureModel(msg.base, abort.signal);
+    if (msg.type === "generate") await generate(msg.request, abort.signal);
+  } catch (e) {
+    if (abort.signal.aborted) post({ type: "cancelled" });
+    else post({ type: "error", kind: kindOf(e), message: describe(e) });
+  } finally {
+    current = null;
+  }
+}
+
+function kindOf(e: unknown): ErrorKind {
+  if (e instanceof Failure) return e.kind;
+  if (e instanceof StorageShort) return "storage";
+  if (e instanceof CorruptDownload || e instanceof NetworkError || e instanceof NotFound) return "download";
+  // A trap (a Rust panic aborts the module) leaves the wasm instance unusable.
+  if (e instanceof WebAssembly.RuntimeError) return "crash";
+  return "model";
+}
+
+function describe(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+async function createEngine(): Promise<Engine> {
+  await init({ module_or_path: new URL("./kiln_bg.wasm", import.meta.url) });
+  try {
+    return await Engine.create();
+  } catch (e) {
+    throw failure("webgpu", e);
+  }
+}
+
+async function ensureModel(base: string, signal: AbortSignal): Promise<void> {
+  if (loaded === base) return;
+  engine ??= await createEngine();
+  loaded = null;
+  const plan = await planModel(base);
+  if (plan.some((f) => !f.complete)) {
+    await checkSpace(plan);
+    await downloadAll(base, plan.filter((f) => !f.absent), signal);
+  }
+  const files = await Promise.all(plan.filter((f) => !f.absent).map((f) => openStored(base, f.path)));
+  await upload(engine, files, signal);
+  const info = engine.finish_load(base);
+  loaded = base;
+  post({ type: "loaded", base, info });
+}
+
+/** Downloads what is missing, one file at a time, reporting every file and the rate. */
+async function downloadAll(base: string, plan: PlannedFile[], signal: AbortSignal): Promise<void> {
+  const progress: FileProgress[] = plan.map((f) => ({ path: f.path, received: f.received, size: f.size }));
+  const samples: { t: number; bytes: number }[] = [];
+  let lastPost = 0;
+  const report = (force: boolean) => {
+    const now = performance.now();
+    if (!force && now - lastPost < 250) return;
+    lastPost = now;
+    const bytes = progress.reduce((sum, f) => sum + f.received, 0);
+    samples.push({ t: now, bytes });
+    while (samples.length > 2 && now - samples[0].t > 5000) samples.shift();
+    const dt = (now - samples[0].t) / 1000;
+    post({ type: "download", progress: { files: progress, rate: dt > 0 ? (bytes - samples[0].bytes) / dt : 0 } });
+  };
+  report(true);
+  for (const [i, file] of plan.entries()) {
+    if (file.complete) continue;
+    const record = await download(base, file.path, signal, (n) => {
+      progress[i].received = n;
+      report(false);
+    });
+    progress[i] = { path: file.path, received: record.received, size: record.received };
+    report(true);
+  }
+}
+
+/** Hands the small files to the engine and streams every tensor from the cache to the GPU. */
+async function upload(engine: Engine, files: StoredFile[], signal: AbortSignal): Promise<void> {
+  const weights = [];
+  for (const file of files) {
+    if (file.record.path.endsWith(".safetensors")) weights.push({ file, header: await file.safetensorsHeader() });
+    else engine.set_file(file.record.path, await file.all());
+  }
+  const total = weights.reduce((sum, w) => sum + w.file.record.received, 0);
+  let done = 0;
+  let lastPost = 0;
+  for (const { file, header } of weights) {
+    const stem = WEIGHT_STEMS.find((s) => file.record.path.startsWith(`${s}.`))!;
+    for (const t of header.tensors) {
+      if (signal.aborted) throw new Error("cancelled");
+      // Integer buffers (e.g. CLIP's position_ids) are not weights the engine reads.
+      if (["F32", "F16", "BF16"].includes(t.dtype)) {
+        engine.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), await file.read(t.begin, t.end));
+      }
+      done += t.end - t.begin;
+      if (performance.now() - lastPost > 250) {
+        lastPost = performance.now();
+        post({ type: "uploading", done, total });
+      }
+    }
+  }
+  post({ type: "uploading", done: total, total });
+}
+
+async function generate(request: GenerateRequest, signal: AbortSignal): Promise<void> {
+  const running = engine!;
+  let started;
+  try {
+    started = running.start(request);
+  } catch (e) {
+    throw failure("settings", e);
+  }
+  post({ type: "started", started });
+  try {
+    while (!running.finished()) {
+      if (signal.aborted) {
+        running.cancel();
+        throw new Error("cancelled");
+      }
+      const done = running.step();
+      await running.wait();
+      post({ type: "step", done, total: started.total });
+    }
+    const png = await running.finish();
+    post({ type: "image", png }, [png.buffer]);
+  } catch (e) {
+    // Past `start`, a failure is the GPU's or the engine's, and leaves its state unknown.
+    throw signal.aborted ? e : failure("crash", e, "Generation failed: ");
+  }
+}
