@@ -11,7 +11,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::files::MemoryFiles;
 use crate::pipeline::png::{self, GenerationParams};
-use crate::pipeline::{DEFAULT_GUIDANCE, Denoising, Request, StableDiffusion};
+use crate::pipeline::{Denoising, Request, StableDiffusion};
 use crate::schedulers::SchedulerKind;
 use crate::weights::{Uploaded, Weights};
 
@@ -136,7 +136,7 @@ impl Engine {
             negative_prompt: req.negative_prompt,
             steps: denoising.steps,
             sampler: denoising.kind.a1111_name().into(),
-            cfg_scale: req.guidance.unwrap_or(DEFAULT_GUIDANCE),
+            cfg_scale: denoising.guidance(),
             seed: Some(req.seed),
             width: denoising.width,
             height: denoising.height,
