@@ -118,8 +118,7 @@ fn run(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> (Vec<u8>
 /// Every case `filter` picks, on one device; all failures are reported together.
 fn check(device: &Device, filter: impl Fn(&Case) -> bool) {
     let mut pipes: HashMap<String, StableDiffusion> = HashMap::new();
-    let mut failures = Vec::new();
-    let mut count = 0;
+    let mut parity = common::Parity::default();
     for case in cases().iter().filter(|c| filter(c)) {
         let pipe = pipes
             .entry(case.model.clone())
@@ -127,15 +126,9 @@ fn check(device: &Device, filter: impl Fn(&Case) -> bool) {
         let (ours, w, h) = run(pipe, case, None);
         let (theirs, tw, th) = common::read_png(&std::fs::read(dir().join(&case.image)).expect("reference image"));
         assert_eq!((w, h), (tw, th), "{}: size", case.name);
-        let (max, mean) = common::pixel_diff(&ours, &theirs);
-        println!("{:<32} max {max:>3}/255  mean {mean:.4}/255", case.name);
-        if max > 3 || mean > 0.5 {
-            failures.push(format!("{}: max {max}/255, mean {mean:.3}/255", case.name));
-        }
-        count += 1;
+        parity.check(&case.name, &ours, &theirs);
     }
-    assert!(count > 0, "no cases ran");
-    assert!(failures.is_empty(), "{} of {count} cases differ from diffusers:\n{}", failures.len(), failures.join("\n"));
+    parity.finish();
 }
 
 #[test]

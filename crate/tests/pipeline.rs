@@ -64,8 +64,7 @@ fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
 /// Every case on one device; all failures are reported together.
 fn check_all(device: &Device, filter: impl Fn(&Case) -> bool) {
     let mut pipes: HashMap<String, StableDiffusion> = HashMap::new();
-    let mut failures = Vec::new();
-    let mut count = 0;
+    let mut parity = common::Parity::default();
     for case in cases().iter().filter(|c| filter(c)) {
         let pipe = pipes
             .entry(case.model.clone())
@@ -74,15 +73,9 @@ fn check_all(device: &Device, filter: impl Fn(&Case) -> bool) {
         let reference = std::fs::read(common::fixtures().join("images").join(&case.image)).expect("reference image");
         let (theirs, w, h) = common::read_png(&reference);
         assert_eq!((w, h), (case.width, case.height), "{}: reference size", case.name);
-        let (max, mean) = common::pixel_diff(&ours, &theirs);
-        println!("{:<40} max {max:>3}/255  mean {mean:.3}/255", case.name);
-        if max > 3 || mean > 0.5 {
-            failures.push(format!("{}: max {max}/255, mean {mean:.3}/255", case.name));
-        }
-        count += 1;
+        parity.check(&case.name, &ours, &theirs);
     }
-    assert!(count > 0, "no cases ran");
-    assert!(failures.is_empty(), "{} of {count} cases differ from diffusers:\n{}", failures.len(), failures.join("\n"));
+    parity.finish();
 }
 
 #[test]

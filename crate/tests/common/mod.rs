@@ -31,3 +31,27 @@ pub fn pixel_diff(a: &[u8], b: &[u8]) -> (u8, f64) {
     let mean = diffs.map(f64::from).sum::<f64>() / a.len() as f64;
     (max, mean)
 }
+
+/// Per-case comparisons with diffusers' images at the engine's tolerance (max ≤ 3/255, mean ≤
+/// 0.5/255 per 8-bit channel); every case runs, and `finish` reports all that failed.
+#[derive(Default)]
+pub struct Parity {
+    failures: Vec<String>,
+    count: usize,
+}
+
+impl Parity {
+    pub fn check(&mut self, name: &str, ours: &[u8], theirs: &[u8]) {
+        let (max, mean) = pixel_diff(ours, theirs);
+        println!("{name:<40} max {max:>3}/255  mean {mean:.4}/255");
+        if max > 3 || mean > 0.5 {
+            self.failures.push(format!("{name}: max {max}/255, mean {mean:.3}/255"));
+        }
+        self.count += 1;
+    }
+
+    pub fn finish(self) {
+        assert!(self.count > 0, "no cases ran");
+        assert!(self.failures.is_empty(), "{} of {} cases differ from diffusers:\n{}", self.failures.len(), self.count, self.failures.join("\n"));
+    }
+}
