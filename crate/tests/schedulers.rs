@@ -288,7 +288,6 @@ fn config_resolution_follows_diffusers_from_config() {
     let sd15 = SchedulerConfig::from_json(SD15).unwrap();
     assert_eq!(sd15.class_name(), "PNDMScheduler");
     assert_eq!(sd15.default_kind().unwrap(), SchedulerKind::Pndm);
-    assert_eq!(sd15.prediction_type(), "epsilon");
 
     // Keys in the JSON carry over: DDIM uses leading spacing (its default) plus steps_offset=1.
     assert_eq!(timesteps(SchedulerKind::Ddim, &sd15, 4), [751.0, 501.0, 251.0, 1.0]);

@@ -186,14 +186,6 @@ impl SchedulerConfig {
             .find(|k| k.class_name() == self.class_name)
             .ok_or_else(|| SchedulerError::UnsupportedClass { class: self.class_name.clone(), valid: valid_names() })
     }
-
-    /// What the model predicts, for display: every supported class defaults to "epsilon".
-    pub fn prediction_type(&self) -> &str {
-        match self.map.get("prediction_type") {
-            Some(Value::String(s)) => s,
-            _ => "epsilon",
-        }
-    }
 }
 
 /// A configured scheduler, stepped by call index `0, 1, 2, ...` in order.
