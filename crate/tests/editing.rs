@@ -117,12 +117,10 @@ fn run(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> (Vec<u8>
 
 /// Every case `filter` picks, on one device; all failures are reported together.
 fn check(device: &Device, filter: impl Fn(&Case) -> bool) {
-    let mut pipes: HashMap<String, StableDiffusion> = HashMap::new();
+    let mut pipes = common::Pipelines::new(device);
     let mut parity = common::Parity::default();
     for case in cases().iter().filter(|c| filter(c)) {
-        let pipe = pipes
-            .entry(case.model.clone())
-            .or_insert_with(|| StableDiffusion::load_dir(&common::fixtures().join(&case.model), device).expect("fixture loads"));
+        let pipe = pipes.get(&case.model);
         let (ours, w, h) = run(pipe, case, None);
         let (theirs, tw, th) = common::read_png(&std::fs::read(dir().join(&case.image)).expect("reference image"));
         assert_eq!((w, h), (tw, th), "{}: size", case.name);

@@ -3,7 +3,7 @@
 //! contract: max ≤ 3/255 and mean ≤ 0.5/255 per 8-bit channel.
 mod common;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use burn::tensor::Device;
 use serde::Deserialize;
@@ -63,12 +63,10 @@ fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
 
 /// Every case on one device; all failures are reported together.
 fn check_all(device: &Device, filter: impl Fn(&Case) -> bool) {
-    let mut pipes: HashMap<String, StableDiffusion> = HashMap::new();
+    let mut pipes = common::Pipelines::new(device);
     let mut parity = common::Parity::default();
     for case in cases().iter().filter(|c| filter(c)) {
-        let pipe = pipes
-            .entry(case.model.clone())
-            .or_insert_with(|| StableDiffusion::load_dir(&common::fixtures().join(&case.model), device).expect("fixture loads"));
+        let pipe = pipes.get(&case.model);
         let ours = run_case(pipe, case);
         let reference = std::fs::read(common::fixtures().join("images").join(&case.image)).expect("reference image");
         let (theirs, w, h) = common::read_png(&reference);

@@ -87,29 +87,25 @@ impl Image8 {
         let mut out = self.clone();
         let mut line = Vec::new();
         let mut blurred = Vec::new();
+        // Blurs one line of the image in place; `at(i)` is the line's i-th pixel index.
+        let mut blur_line = |pixels: &mut [u8], len: usize, at: &dyn Fn(usize) -> usize| {
+            line.clear();
+            line.extend((0..len).map(|i| pixels[at(i)]));
+            for _ in 0..PASSES {
+                box_blur_line(&line, &mut blurred, box_radius);
+                std::mem::swap(&mut line, &mut blurred);
+            }
+            for (i, &v) in line.iter().enumerate() {
+                pixels[at(i)] = v;
+            }
+        };
         for c in 0..ch {
             // Rows, then columns (Pillow transposes and blurs rows again).
             for y in 0..h {
-                line.clear();
-                line.extend((0..w).map(|x| out.pixels[(y * w + x) * ch + c]));
-                for _ in 0..PASSES {
-                    box_blur_line(&line, &mut blurred, box_radius);
-                    std::mem::swap(&mut line, &mut blurred);
-                }
-                for (x, &v) in line.iter().enumerate() {
-                    out.pixels[(y * w + x) * ch + c] = v;
-                }
+                blur_line(&mut out.pixels, w, &|x| (y * w + x) * ch + c);
             }
             for x in 0..w {
-                line.clear();
-                line.extend((0..h).map(|y| out.pixels[(y * w + x) * ch + c]));
-                for _ in 0..PASSES {
-                    box_blur_line(&line, &mut blurred, box_radius);
-                    std::mem::swap(&mut line, &mut blurred);
-                }
-                for (y, &v) in line.iter().enumerate() {
-                    out.pixels[(y * w + x) * ch + c] = v;
-                }
+                blur_line(&mut out.pixels, h, &|y| (y * w + x) * ch + c);
             }
         }
         out

@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use burn::tensor::{Device, DeviceKind};
+use kiln::pipeline::StableDiffusion;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -53,5 +55,22 @@ impl Parity {
     pub fn finish(self) {
         assert!(self.count > 0, "no cases ran");
         assert!(self.failures.is_empty(), "{} of {} cases differ from diffusers:\n{}", self.failures.len(), self.count, self.failures.join("\n"));
+    }
+}
+
+/// Fixture pipelines loaded once per test, by folder name under tests/fixtures.
+pub struct Pipelines<'d> {
+    device: &'d Device,
+    loaded: HashMap<String, StableDiffusion>,
+}
+
+impl<'d> Pipelines<'d> {
+    pub fn new(device: &'d Device) -> Self {
+        Self { device, loaded: HashMap::new() }
+    }
+
+    pub fn get(&mut self, model: &str) -> &StableDiffusion {
+        let device = self.device;
+        self.loaded.entry(model.to_owned()).or_insert_with(|| StableDiffusion::load_dir(&fixtures().join(model), device).expect("fixture loads"))
     }
 }
