@@ -1,13 +1,19 @@
-//! `kiln bench`: full-size published architectures with random weights, timed component
-//! by component. Figures, not a test; the PyTorch peer is `scripts/bench_diffusers.py`.
+//! `kiln bench`: full-size published architectures with random weights (no download). Figures,
+//! not a test. Speed is timed component by component (the PyTorch peer is
+//! `scripts/bench_diffusers.py`); `--formats` instead compares stored weight formats: package
+//! bytes, peak GPU memory of a guided generation, and the error against f32.
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde_json::{Value, json};
 
 use kiln::model::clip::ClipTextModel;
 use kiln::model::unet::UNet2DConditionModel;
 use kiln::model::vae::AutoencoderKL;
+use kiln::pipeline::decode_latents;
+use kiln::pipeline::rng::NormalRng;
+use kiln::quant::Format;
+use kiln::schedulers::{self, SchedulerConfig, SchedulerKind};
 use kiln::weights::Weights;
 use kiln::{Error, Result};
 
@@ -19,6 +25,13 @@ pub struct BenchArgs {
     pub size: usize,
     pub batch: usize,
     pub iters: usize,
+}
+
+pub struct FormatArgs {
+    pub model: String,
+    pub size: usize,
+    pub steps: usize,
+    pub formats: Vec<Format>,
 }
 
 fn config<T: serde::de::DeserializeOwned>(preset: &Value, key: &str) -> Result<T> {
@@ -43,6 +56,96 @@ fn reserved_bytes(device: &Device) -> Option<u64> {
     device.memory_pool_usage().map(|u| u.bytes_reserved)
 }
 
+fn preset(name: &str) -> Result<Value> {
+    let (_, text) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| Error::Invalid(format!("unknown model {name:?}; choose sd15 or sd-turbo")))?;
+    Ok(serde_json::from_str(text).expect("embedded presets are valid JSON"))
+}
+
+fn sync(device: &Device) -> Result<()> {
+    device.sync().map_err(|e| Error::Invalid(format!("device: {e:?}")))
+}
+
+/// One guided Euler generation (guidance 7.5, `steps` steps) of a `size`² image from fixed
+/// token ids and seeded latents, with every component's weights converted to each format in
+/// turn. Peak memory is the pools' reserved bytes, sampled after loading, the text encoder,
+/// each step and the decode (pools only grow between clean-ups, so the last sample is the
+/// peak); the error is against the f32 run's latents and 8-bit image.
+pub fn formats(device: &Device, args: &FormatArgs) -> Result<Value> {
+    let preset = preset(&args.model)?;
+    let scheduler_config = SchedulerConfig::from_json(&preset["scheduler"].to_string())?;
+    let mut reference: Option<(Vec<f32>, Vec<u8>)> = None;
+    let mut results = Vec::new();
+    for &format in &args.formats {
+        device.memory_cleanup();
+        let mut peak = 0u64;
+        let sample = |peak: &mut u64| -> Result<()> {
+            sync(device)?;
+            *peak = (*peak).max(reserved_bytes(device).unwrap_or(0));
+            Ok(())
+        };
+        let started = Instant::now();
+        let w = [0, 1, 2].map(|_| Weights::random(device).converted(format));
+        let text_encoder = ClipTextModel::load(&w[0], config(&preset, "text_encoder")?)?;
+        let unet = UNet2DConditionModel::load(&w[1], config(&preset, "unet")?)?;
+        let vae = AutoencoderKL::load(&w[2], config(&preset, "vae")?)?;
+        let package_bytes: u64 = w.iter().map(|w| w.random_stats().1).sum();
+        sample(&mut peak)?;
+        let weights_bytes = peak;
+        let load_s = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        let tokens = text_encoder.config.max_position_embeddings;
+        let ids: Vec<Vec<u32>> = [[49406, 49407].as_slice(), &[49406, 320, 1125, 539, 320, 2368, 49407]]
+            .iter()
+            .map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(tokens).collect())
+            .collect();
+        let context = text_encoder.forward(&ids);
+        sample(&mut peak)?;
+        let f = vae.config.scale_factor();
+        let shape = [1, vae.config.latent_channels, args.size / f, args.size / f];
+        let mut scheduler = schedulers::build(SchedulerKind::Euler, &scheduler_config, args.steps)?;
+        let noise = NormalRng::new(0).normals(shape.iter().product());
+        let mut latents = Tensor::<4>::from_data(TensorData::new(noise, shape), device).mul_scalar(scheduler.init_noise_sigma());
+        for index in 0..scheduler.timesteps().len() {
+            let t = scheduler.timesteps()[index];
+            let input = scheduler.scale_model_input(latents.clone(), index);
+            let mut halves = unet.forward(Tensor::cat(vec![input.clone(), input], 0), t, &context).chunk(2, 0);
+            let cond = halves.pop().expect("two halves");
+            let uncond = halves.pop().expect("two halves");
+            let prediction = uncond.clone() + (cond - uncond).mul_scalar(7.5);
+            latents = scheduler.step(prediction, index, latents, &mut || unreachable!("Euler draws no noise"));
+            sample(&mut peak)?;
+        }
+        let image = decode_latents(&vae, latents.clone(), None);
+        sample(&mut peak)?;
+        let generate_s = started.elapsed().as_secs_f64();
+        let latents = latents.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?;
+        let pixels: Vec<u8> = image.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?.iter().map(|v| (v * 255.0).round() as u8).collect();
+        let (ref_latents, ref_pixels) = reference.get_or_insert_with(|| (latents.clone(), pixels.clone()));
+        let rmse = (latents.iter().zip(ref_latents.iter()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / latents.len() as f64).sqrt();
+        let mse = pixels.iter().zip(ref_pixels.iter()).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>() / pixels.len() as f64;
+        results.push(json!({
+            "format": format.name(),
+            "package_bytes": package_bytes,
+            "weights_bytes_on_device": weights_bytes,
+            "peak_reserved_bytes": peak,
+            "latent_rmse_vs_first": rmse,
+            "image_psnr_db_vs_first": if mse > 0.0 { json!(10.0 * (255.0f64.powi(2) / mse).log10()) } else { json!("inf") },
+            "load_s": load_s,
+            "generate_s": generate_s,
+        }));
+    }
+    Ok(json!({
+        "engine": "kiln (burn 0.22)",
+        "device": format!("{device:?}"),
+        "model": args.model,
+        "size": args.size,
+        "steps": args.steps,
+        "scheduler": "euler, guidance 7.5",
+        "results": results,
+    }))
+}
+
 pub fn run(device: &Device, args: &BenchArgs) -> Result<Value> {
     if let Some(unknown) = args.models.iter().find(|m| *m != "all" && !PRESETS.iter().any(|(n, _)| n == m)) {
         return Err(Error::Invalid(format!("unknown model {unknown:?}; choose sd15, sd-turbo or all")));
@@ -55,13 +158,13 @@ pub fn run(device: &Device, args: &BenchArgs) -> Result<Value> {
 
         let w = Weights::random(device);
         let text_encoder = ClipTextModel::load(&w, config(&preset, "text_encoder")?)?;
-        let text_params = w.random_count();
+        let text_params = w.random_stats().0;
         let w = Weights::random(device);
         let unet = UNet2DConditionModel::load(&w, config(&preset, "unet")?)?;
-        let unet_params = w.random_count();
+        let unet_params = w.random_stats().0;
         let w = Weights::random(device);
         let vae = AutoencoderKL::load(&w, config(&preset, "vae")?)?;
-        let vae_params = w.random_count();
+        let vae_params = w.random_stats().0;
         device.sync().map_err(|e| Error::Invalid(format!("device: {e:?}")))?;
         let weights_bytes = reserved_bytes(device);
 

@@ -6,7 +6,9 @@ pub mod error;
 pub mod files;
 pub mod model;
 pub mod npy;
+pub mod package;
 pub mod pipeline;
+pub mod quant;
 pub mod schedulers;
 pub mod weights;
 

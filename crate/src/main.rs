@@ -10,8 +10,10 @@ use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::{self, Img2Img};
 use kiln::pipeline::inpaint::{self, Inpaint};
 use kiln::pipeline::png::{self, GenerationParams};
-use kiln::pipeline::upscale::{self, TileSize, Upscale};
+use kiln::pipeline::tiles::TileSize;
+use kiln::pipeline::upscale::{self, Upscale};
 use kiln::pipeline::{Denoising, Request, StableDiffusion};
+use kiln::quant::Format;
 use kiln::schedulers::SchedulerKind;
 use kiln::{Error, Result, npy};
 
@@ -54,6 +56,18 @@ enum Command {
     Inpaint(InpaintArgs),
     /// Four times the resolution with the Stable Diffusion x4 upscaler (StableDiffusionUpscalePipeline).
     Upscale(UpscaleArgs),
+    /// Convert a diffusers pipeline into a Kiln package (manifest.json + verified shards).
+    Pack {
+        /// The diffusers pipeline folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// The package folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16, q8 or q4 (per-block symmetric; norms, biases, embeddings and the outermost convolutions stay f16).
+        #[arg(long, default_value = "q8")]
+        format: String,
+    },
     /// Time full-size SD 1.5 / SD-Turbo with random weights (no download); prints JSON.
     Bench {
         /// sd15, sd-turbo or all.
@@ -69,15 +83,26 @@ enum Command {
         iters: usize,
         #[arg(long, value_enum, default_value = "wgpu")]
         backend: Backend,
+        /// Compare stored weight formats instead (e.g. f32,f16,q8,q4; the first is the reference):
+        /// package bytes, peak GPU memory and error of one guided generation of --model.
+        #[arg(long, value_delimiter = ',')]
+        formats: Vec<String>,
+        /// Denoising steps of the --formats generation.
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
     },
 }
 
 /// The settings every mode takes.
 #[derive(clap::Args)]
 struct CommonArgs {
-    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    /// or a Kiln package folder (manifest.json + shards, from `kiln pack`).
     #[arg(long)]
     model: PathBuf,
+    /// Convert a diffusers folder's weights as they load: f32, f16, q8 or q4 [default: as stored].
+    #[arg(long)]
+    weights: Option<String>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -171,9 +196,16 @@ fn main() -> ExitCode {
         Command::Img2img(args) => img2img(args),
         Command::Inpaint(args) => inpaint(args),
         Command::Upscale(args) => upscale(args),
-        Command::Bench { model, size, batch, iters, backend } => {
-            let args = bench::BenchArgs { models: vec![model], size, batch, iters };
-            bench::run(&backend.device(), &args).map(|report| println!("{}", serde_json::to_string_pretty(&report).expect("JSON")))
+        Command::Pack { model, out, format } => pack(&model, &out, &format),
+        Command::Bench { model, size, batch, iters, backend, formats, steps } => {
+            let report = if formats.is_empty() {
+                bench::run(&backend.device(), &bench::BenchArgs { models: vec![model], size, batch, iters })
+            } else {
+                formats.iter().map(|f| Format::from_name(f)).collect::<Result<Vec<_>>>().and_then(|formats| {
+                    bench::formats(&backend.device(), &bench::FormatArgs { model, size, steps, formats })
+                })
+            };
+            report.map(|report| println!("{}", serde_json::to_string_pretty(&report).expect("JSON")))
         }
     };
     match result {
@@ -183,6 +215,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn pack(model: &Path, out: &Path, format: &str) -> Result<()> {
+    let started = Instant::now();
+    let manifest = kiln::package::pack(&kiln::files::Folder(model.to_owned()), Format::from_name(format)?, out)?;
+    let quantized = manifest.tensors.iter().filter(|t| t.format == manifest.format).count();
+    eprintln!(
+        "wrote {}: {} tensors ({quantized} as {}, {} kept in f16), {} shards, {:.1} MB in {:.1}s",
+        out.display(),
+        manifest.tensors.len(),
+        manifest.format.name(),
+        manifest.tensors.len() - quantized,
+        manifest.shards.len(),
+        manifest.total_bytes() as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
@@ -239,7 +288,8 @@ fn run(args: CommonArgs, always_seeded: bool, extra: Vec<(&str, String)>, start:
 
     let started = Instant::now();
     let device = args.backend.device();
-    let pipe = StableDiffusion::load_dir(&args.model, &device)?;
+    let format = args.weights.as_deref().map(Format::from_name).transpose()?;
+    let pipe = StableDiffusion::open(&args.model, format, &device)?;
     eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
     if let Some(seed) = seed {
         eprintln!("seed {seed}");

@@ -13,7 +13,8 @@ use crate::files::MemoryFiles;
 use crate::pipeline::png::{self, GenerationParams};
 use crate::pipeline::{Denoising, Request, StableDiffusion};
 use crate::schedulers::SchedulerKind;
-use crate::weights::{Uploaded, Weights};
+use crate::quant::Format;
+use crate::weights::{Uploaded, Weights, safetensors_values};
 
 #[wasm_bindgen(start)]
 fn init_panic_hook() {
@@ -86,8 +87,36 @@ impl Engine {
     /// without its extension (`unet/diffusion_pytorch_model`); `dtype` as in the safetensors header.
     pub fn add_tensor(&mut self, stem: String, name: String, dtype: String, shape: Vec<u32>, bytes: &[u8]) -> Result<(), JsError> {
         let shape = shape.into_iter().map(|d| d as usize).collect();
-        let store = self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(stem));
-        store.add(&name, &dtype, shape, bytes, &self.device).map_err(js_err)
+        let device = self.device.clone();
+        self.upload(stem).add_safetensors(&name, &dtype, shape, bytes, Format::F32, &device).map_err(js_err)
+    }
+
+    /// One tensor stored in a Kiln format (`f32`, `f16`, `q8`, `q4`): from a package, or
+    /// converted earlier by [`Engine::convert`]. Quantized tensors stay quantized on the GPU.
+    pub fn add_stored(&mut self, stem: String, name: String, format: String, shape: Vec<u32>, bytes: &[u8]) -> Result<(), JsError> {
+        let format = Format::from_name(&format).map_err(js_err)?;
+        let shape = shape.into_iter().map(|d| d as usize).collect();
+        let device = self.device.clone();
+        self.upload(stem).add(&name, shape, format, bytes, &device).map_err(js_err)
+    }
+
+    fn upload(&mut self, stem: String) -> &mut Uploaded {
+        self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(stem))
+    }
+
+    /// The format a tensor is stored in when the model is kept as `format` (norms, biases,
+    /// embeddings and the outermost convolutions stay f16; see `quant::Format::for_tensor`).
+    pub fn stored_format(name: String, shape: Vec<u32>, format: String) -> Result<String, JsError> {
+        let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
+        Ok(Format::from_name(&format).map_err(js_err)?.for_tensor(&name, &shape).name().to_owned())
+    }
+
+    /// A safetensors tensor (`dtype` as in its header) encoded in `stored`, the format
+    /// [`Engine::stored_format`] chose: the worker caches these bytes instead of the original.
+    pub fn convert(name: String, dtype: String, shape: Vec<u32>, bytes: &[u8], stored: String) -> Result<Vec<u8>, JsError> {
+        let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
+        let values = safetensors_values(std::path::Path::new("weights"), &name, &dtype, &shape, bytes).map_err(js_err)?;
+        Ok(Format::from_name(&stored).map_err(js_err)?.encode(&values))
     }
 
     /// Builds the pipeline from what was set and uploaded; returns its [`ModelInfo`].

@@ -16,6 +16,7 @@ use safetensors::{Dtype, SafeTensors, tensor::Metadata};
 
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
+use crate::quant::{self, Format};
 
 struct File {
     path: PathBuf,
@@ -25,65 +26,97 @@ struct File {
     metadata: Metadata,
 }
 
+#[derive(Default)]
+struct RandomStats {
+    values: AtomicU64,
+    stored_bytes: AtomicU64,
+}
+
 #[derive(Clone)]
 enum Source {
     File(Arc<File>),
-    /// Counts the values handed out; also the state of the random stream.
-    Random(Arc<AtomicU64>),
-    /// Tensors already on the device, uploaded one by one (the browser streams them from its cache).
+    /// Counts what was handed out; the value count is also the state of the random stream.
+    Random(Arc<RandomStats>),
+    /// Tensors already on the device, uploaded one by one (the browser streams them from its
+    /// cache; a package is loaded the same way).
     Uploaded(Arc<Uploaded>),
 }
 
-/// Tensors by name, each kept flat with its shape: on the device, or on the host for
-/// embedding tables (read row by row; see `clip.rs`) and anything larger than one GPU
-/// binding may be.
+/// Tensors by name, each with its shape: on the device as a matrix (quantized or f32; see
+/// [`Weights::matrix`]), or on the host as f32 for embedding tables (read row by row; see
+/// `clip.rs`) and anything larger than one GPU binding may be.
 pub struct Uploaded {
     label: PathBuf,
     tensors: HashMap<String, (Vec<usize>, Stored)>,
 }
 
 enum Stored {
-    Device(Tensor<1>),
+    Device(Tensor<2>),
     Host(Vec<f32>),
 }
 
-/// WebGPU's default `maxStorageBufferBindingSize`, and lavapipe's.
-const MAX_BINDING_BYTES: usize = 128 << 20;
+/// WebGPU's default `maxStorageBufferBindingSize`, and lavapipe's: no tensor may be larger.
+pub const MAX_BINDING_BYTES: usize = 128 << 20;
+
+/// A tensor's shape as the matrix a [`Weights::matrix`] holds: `[shape[0], the rest]`.
+fn matrix_shape(shape: &[usize]) -> [usize; 2] {
+    match shape {
+        [] => [1, 1],
+        [n] => [1, *n],
+        [rows, rest @ ..] => [*rows, rest.iter().product()],
+    }
+}
 
 impl Uploaded {
-    fn lookup(&self, name: &str, shape: &[usize]) -> Result<(&Vec<usize>, &Stored)> {
+    fn lookup(&self, name: &str, shape: &[usize]) -> Result<&Stored> {
         let (found, stored) = self.tensors.get(name).ok_or_else(|| Error::MissingTensor { path: self.label.clone(), name: name.to_owned() })?;
         if found != shape {
             return Err(Error::ShapeMismatch { path: self.label.clone(), name: name.to_owned(), expected: shape.to_vec(), found: found.clone() });
         }
-        Ok((found, stored))
+        Ok(stored)
     }
 
     pub fn new(label: impl Into<PathBuf>) -> Self {
         Self { label: label.into(), tensors: HashMap::new() }
     }
 
-    /// Converts one safetensors entry (`dtype` as the header spells it) and puts it on the device.
-    pub fn add(&mut self, name: &str, dtype: &str, shape: Vec<usize>, raw: &[u8], device: &Device) -> Result<()> {
-        let dtype = match dtype {
-            "F32" => Dtype::F32,
-            "F16" => Dtype::F16,
-            "BF16" => Dtype::BF16,
-            other => return Err(Error::UnsupportedDtype { path: self.label.clone(), name: name.into(), dtype: other.into() }),
-        };
-        let values = to_f32(dtype, raw).expect("float dtype");
-        if values.len() != shape.iter().product::<usize>() {
-            return Err(Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}` has {} values for shape {shape:?}", values.len()) });
+    /// Adds one tensor stored as `format` and puts it on the device (quantized ones stay so).
+    pub fn add(&mut self, name: &str, shape: Vec<usize>, format: Format, bytes: &[u8], device: &Device) -> Result<()> {
+        let n: usize = shape.iter().product();
+        let bad = |msg: String| Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}`: {msg}") };
+        if bytes.len() != format.stored_len(n) {
+            return Err(bad(format!("{} bytes for shape {shape:?} in {}", bytes.len(), format.name())));
         }
-        let n = values.len();
         let stored = if name.ends_with("embedding.weight") || n * 4 > MAX_BINDING_BYTES {
-            Stored::Host(values)
+            Stored::Host(format.decode(bytes, n)?)
         } else {
-            Stored::Device(Tensor::from_data(TensorData::new(values, [n]), device))
+            Stored::Device(quant::matrix(format, bytes, matrix_shape(&shape), device).map_err(|e| bad(e.to_string()))?)
         };
         self.tensors.insert(name.to_owned(), (shape, stored));
         Ok(())
     }
+
+    /// Adds one safetensors entry (`dtype` as the header spells it), converted to `format`.
+    pub fn add_safetensors(&mut self, name: &str, dtype: &str, shape: Vec<usize>, raw: &[u8], format: Format, device: &Device) -> Result<()> {
+        let values = safetensors_values(&self.label, name, dtype, &shape, raw)?;
+        let stored = format.for_tensor(name, &shape);
+        self.add(name, shape, stored, &stored.encode(&values), device)
+    }
+}
+
+/// The values of one safetensors entry whose header says `dtype` (`F32`, `F16` or `BF16`).
+pub fn safetensors_values(path: &std::path::Path, name: &str, dtype: &str, shape: &[usize], raw: &[u8]) -> Result<Vec<f32>> {
+    let unsupported = || Error::UnsupportedDtype { path: path.to_owned(), name: name.into(), dtype: dtype.into() };
+    let (dtype, width) = match dtype {
+        "F32" => (Dtype::F32, 4),
+        "F16" => (Dtype::F16, 2),
+        "BF16" => (Dtype::BF16, 2),
+        _ => return Err(unsupported()),
+    };
+    if raw.len() != shape.iter().product::<usize>() * width {
+        return Err(Error::Safetensors { path: path.to_owned(), msg: format!("tensor `{name}` has {} bytes for shape {shape:?} in {dtype:?}", raw.len()) });
+    }
+    to_f32(dtype, raw).ok_or_else(unsupported)
 }
 
 #[derive(Clone)]
@@ -91,6 +124,8 @@ pub struct Weights {
     source: Source,
     prefix: String,
     device: Device,
+    /// The format full-precision sources are converted to as they load (see [`Format::for_tensor`]).
+    format: Format,
 }
 
 impl Weights {
@@ -100,30 +135,41 @@ impl Weights {
         let (header_len, metadata) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
         let file = File { path, bytes, data_start: 8 + header_len, metadata };
-        Ok(Self { source: Source::File(Arc::new(file)), prefix: String::new(), device: device.clone() })
+        Ok(Self::with_source(Source::File(Arc::new(file)), device))
+    }
+
+    fn with_source(source: Source, device: &Device) -> Self {
+        Self { source, prefix: String::new(), device: device.clone(), format: Format::F32 }
     }
 
     /// Random weights: norm scales 1, biases 0, other tensors uniform with variance
     /// 1/fan_in, which keeps activations in range through a deep network.
     pub fn random(device: &Device) -> Self {
-        Self { source: Source::Random(Arc::new(AtomicU64::new(0))), prefix: String::new(), device: device.clone() }
+        Self::with_source(Source::Random(Arc::default()), device)
     }
 
     pub fn uploaded(uploaded: Uploaded, device: &Device) -> Self {
-        Self { source: Source::Uploaded(Arc::new(uploaded)), prefix: String::new(), device: device.clone() }
+        Self::with_source(Source::Uploaded(Arc::new(uploaded)), device)
     }
 
-    /// Values handed out so far by a random source (the parameter count of what it built).
-    pub fn random_count(&self) -> u64 {
+    /// The same weights converted to `format` as they load, exactly as `kiln pack` stores them.
+    /// Uploaded tensors keep the format they were uploaded in.
+    pub fn converted(self, format: Format) -> Self {
+        Self { format, ..self }
+    }
+
+    /// What a random source handed out so far: the parameter count of what it built, and the
+    /// bytes a package of it would store in the format it was converted to.
+    pub fn random_stats(&self) -> (u64, u64) {
         match &self.source {
-            Source::Random(count) => count.load(Ordering::Relaxed),
-            Source::File(_) | Source::Uploaded(_) => 0,
+            Source::Random(stats) => (stats.values.load(Ordering::Relaxed), stats.stored_bytes.load(Ordering::Relaxed)),
+            Source::File(_) | Source::Uploaded(_) => (0, 0),
         }
     }
 
     /// Opens `<stem>.safetensors`, or the `.fp16.safetensors` variant when it is the only one.
     pub fn open(files: &dyn ModelFiles, stem: &str, device: &Device) -> Result<Self> {
-        for path in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+        for path in weight_file_names(stem) {
             if let Some(bytes) = files.read(&path)? {
                 return Self::from_bytes(files.label(&path), bytes, device);
             }
@@ -156,45 +202,68 @@ impl Weights {
     /// The tensor `name` as f32 values on the host, checked against `shape`.
     pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let full = self.full_name(name);
+        let stored = self.format.for_tensor(&full, shape);
+        let values = self.source_values(name, &full, shape)?;
+        Ok(if stored == Format::F32 { values } else { stored.decode(&stored.encode(&values), values.len())? })
+    }
+
+    /// The values as the source holds them, before any conversion.
+    fn source_values(&self, name: &str, full: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let file = match &self.source {
             Source::File(file) => file,
-            Source::Random(count) => return Ok(random_values(count, name, shape)),
+            Source::Random(stats) => {
+                let n = shape.iter().product::<usize>();
+                stats.stored_bytes.fetch_add(self.format.for_tensor(full, shape).stored_len(n) as u64, Ordering::Relaxed);
+                return Ok(random_values(&stats.values, name, shape));
+            }
             Source::Uploaded(up) => {
-                let (found, stored) = up.lookup(&full, shape)?;
-                return match stored {
+                return match up.lookup(full, shape)? {
                     Stored::Host(values) => Ok(values.clone()),
-                    Stored::Device(_) => Err(Error::Invalid(format!("{}: `{full}` ({found:?}) lives on the device", up.label.display()))),
+                    Stored::Device(_) => Err(Error::Invalid(format!("{}: `{full}` ({shape:?}) lives on the device", up.label.display()))),
                 };
             }
         };
-        let info = file
-            .metadata
-            .info(&full)
-            .ok_or_else(|| Error::MissingTensor { path: file.path.clone(), name: full.clone() })?;
+        let info = file.metadata.info(full).ok_or_else(|| Error::MissingTensor { path: file.path.clone(), name: full.to_owned() })?;
         if info.shape != shape {
-            return Err(Error::ShapeMismatch {
-                path: file.path.clone(),
-                name: full,
-                expected: shape.to_vec(),
-                found: info.shape.clone(),
-            });
+            return Err(Error::ShapeMismatch { path: file.path.clone(), name: full.to_owned(), expected: shape.to_vec(), found: info.shape.clone() });
         }
         let (start, end) = info.data_offsets;
         let raw = &file.bytes[file.data_start + start..file.data_start + end];
-        to_f32(info.dtype, raw).ok_or_else(|| Error::UnsupportedDtype { path: file.path.clone(), name: full, dtype: format!("{:?}", info.dtype) })
+        to_f32(info.dtype, raw).ok_or_else(|| Error::UnsupportedDtype { path: file.path.clone(), name: full.to_owned(), dtype: format!("{:?}", info.dtype) })
     }
 
-    /// The tensor `name` on the device, checked against `shape`.
+    /// The tensor `name` on the device in f32, checked against `shape`.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
         if let Source::Uploaded(up) = &self.source {
-            return Ok(match up.lookup(&self.full_name(name), &shape)?.1 {
-                Stored::Device(flat) => flat.clone().reshape(shape),
+            return Ok(match up.lookup(&self.full_name(name), &shape)? {
+                Stored::Device(matrix) => matrix.clone().dequantize().reshape(shape),
                 Stored::Host(values) => Tensor::from_data(TensorData::new(values.clone(), shape), &self.device),
             });
         }
         let values = self.values(name, &shape)?;
         Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
     }
+
+    /// A layer's weight `name` of `shape` as the matrix `[shape[0], the rest]`, kept quantized
+    /// on the device when it is stored (or converted) so; `dequantize()` gives it in f32.
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor<2>> {
+        let full = self.full_name(name);
+        if let Source::Uploaded(up) = &self.source {
+            return match up.lookup(&full, shape)? {
+                Stored::Device(matrix) => Ok(matrix.clone()),
+                Stored::Host(values) => Ok(Tensor::from_data(TensorData::new(values.clone(), matrix_shape(shape)), &self.device)),
+            };
+        }
+        let values = self.source_values(name, &full, shape)?;
+        let stored = self.format.for_tensor(&full, shape);
+        let bytes = stored.encode(&values);
+        quant::matrix(stored, &bytes, matrix_shape(shape), &self.device)
+    }
+}
+
+/// The files a weight file `stem` may be published as, in order of preference.
+pub fn weight_file_names(stem: &str) -> [String; 2] {
+    [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")]
 }
 
 /// Little-endian F32/F16/BF16 bytes as f32; `None` for other dtypes.

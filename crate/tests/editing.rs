@@ -14,7 +14,8 @@ use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::Img2Img;
 use kiln::pipeline::inpaint::Inpaint;
 use kiln::pipeline::png::to_rgb8;
-use kiln::pipeline::upscale::{TileSize, Upscale};
+use kiln::pipeline::tiles::TileSize;
+use kiln::pipeline::upscale::Upscale;
 use kiln::pipeline::{Denoising, Request, StableDiffusion};
 use kiln::schedulers::SchedulerKind;
 

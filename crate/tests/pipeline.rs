@@ -3,63 +3,10 @@
 //! contract: max ≤ 3/255 and mean ≤ 0.5/255 per 8-bit channel.
 mod common;
 
-use std::collections::VecDeque;
-
 use burn::tensor::Device;
-use serde::Deserialize;
 
-use kiln::npy;
-use kiln::pipeline::png::to_rgb8;
+use common::{Case, cases, run_case};
 use kiln::pipeline::{Request, StableDiffusion};
-use kiln::schedulers::SchedulerKind;
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    model: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    guidance: f64,
-    scheduler: String,
-    width: usize,
-    height: usize,
-    latents: String,
-    noise: Option<String>,
-    image: String,
-}
-
-fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(common::fixtures().join("images/cases.json")).expect("cases.json");
-    serde_json::from_str(&text).expect("cases.json parses")
-}
-
-fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
-    let dir = common::fixtures().join("images");
-    let step_noise = case.noise.as_ref().map(|file| {
-        let noise = npy::read(&dir.join(file)).expect("noise");
-        let per_draw: usize = noise.shape[1..].iter().product();
-        noise.values.chunks(per_draw).map(<[f32]>::to_vec).collect::<VecDeque<_>>()
-    });
-    let request = Request {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone().unwrap_or_default(),
-        steps: Some(case.steps),
-        guidance: Some(case.guidance),
-        scheduler: Some(SchedulerKind::from_name(&case.scheduler).expect("scheduler name")),
-        width: Some(case.width),
-        height: Some(case.height),
-        seed: 0,
-        latents: Some(npy::read(&dir.join(&case.latents)).expect("latents")),
-        step_noise,
-    };
-    let mut run = pipe.start(request).expect("request is valid");
-    while !run.finished() {
-        run.step(pipe).expect("step");
-    }
-    let values = run.decode(pipe).into_data().try_to_vec::<f32>().expect("image values");
-    to_rgb8(&values, case.width, case.height)
-}
 
 /// Every case on one device; all failures are reported together.
 fn check_all(device: &Device, filter: impl Fn(&Case) -> bool) {

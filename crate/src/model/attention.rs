@@ -8,15 +8,33 @@ use super::nn::{GroupNorm, LayerNorm, Linear};
 use crate::error::Result;
 use crate::weights::Weights;
 
+/// Bytes of attention scores computed at once. burn's wgpu attention without autotune
+/// materializes the `[B, heads, N, M]` score matrix (2 GiB for guided SD at 512²), so longer
+/// queries run in slices of rows, each attending to all keys.
+pub const MAX_SCORE_BYTES: usize = 32 << 20;
+
 /// Scaled dot-product attention over `[B, N, heads * d]` projections, scale `d^-0.5`.
-/// burn's fused kernel never materializes the score matrix where the backend has one.
 pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
+    sliced_attention(q, k, v, heads, causal, MAX_SCORE_BYTES)
+}
+
+/// [`multi_head_attention`] with at most `max_score_bytes` of f32 scores per slice of query
+/// rows. Rows are independent, so slicing changes nothing but memory (causal attention, for
+/// CLIP's 77 tokens, never needs it and runs whole).
+pub fn sliced_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool, max_score_bytes: usize) -> Tensor<3> {
     let [b, n, inner] = q.dims();
     let m = k.dims()[1];
     let d = inner / heads;
     let split = |t: Tensor<3>, len: usize| t.reshape([b, len, heads, d]).swap_dims(1, 2);
+    let (q, k, v) = (split(q, n), split(k, m), split(v, m));
     let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
-    let out = attention(split(q, n), split(k, m), split(v, m), None, None, options);
+    let rows = (max_score_bytes / (4 * b * heads * m)).max(1);
+    let out = if causal || rows >= n {
+        attention(q, k, v, None, None, options)
+    } else {
+        let slices = (0..n).step_by(rows).map(|start| attention(q.clone().narrow(2, start, rows.min(n - start)), k.clone(), v.clone(), None, None, options)).collect();
+        Tensor::cat(slices, 2)
+    };
     out.swap_dims(1, 2).reshape([b, n, inner])
 }
 
@@ -136,5 +154,23 @@ impl BasicTransformerBlock {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), attn1_context) + x;
         let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    #[test]
+    fn sliced_attention_equals_whole() {
+        let device = Device::flex();
+        let [q, k, v] = [[2, 70, 32], [2, 50, 32], [2, 50, 32]].map(|s| Tensor::<3>::random(s, Distribution::Normal(0.0, 1.0), &device));
+        let whole = sliced_attention(q.clone(), k.clone(), v.clone(), 4, false, usize::MAX);
+        // 4 bytes × B 2 × heads 4 × M 50 × 8 rows: slices of 8 rows, the last of 6.
+        let sliced = sliced_attention(q, k, v, 4, false, 4 * 2 * 4 * 50 * 8);
+        let (a, b) = (whole.into_data().try_to_vec::<f32>().unwrap(), sliced.into_data().try_to_vec::<f32>().unwrap());
+        let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(max <= 1e-6, "sliced differs by {max}");
     }
 }

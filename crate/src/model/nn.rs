@@ -7,7 +7,8 @@ use crate::error::Result;
 use crate::weights::Weights;
 
 /// `torch.nn.Linear`. burn's `linear` wants the weight as `[in, out]`; the PyTorch
-/// `[out, in]` tensor is used through a transposed view, so no second copy exists.
+/// `[out, in]` tensor is used through a transposed view, so no second copy exists. A quantized
+/// weight stays quantized: the matmul kernel dequantizes it.
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
@@ -15,7 +16,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(w: &Weights, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let weight = w.tensor("weight", [d_out, d_in])?.transpose();
+        let weight = w.matrix("weight", &[d_out, d_in])?.transpose();
         let bias = if bias { Some(w.tensor("bias", [d_out])?) } else { None };
         Ok(Self { weight, bias })
     }
@@ -25,10 +26,13 @@ impl Linear {
     }
 }
 
-/// `torch.nn.Conv2d` with square kernels.
+/// `torch.nn.Conv2d` with square kernels. The weight is kept as the matrix
+/// `[out, in·k·k]`, quantized when stored so, and dequantized for each call: only one layer's
+/// weight is ever in f32 at a time.
 pub struct Conv2d {
-    pub weight: Tensor<4>,
+    pub weight: Tensor<2>,
     pub bias: Tensor<1>,
+    shape: [usize; 4],
     options: ConvOptions<2>,
 }
 
@@ -41,14 +45,16 @@ impl Conv2d {
     /// A conv with `(begin, end)` padding on both spatial axes (the VAE encoder's
     /// downsampler pads only right and bottom).
     pub fn load_padded(w: &Weights, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: (usize, usize)) -> Result<Self> {
-        let weight = w.tensor("weight", [c_out, c_in, kernel, kernel])?;
+        let shape = [c_out, c_in, kernel, kernel];
+        let weight = w.matrix("weight", &shape)?;
         let bias = w.tensor("bias", [c_out])?;
         let options = ConvOptions { stride: [stride; 2], padding: [padding; 2], dilation: [1; 2], groups: 1 };
-        Ok(Self { weight, bias, options })
+        Ok(Self { weight, bias, shape, options })
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(x, self.weight.clone(), Some(self.bias.clone()), self.options.clone())
+        let weight = self.weight.clone().dequantize().reshape(self.shape);
+        conv2d(x, weight, Some(self.bias.clone()), self.options.clone())
     }
 }
 

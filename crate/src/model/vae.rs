@@ -60,6 +60,13 @@ impl VaeConfig {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
 
+    /// f32 bytes per latent pixel of the decoder's largest activation: the last up-sampler
+    /// writes `block_out_channels[1]` channels at the full resolution.
+    pub fn decoder_bytes_per_latent(&self) -> usize {
+        let channels = self.block_out_channels.iter().take(2).max().copied().unwrap_or(0);
+        4 * channels * self.scale_factor().pow(2)
+    }
+
     fn check(&self) -> std::result::Result<(), String> {
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {

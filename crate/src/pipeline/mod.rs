@@ -7,6 +7,7 @@ pub mod img2img;
 pub mod inpaint;
 pub mod png;
 pub mod rng;
+pub mod tiles;
 pub mod upscale;
 
 use std::collections::VecDeque;
@@ -17,6 +18,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::files::{Folder, ModelFiles, json, short_name};
+use crate::package;
+use crate::quant::Format;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::tokenizer::{ClipTokenizer, TokenizerFiles};
 use crate::model::unet::UNet2DConditionModel;
@@ -101,6 +104,22 @@ impl StableDiffusion {
     /// Loads a diffusers folder on disk.
     pub fn load_dir(dir: &Path, device: &Device) -> Result<Self> {
         Self::load(&Folder(dir.to_owned()), device)
+    }
+
+    /// Loads a Kiln package (a folder with `manifest.json`) as it is stored, or a diffusers
+    /// folder with its weights converted to `format` as they load (`None`: as published).
+    pub fn open(dir: &Path, format: Option<Format>, device: &Device) -> Result<Self> {
+        let folder = Folder(dir.to_owned());
+        if folder.read(package::MANIFEST)?.is_none() {
+            let format = format.unwrap_or(Format::F32);
+            return Self::assemble(&folder, &|stem| Ok(Weights::open(&folder, stem, device)?.converted(format)), device);
+        }
+        let loaded = package::load(&folder, device)?;
+        if let Some(format) = format.filter(|&f| f != loaded.format) {
+            return Err(Error::Invalid(format!("{}: a {} package cannot be loaded as {}; pack the original again", dir.display(), loaded.format.name(), format.name())));
+        }
+        let missing = |stem: &str| Error::Invalid(format!("{}: the package has no tensors of {stem}", dir.display()));
+        Self::assemble(&loaded.files, &|stem| loaded.weights.get(stem).cloned().ok_or_else(|| missing(stem)), device)
     }
 
     /// Width and height must be multiples of this: the VAE's factor times the UNet's down-sampling.
@@ -291,7 +310,7 @@ struct Conditioning {
     /// Inpainting with a plain 4-channel UNet.
     blend: Option<MaskBlend>,
     /// Overlapping windows the UNet and the VAE decoder run on one at a time (upscaling).
-    tiles: Option<upscale::Tiles>,
+    tiles: Option<tiles::Tiles>,
 }
 
 /// After each step the kept region is reset to the init image's latents noised to the next
@@ -411,12 +430,19 @@ impl Denoising {
 
     /// Decodes the latents to an image `[1, 3, H, W]` in [0, 1], still on the device.
     pub fn decode(&self, pipe: &StableDiffusion) -> Tensor<4> {
-        let vae = &pipe.vae;
-        let latents = self.latents.clone().div_scalar(vae.config.scaling_factor);
-        let image = match &self.conditioning.tiles {
-            Some(tiles) => tiles.decode(latents, vae.config.scale_factor(), |window| vae.decode(window)),
-            None => vae.decode(latents),
-        };
-        (image.div_scalar(2.0).add_scalar(0.5)).clamp(0.0, 1.0)
+        decode_latents(&pipe.vae, self.latents.clone(), self.conditioning.tiles.as_ref())
     }
+}
+
+/// Scaled latents to an image `[1, 3, H, W]` in [0, 1]: decoded in `tiles` (the upscaler's), else
+/// in windows when the image is too large to decode at once, else whole.
+pub fn decode_latents(vae: &AutoencoderKL, latents: Tensor<4>, tiles: Option<&tiles::Tiles>) -> Tensor<4> {
+    let latents = latents.div_scalar(vae.config.scaling_factor);
+    let [_, _, h, w] = latents.dims();
+    let fitted = tiles.is_none().then(|| tiles::Tiles::for_vae_decode(&vae.config, w, h)).flatten();
+    let image = match tiles.or(fitted.as_ref()) {
+        Some(tiles) => tiles.decode(latents, vae.config.scale_factor(), |window| vae.decode(window)),
+        None => vae.decode(latents),
+    };
+    (image.div_scalar(2.0).add_scalar(0.5)).clamp(0.0, 1.0)
 }

@@ -3,8 +3,14 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use std::collections::VecDeque;
+
 use burn::tensor::{Device, DeviceKind};
-use kiln::pipeline::StableDiffusion;
+use kiln::npy;
+use kiln::pipeline::png::to_rgb8;
+use kiln::pipeline::{Request, StableDiffusion};
+use kiln::schedulers::SchedulerKind;
+use serde::Deserialize;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -23,6 +29,13 @@ pub fn read_png(bytes: &[u8]) -> (Vec<u8>, usize, usize) {
     assert_eq!(info.color_type, png::ColorType::Rgb, "reference images are RGB");
     buf.truncate(info.buffer_size());
     (buf, info.width as usize, info.height as usize)
+}
+
+/// PSNR in dB of 8-bit `ours` against `reference` (infinite when equal).
+pub fn psnr(ours: &[u8], reference: &[u8]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "image sizes differ");
+    let mse = ours.iter().zip(reference).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>() / ours.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse).log10()
 }
 
 /// (max, mean) absolute difference in 8-bit levels.
@@ -73,4 +86,53 @@ impl<'d> Pipelines<'d> {
         let device = self.device;
         self.loaded.entry(model.to_owned()).or_insert_with(|| StableDiffusion::load_dir(&fixtures().join(model), device).expect("fixture loads"))
     }
+}
+
+/// The text-to-image cases of tests/fixtures/images (diffusers' images and inputs).
+#[derive(Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: String,
+    pub width: usize,
+    pub height: usize,
+    pub latents: String,
+    pub noise: Option<String>,
+    pub image: String,
+}
+
+pub fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(fixtures().join("images/cases.json")).expect("cases.json");
+    serde_json::from_str(&text).expect("cases.json parses")
+}
+
+pub fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
+    let dir = fixtures().join("images");
+    let step_noise = case.noise.as_ref().map(|file| {
+        let noise = npy::read(&dir.join(file)).expect("noise");
+        let per_draw: usize = noise.shape[1..].iter().product();
+        noise.values.chunks(per_draw).map(<[f32]>::to_vec).collect::<VecDeque<_>>()
+    });
+    let request = Request {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone().unwrap_or_default(),
+        steps: Some(case.steps),
+        guidance: Some(case.guidance),
+        scheduler: Some(SchedulerKind::from_name(&case.scheduler).expect("scheduler name")),
+        width: Some(case.width),
+        height: Some(case.height),
+        seed: 0,
+        latents: Some(npy::read(&dir.join(&case.latents)).expect("latents")),
+        step_noise,
+    };
+    let mut run = pipe.start(request).expect("request is valid");
+    while !run.finished() {
+        run.step(pipe).expect("step");
+    }
+    let values = run.decode(pipe).into_data().try_to_vec::<f32>().expect("image values");
+    to_rgb8(&values, case.width, case.height)
 }

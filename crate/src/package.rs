@@ -1,0 +1,237 @@
+//! Kiln packages: a diffusers pipeline with its weights converted to one [`Format`], cut into
+//! shards a browser can fetch, verify and cache one at a time.
+//!
+//! A package folder holds `manifest.json` and `shard-00000.bin`, `shard-00001.bin`, ... The
+//! tensors' stored bytes (see [`crate::quant`]) are written back to back into one stream, and
+//! the stream is cut into shards of [`SHARD_SIZE`] bytes (the last one shorter). A tensor lives
+//! at `offset` in shard `shard` and runs on for `length` bytes, into the following shards when
+//! it is longer than what is left of its own. The manifest embeds the pipeline's config and
+//! tokenizer files as text, so the shards are all there is to download besides it, and
+//! records each shard's length and SHA-256: a shard is used only once both match.
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::files::{MemoryFiles, ModelFiles};
+use crate::quant::{BLOCK, Format};
+use crate::weights::{Uploaded, Weights, safetensors_values, weight_file_names};
+
+pub const MANIFEST: &str = "manifest.json";
+/// The package layout version this build reads and writes.
+pub const VERSION: u32 = 1;
+/// Shard length: small enough for one fetch and one IndexedDB record.
+pub const SHARD_SIZE: usize = 64 << 20;
+
+/// The text files of a pipeline the engine reads (those a repo has are embedded).
+pub const TEXT_FILES: [&str; 11] = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "low_res_scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+];
+
+/// The weight files of a pipeline, without extension.
+pub const WEIGHT_STEMS: [&str; 3] = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The layout version ([`VERSION`]).
+    pub kiln_package: u32,
+    /// The source pipeline's short name (PNG metadata).
+    pub name: String,
+    /// The format asked for; each tensor's own is in [`TensorEntry::format`].
+    pub format: Format,
+    /// Values per quantization block; scales are f16.
+    pub block_size: usize,
+    pub shard_size: usize,
+    /// Repo path → text (configs, tokenizer).
+    pub files: BTreeMap<String, String>,
+    pub shards: Vec<ShardEntry>,
+    pub tensors: Vec<TensorEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub path: String,
+    pub length: usize,
+    /// Lower-case hex.
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// The weight file's stem (`unet/diffusion_pytorch_model`).
+    pub file: String,
+    /// The diffusers name inside that file.
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// The dtype in the source safetensors (`F32`, `F16`, `BF16`).
+    pub source_dtype: String,
+    pub format: Format,
+    pub shard: usize,
+    pub offset: usize,
+    pub length: usize,
+}
+
+impl Manifest {
+    pub fn parse(label: &Path, text: &str) -> Result<Self> {
+        let manifest: Manifest = serde_json::from_str(text).map_err(|e| Error::Config { path: label.to_owned(), msg: e.to_string() })?;
+        if manifest.kiln_package != VERSION {
+            return Err(Error::Invalid(format!("{}: package version {} is not {VERSION}, the one this Kiln reads", label.display(), manifest.kiln_package)));
+        }
+        if manifest.block_size != BLOCK || manifest.shard_size == 0 {
+            return Err(Error::Invalid(format!("{}: block size {} / shard size {} are not Kiln's", label.display(), manifest.block_size, manifest.shard_size)));
+        }
+        Ok(manifest)
+    }
+
+    /// Bytes of all shards together.
+    pub fn total_bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.length).sum()
+    }
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Checks a shard's bytes against its manifest entry.
+pub fn verify_shard(entry: &ShardEntry, bytes: &[u8]) -> Result<()> {
+    if bytes.len() != entry.length {
+        return Err(Error::Invalid(format!("{}: {} bytes, the manifest says {}; the package is incomplete", entry.path, bytes.len(), entry.length)));
+    }
+    let found = sha256_hex(bytes);
+    if found != entry.sha256 {
+        return Err(Error::Invalid(format!("{}: SHA-256 {found} does not match the manifest's {}; the shard is corrupt", entry.path, entry.sha256)));
+    }
+    Ok(())
+}
+
+/// Writes the stream of stored tensors as shards, hashing each as it closes.
+struct ShardWriter {
+    dir: PathBuf,
+    current: Vec<u8>,
+    shards: Vec<ShardEntry>,
+}
+
+impl ShardWriter {
+    /// Appends `bytes`; returns the shard and offset where they start.
+    fn append(&mut self, mut bytes: &[u8]) -> Result<(usize, usize)> {
+        let start = (self.shards.len(), self.current.len());
+        while !bytes.is_empty() {
+            let take = bytes.len().min(SHARD_SIZE - self.current.len());
+            self.current.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.current.len() == SHARD_SIZE {
+                self.close()?;
+            }
+        }
+        // A tensor that filled its shard exactly starts there, not in the next one.
+        Ok(start)
+    }
+
+    fn close(&mut self) -> Result<()> {
+        let path = format!("shard-{:05}.bin", self.shards.len());
+        let full = self.dir.join(&path);
+        std::fs::write(&full, &self.current).map_err(|e| Error::io(&full, e))?;
+        self.shards.push(ShardEntry { path, length: self.current.len(), sha256: sha256_hex(&self.current) });
+        self.current.clear();
+        Ok(())
+    }
+}
+
+/// Converts the diffusers pipeline in `files` to a package in `out` (created if needed).
+pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manifest> {
+    if files.read("model_index.json")?.is_none() {
+        return Err(Error::Invalid(format!("{} is not a diffusers pipeline: model_index.json is missing", files.name())));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut embedded = BTreeMap::new();
+    for path in TEXT_FILES {
+        if files.read(path)?.is_some() {
+            embedded.insert(path.to_owned(), files.require_text(path)?);
+        }
+    }
+    let mut writer = ShardWriter { dir: out.to_owned(), current: Vec::new(), shards: Vec::new() };
+    let mut tensors = Vec::new();
+    for stem in WEIGHT_STEMS {
+        let Some((path, bytes)) = weight_file_names(stem).into_iter().find_map(|p| files.read(&p).transpose().map(|b| b.map(|b| (p, b)))).transpose()? else {
+            return Err(Error::Invalid(format!("{}: neither {stem}.safetensors nor {stem}.fp16.safetensors exists", files.name())));
+        };
+        let label = files.label(&path);
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+        names.sort();
+        for name in names {
+            let view = st.tensor(&name).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
+            let source_dtype = format!("{:?}", view.dtype());
+            let values = safetensors_values(&label, &name, &source_dtype, view.shape(), view.data())?;
+            let stored = format.for_tensor(&name, view.shape());
+            let encoded = stored.encode(&values);
+            let (shard, offset) = writer.append(&encoded)?;
+            tensors.push(TensorEntry { file: stem.to_owned(), name, shape: view.shape().to_vec(), source_dtype, format: stored, shard, offset, length: encoded.len() });
+        }
+    }
+    if !writer.current.is_empty() {
+        writer.close()?;
+    }
+    let manifest = Manifest {
+        kiln_package: VERSION,
+        name: crate::files::short_name(files),
+        format,
+        block_size: BLOCK,
+        shard_size: SHARD_SIZE,
+        files: embedded,
+        shards: writer.shards,
+        tensors,
+    };
+    let path = out.join(MANIFEST);
+    let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::to_writer_pretty(&mut file, &manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+    file.write_all(b"\n").map_err(|e| Error::io(&path, e))?;
+    Ok(manifest)
+}
+
+/// A package read back: its text files and, per weight file stem, the tensors on the device.
+pub struct Loaded {
+    pub format: Format,
+    pub files: MemoryFiles,
+    pub weights: HashMap<String, Weights>,
+}
+
+/// Reads the package in `files`, verifying every shard before any of it is used.
+pub fn load(files: &dyn ModelFiles, device: &Device) -> Result<Loaded> {
+    let manifest = Manifest::parse(&files.label(MANIFEST), &files.require_text(MANIFEST)?)?;
+    let mut stream = Vec::with_capacity(manifest.total_bytes());
+    for shard in &manifest.shards {
+        let bytes = files.require(&shard.path)?;
+        verify_shard(shard, &bytes).map_err(|e| Error::Invalid(format!("{}/{e}", files.name())))?;
+        stream.extend_from_slice(&bytes);
+    }
+    let mut uploads: HashMap<String, Uploaded> = HashMap::new();
+    for t in &manifest.tensors {
+        let start = t.shard * manifest.shard_size + t.offset;
+        let bytes = stream.get(start..start + t.length).ok_or_else(|| {
+            Error::Invalid(format!("{}: tensor `{}` of {} lies past the end of the shards", files.label(MANIFEST).display(), t.name, t.file))
+        })?;
+        let upload = uploads.entry(t.file.clone()).or_insert_with(|| Uploaded::new(files.label(&t.file)));
+        upload.add(&t.name, t.shape.clone(), t.format, bytes, device)?;
+    }
+    let weights = uploads.into_iter().map(|(stem, up)| (stem, Weights::uploaded(up, device))).collect();
+    let text = manifest.files.into_iter().map(|(path, text)| (path, text.into_bytes())).collect();
+    Ok(Loaded { format: manifest.format, files: MemoryFiles { name: manifest.name, files: text }, weights })
+}
