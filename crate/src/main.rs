@@ -18,6 +18,7 @@ use kiln::schedulers::SchedulerKind;
 use kiln::{Error, Result, npy};
 
 mod bench;
+mod download;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Stable Diffusion on burn + wgpu")]
@@ -97,7 +98,8 @@ enum Command {
 #[derive(clap::Args)]
 struct CommonArgs {
     /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-    /// or a Kiln package folder (manifest.json + shards, from `kiln pack`).
+    /// or a Kiln package folder (manifest.json + shards, from `kiln pack`), or either's http(s) URL
+    /// (fetched once into ~/.cache/kiln/models).
     #[arg(long)]
     model: PathBuf,
     /// Convert a diffusers folder's weights as they load: f32, f16, q8 or q4 [default: as stored].
@@ -289,7 +291,11 @@ fn run(args: CommonArgs, always_seeded: bool, extra: Vec<(&str, String)>, start:
     let started = Instant::now();
     let device = args.backend.device();
     let format = args.weights.as_deref().map(Format::from_name).transpose()?;
-    let pipe = StableDiffusion::open(&args.model, format, &device)?;
+    let model = match args.model.to_str().filter(|m| m.starts_with("http://") || m.starts_with("https://")) {
+        Some(url) => download::model(url)?,
+        None => args.model.clone(),
+    };
+    let pipe = StableDiffusion::open(&model, format, &device)?;
     eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
     if let Some(seed) = seed {
         eprintln!("seed {seed}");

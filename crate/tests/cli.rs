@@ -243,3 +243,79 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Serves `root` over HTTP on a free local port (one request per connection, 404 for what is
+/// missing); returns the base URL.
+fn serve(root: PathBuf) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut request = String::new();
+            reader.read_line(&mut request).ok();
+            for line in reader.by_ref().lines() {
+                if line.map_or(true, |l| l.is_empty()) {
+                    break;
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
+            let mut stream = reader.into_inner();
+            let response = match std::fs::read(root.join(&path)) {
+                Ok(body) => [format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).into_bytes(), body].concat(),
+                Err(_) => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            };
+            stream.write_all(&response).ok();
+        }
+    });
+    url
+}
+
+/// `kiln pack` writes a package that `generate` takes as a folder or by URL (fetched into the
+/// cache, shards verified); a shard whose hash is wrong is refused and never cached.
+#[test]
+fn packages_generate_from_a_folder_and_a_url() {
+    let dir = temp_dir("pack");
+    let package = dir.join("sd1-q8");
+    let _ = std::fs::remove_dir_all(&package);
+    let pack = kiln(&["pack", "--model", &fixture("sd1-tiny"), "--out", package.to_str().unwrap(), "--format", "q8"]);
+    assert!(pack.status.success(), "{}", stderr(&pack));
+    assert!(stderr(&pack).contains("as q8"), "{}", stderr(&pack));
+    fails_with(&["pack", "--model", &fixture("sd1-tiny"), "--out", package.to_str().unwrap(), "--format", "q3"], "unknown weight format `q3`");
+
+    let generate = |model: &str, out: &str, cache: &std::path::Path| {
+        let args = ["generate", "--model", model, "--prompt", "a kiln", "--steps", "2", "--seed", "5", "--out", out];
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("XDG_CACHE_HOME", cache).output().expect("kiln runs")
+    };
+    let from_folder = dir.join("folder.png");
+    let out = generate(package.to_str().unwrap(), from_folder.to_str().unwrap(), &dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let url = format!("{}/sd1-q8", serve(dir.clone()));
+    let cache = dir.join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let from_url = dir.join("url.png");
+    let out = generate(&url, from_url.to_str().unwrap(), &cache);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(common::read_png(&std::fs::read(&from_url).unwrap()).0, common::read_png(&std::fs::read(&from_folder).unwrap()).0);
+    assert!(png_texts(&std::fs::read(&from_url).unwrap())[0].1.ends_with("Model: sd1-tiny"));
+
+    // Served damaged: refused, and nothing of it cached.
+    let shard = package.join("shard-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let _ = std::fs::remove_dir_all(&cache);
+    let out = generate(&url, from_url.to_str().unwrap(), &cache);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("shard-00000.bin: SHA-256"), "{}", stderr(&out));
+    let cached: Vec<_> = walk(&cache).into_iter().filter(|p| p.to_string_lossy().contains("shard")).collect();
+    assert!(cached.is_empty(), "damaged shard cached: {cached:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).map_or(Vec::new(), |entries| {
+        entries.flatten().flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
+    })
+}
