@@ -8,7 +8,8 @@ use crate::weights::Weights;
 
 /// `torch.nn.Linear`. burn's `linear` wants the weight as `[in, out]`; the PyTorch
 /// `[out, in]` tensor is used through a transposed view, so no second copy exists. A quantized
-/// weight stays quantized: the matmul kernel dequantizes it.
+/// weight stays quantized and is dequantized for each call: burn's matmul that dequantizes
+/// inside the kernel took seconds per call on lavapipe, dequantize-then-matmul milliseconds.
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
@@ -22,7 +23,7 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.clone(), self.bias.clone())
+        linear(x, self.weight.clone().dequantize(), self.bias.clone())
     }
 }
 
