@@ -5,9 +5,14 @@
 // Store "files": one FileRecord per `${base}/${path}`. Store "chunks": the bytes, CHUNK at
 // a time, keyed [fileKey, index]. A chunk and the record counting it are written in one
 // transaction, so the record never claims bytes that are not stored.
-import { headerLength, parseHeader, type Header } from "./safetensors";
+//
+// A model is a diffusers repo or a Kiln package (docs/packages.md: manifest.json and shards,
+// each checked against the manifest's SHA-256). A repo's weights can be kept converted (f16,
+// q8, q4): each tensor is converted as soon as its bytes have arrived and only the converted
+// bytes are stored, under `${path}#${precision}`; the original file is never stored whole.
+import { headerLength, parseHeader, type Header, type TensorEntry } from "./safetensors";
 import { Sha256, type Sha256State } from "./sha256";
-import { CONFIG_FILES, TOKENIZER_FILES, WEIGHT_STEMS, weightVariants } from "./model";
+import { CONFIG_FILES, PRECISIONS, TOKENIZER_FILES, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
 
 /** Bytes per stored chunk: a resumed download repeats at most this much. */
 const CHUNK = 4 << 20;
@@ -33,7 +38,33 @@ export interface FileRecord {
   complete: boolean;
   /** The host has no such file (an optional one): known, so an offline start need not ask. */
   absent?: true;
+  /** A weight file kept converted: its source header, and where each converted tensor is stored. */
+  converted?: { header: Header | null; tensors: ConvertedTensor[]; chunks: number };
 }
+
+/** One tensor of a converted weight file: stored in chunk `chunk` at `offset`. */
+export interface ConvertedTensor {
+  name: string;
+  format: string;
+  shape: number[];
+  chunk: number;
+  offset: number;
+  length: number;
+}
+
+/** A Kiln package's manifest.json (docs/packages.md). */
+export interface PackageManifest {
+  kiln_package: number;
+  name: string;
+  format: Precision;
+  shard_size: number;
+  files: Record<string, string>;
+  shards: { path: string; length: number; sha256: string }[];
+  tensors: { file: string; name: string; shape: number[]; format: string; shard: number; offset: number; length: number }[];
+}
+
+/** Encodes one tensor for storage; null for tensors the engine does not read (integer buffers). */
+export type Converter = (tensor: TensorEntry, bytes: Uint8Array, precision: Precision) => { format: string; bytes: Uint8Array } | null;
 
 /** A file that arrived but failed verification. It has been discarded. */
 export class CorruptDownload extends Error {}
@@ -134,7 +165,8 @@ export class StoredFile {
     return parseHeader(await this.read(8, 8 + n));
   }
 
-  private async chunk(index: number): Promise<Uint8Array> {
+  /** One stored chunk (of a converted file: a run of whole converted tensors). */
+  async chunk(index: number): Promise<Uint8Array> {
     if (this.last?.index !== index) {
       const store = (await db()).transaction("chunks").objectStore("chunks");
       const bytes: Uint8Array | undefined = await result(store.get([this.record.key, index]));
@@ -148,20 +180,42 @@ export class StoredFile {
 // ---- what a model needs ----
 
 export interface PlannedFile {
+  /** The repo path; a converted file is stored under `${path}#${convert}`. */
   path: string;
   size: number | null;
   received: number;
   complete: boolean;
   absent?: true;
+  /** The SHA-256 the file must have (a package's shards). */
+  sha256?: string;
+  /** The precision a weight file is converted to as it arrives. */
+  convert?: Precision;
 }
 
-/** The files to load for a model, which of them still need downloading, and their sizes. */
-export async function planModel(base: string): Promise<PlannedFile[]> {
+export interface ModelPlan {
+  /** A package's manifest; null for a diffusers repo. */
+  manifest: PackageManifest | null;
+  /** What the weights are kept as: the package's format, or the precision asked for. */
+  precision: Precision;
+  files: PlannedFile[];
+}
+
+/** The cache key of a planned file. */
+export function storedPath(file: PlannedFile): string {
+  return file.convert ? `${file.path}#${file.convert}` : file.path;
+}
+
+/**
+ * The files to load for a model, which of them still need downloading, and their sizes. A
+ * repo's weights are planned in `precision`; a package (its manifest.json answers) comes as
+ * it was packed. The manifest itself is fetched here, as the shards are only known from it.
+ */
+export async function planModel(base: string, precision: Precision, signal: AbortSignal): Promise<ModelPlan> {
   const stored = new Map((await recordsOf(base)).map((r) => [r.path, r]));
-  const plan = async (path: string): Promise<PlannedFile> => {
-    const rec = stored.get(path);
-    if (rec?.complete) return { path, size: rec.received, received: rec.received, complete: true, absent: rec.absent };
-    return { path, size: await remoteSize(`${base}/${path}`), received: rec?.received ?? 0, complete: false };
+  const plan = async (path: string, convert?: Precision): Promise<PlannedFile> => {
+    const rec = stored.get(convert ? `${path}#${convert}` : path);
+    if (rec?.complete) return { path, size: rec.size, received: rec.received, complete: true, absent: rec.absent, convert };
+    return { path, size: await remoteSize(`${base}/${path}`), received: rec?.received ?? 0, complete: false, convert };
   };
   const optional = async (path: string): Promise<PlannedFile> => {
     try {
@@ -174,21 +228,44 @@ export async function planModel(base: string): Promise<PlannedFile[]> {
       return { path, size: 0, received: 0, complete: true, absent: true };
     }
   };
+  const manifestFile = await optional(MANIFEST);
+  if (!manifestFile.absent) {
+    const record = await download(base, MANIFEST, signal, () => {});
+    const manifest = parseManifest(await new StoredFile(record).all(), base);
+    const shards = manifest.shards.map(async (shard) => ({ ...(await plan(shard.path)), sha256: shard.sha256 }));
+    return { manifest, precision: manifest.format, files: [manifestFile, ...(await Promise.all(shards))] };
+  }
+  const convert = precision === "original" ? undefined : precision;
   const weight = async (stem: string): Promise<PlannedFile> => {
     const variants = weightVariants(stem);
     // A variant already (partly) stored wins, so a resume or an offline start needs no probe.
-    const cached = variants.find((v) => stored.get(v)?.complete) ?? variants.find((v) => stored.has(v));
-    if (cached) return plan(cached);
+    const key = (v: string) => (convert ? `${v}#${convert}` : v);
+    const cached = variants.find((v) => stored.get(key(v))?.complete) ?? variants.find((v) => stored.has(key(v)));
+    if (cached) return plan(cached, convert);
     for (const path of variants) {
       try {
-        return await plan(path);
+        return await plan(path, convert);
       } catch (e) {
         if (!(e instanceof NotFound)) throw e;
       }
     }
     throw new NotFound(`${base} has neither ${variants.join(" nor ")}`);
   };
-  return Promise.all([...CONFIG_FILES.map(plan), ...TOKENIZER_FILES.map(optional), ...WEIGHT_STEMS.map(weight)]);
+  const files = await Promise.all([...CONFIG_FILES.map((p) => plan(p)), ...TOKENIZER_FILES.map(optional), ...WEIGHT_STEMS.map(weight)]);
+  return { manifest: null, precision, files };
+}
+
+const MANIFEST = "manifest.json";
+
+function parseManifest(bytes: Uint8Array, base: string): PackageManifest {
+  const manifest = JSON.parse(new TextDecoder().decode(bytes)) as PackageManifest;
+  if (manifest.kiln_package !== 1) throw new CorruptDownload(`${base}/${MANIFEST}: package version ${manifest.kiln_package} is not 1, the one this Kiln reads`);
+  return manifest;
+}
+
+/** The manifest of a stored package. */
+export async function storedManifest(base: string): Promise<PackageManifest> {
+  return parseManifest(await (await openStored(base, MANIFEST)).all(), base);
 }
 
 async function remoteSize(url: string): Promise<number | null> {
@@ -201,7 +278,10 @@ async function remoteSize(url: string): Promise<number | null> {
 
 /** Fails with a clear message when the browser will not give the site enough space. */
 export async function checkSpace(files: PlannedFile[]): Promise<void> {
-  const needed = files.reduce((sum, f) => sum + (f.complete ? 0 : (f.size ?? 0) - f.received), 0);
+  // Converted weights take a fraction of their (usually f16) source.
+  const ratio: Record<string, number> = { f16: 1, q8: 0.55, q4: 0.3 };
+  const kept = (f: PlannedFile) => (f.convert ? ratio[f.convert] : 1);
+  const needed = files.reduce((sum, f) => sum + (f.complete ? 0 : ((f.size ?? 0) - f.received) * kept(f)), 0);
   if (needed === 0 || !navigator.storage?.estimate) return;
   const { quota = Infinity, usage = 0 } = await navigator.storage.estimate();
   if (needed > quota - usage) {
@@ -218,16 +298,28 @@ function gb(bytes: number): string {
 
 export interface CacheStatus {
   bytes: number;
-  complete: boolean;
+  /** A Kiln package (its precision is its own), rather than a diffusers repo. */
+  package: boolean;
+  /** The precisions the model is completely cached in (a package: its own format). */
+  precisions: Precision[];
 }
 
-/** How much of a model is stored and whether all of it is verified. */
+/** How much of a model is stored, and in which precisions all of it is verified. */
 export async function modelStatus(base: string): Promise<CacheStatus> {
   const records = await recordsOf(base);
-  const done = new Set(records.filter((r) => r.complete).map((r) => r.path));
-  const complete =
-    [...CONFIG_FILES, ...TOKENIZER_FILES].every((p) => done.has(p)) && WEIGHT_STEMS.every((s) => weightVariants(s).some((v) => done.has(v)));
-  return { bytes: records.reduce((sum, r) => sum + r.received, 0), complete };
+  const done = new Set(records.filter((r) => r.complete && !r.absent).map((r) => r.path));
+  const bytes = records.reduce((sum, r) => sum + r.received, 0);
+  if (done.has(MANIFEST)) {
+    const manifest = await storedManifest(base);
+    return { bytes, package: true, precisions: manifest.shards.every((s) => done.has(s.path)) ? [manifest.format] : [] };
+  }
+  const complete = new Set(records.filter((r) => r.complete).map((r) => r.path));
+  const small = [...CONFIG_FILES, ...TOKENIZER_FILES].every((p) => complete.has(p));
+  const precisions = PRECISIONS.filter((p) => {
+    const key = (v: string) => (p === "original" ? v : `${v}#${p}`);
+    return small && WEIGHT_STEMS.every((s) => weightVariants(s).some((v) => done.has(key(v))));
+  });
+  return { bytes, package: false, precisions };
 }
 
 /** Deletes everything stored for a model; returns the bytes freed. */
@@ -255,7 +347,7 @@ export async function openStored(base: string, path: string): Promise<StoredFile
  * Stores `${base}/${path}` completely and verified, continuing whatever part is already
  * stored. `onProgress` gets the file's stored-or-buffered byte count as data arrives.
  */
-export async function download(base: string, path: string, signal: AbortSignal, onProgress: (received: number) => void): Promise<FileRecord> {
+export async function download(base: string, path: string, signal: AbortSignal, onProgress: (received: number) => void, sha256?: string): Promise<FileRecord> {
   const key = `${base}/${path}`;
   // Two tabs must not append to the same file at once.
   return navigator.locks.request(`kiln:${key}`, async () => {
@@ -263,13 +355,156 @@ export async function download(base: string, path: string, signal: AbortSignal, 
       const rec = await getRecord(key);
       if (rec?.complete) return rec;
       try {
-        return await fetchRest(base, path, rec ?? null, signal, onProgress);
+        return await fetchRest(base, path, rec ?? null, signal, onProgress, sha256);
       } catch (e) {
         if (!(e instanceof NetworkError) || signal.aborted || attempt === ATTEMPTS) throw e;
         await new Promise((r) => setTimeout(r, 1000 * 2 ** attempt));
       }
     }
   });
+}
+
+/**
+ * Stores the weight file `${base}/${path}` converted to `precision`, continuing after the
+ * last converted tensor already stored. Only the converted bytes are kept; the source is
+ * hashed as it streams by and checked like any download before the record is complete.
+ */
+export async function downloadConverted(
+  base: string,
+  path: string,
+  precision: Precision,
+  convert: Converter,
+  signal: AbortSignal,
+  onProgress: (received: number) => void,
+): Promise<FileRecord> {
+  const key = `${base}/${path}#${precision}`;
+  return navigator.locks.request(`kiln:${key}`, async () => {
+    for (let attempt = 1; ; attempt++) {
+      const rec = await getRecord(key);
+      if (rec?.complete) return rec;
+      try {
+        return await fetchConverted(base, path, precision, rec ?? null, convert, signal, onProgress);
+      } catch (e) {
+        if (!(e instanceof NetworkError) || signal.aborted || attempt === ATTEMPTS) throw e;
+        await new Promise((r) => setTimeout(r, 1000 * 2 ** attempt));
+      }
+    }
+  });
+}
+
+async function fetchConverted(
+  base: string,
+  path: string,
+  precision: Precision,
+  rec: FileRecord | null,
+  convert: Converter,
+  signal: AbortSignal,
+  onProgress: (n: number) => void,
+): Promise<FileRecord> {
+  const url = `${base}/${path}`;
+  const from = rec?.received ?? 0;
+  const res = await network(() => fetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} }));
+  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
+  if (res.status !== 200 && res.status !== 206) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const etag = res.headers.get("x-linked-etag") ?? res.headers.get("etag");
+  const range = /^bytes (\d+)-\d+\/(\d+)$/.exec(res.headers.get("content-range") ?? "");
+  if (rec && from > 0 && !(res.status === 206 && Number(range?.[1]) === from && rec.etag === etag)) {
+    await discard(rec.key);
+    await res.body?.cancel();
+    return fetchConverted(base, path, precision, null, convert, signal, onProgress);
+  }
+  const length = res.headers.get("content-length");
+  rec ??= {
+    key: `${base}/${path}#${precision}`,
+    base,
+    path: `${path}#${precision}`,
+    size: range ? Number(range[2]) : length === null ? null : Number(length),
+    received: 0,
+    chunkSize: 0,
+    sha256: await statedSha256(res, base, path),
+    etag,
+    hash: new Sha256().save(),
+    complete: false,
+    converted: { header: null, tensors: [], chunks: 0 },
+  };
+  const state = rec.converted!;
+  const hasher = Sha256.restore(rec.hash!);
+  // Source bytes from `rec.received` on: hashed and dropped once their tensors are stored.
+  let pending = new Uint8Array(0);
+  let out: Uint8Array[] = [];
+  let outBytes = 0;
+  /** The source offset up to which every tensor is converted (stored or in `out`). */
+  let converted = rec.received;
+  const left = state.header?.tensors.findIndex((t) => t.end > converted) ?? 0;
+  let next = left < 0 ? state.header!.tensors.length : left;
+  /** Stores the tensors in `out` and the record, as of source offset `converted`. */
+  const flush = async () => {
+    const used = converted - rec!.received;
+    hasher.update(pending.subarray(0, used));
+    pending = pending.slice(used);
+    const chunk = new Uint8Array(outBytes);
+    out.reduce((at, part) => (chunk.set(part, at), at + part.length), 0);
+    const index = state.chunks;
+    const updated: FileRecord = { ...rec!, received: converted, hash: hasher.save(), converted: { ...state, chunks: index + (outBytes > 0 ? 1 : 0) } };
+    await write((files, chunks) => {
+      if (outBytes > 0) chunks.put(chunk, [rec!.key, index]);
+      files.put(updated);
+    });
+    Object.assign(rec!, updated);
+    Object.assign(state, updated.converted);
+    out = [];
+    outBytes = 0;
+  };
+  const reader = res.body!.getReader();
+  for (;;) {
+    const { done, value } = await network(() => reader.read());
+    if (done) break;
+    const grown = new Uint8Array(pending.length + value.length);
+    grown.set(pending);
+    grown.set(value, pending.length);
+    pending = grown;
+    if (!state.header && pending.length >= 8) {
+      const n = headerLength(pending.subarray(0, 8));
+      if (pending.length >= 8 + n) {
+        state.header = parseHeader(pending.subarray(8, 8 + n));
+        converted = 8 + n;
+      }
+    }
+    const tensors = state.header?.tensors ?? [];
+    while (next < tensors.length && tensors[next].end <= rec.received + pending.length) {
+      const t = tensors[next++];
+      const result = convert(t, pending.subarray(t.begin - rec.received, t.end - rec.received), precision);
+      if (result) {
+        state.tensors.push({ name: t.name, format: result.format, shape: t.shape, chunk: state.chunks, offset: outBytes, length: result.bytes.length });
+        out.push(result.bytes);
+        outBytes += result.bytes.length;
+      }
+      converted = t.end;
+      if (outBytes >= CHUNK) await flush();
+    }
+    onProgress(rec.received + pending.length);
+  }
+  const arrived = rec.received + pending.length;
+  const header = state.header;
+  if (!header || next < header.tensors.length || (rec.size !== null && arrived < rec.size)) {
+    // Keep what is converted; the next attempt asks for the rest.
+    await flush();
+    throw new NetworkError(`The connection closed after ${arrived} bytes of ${path}.`);
+  }
+  await flush();
+  const problem =
+    arrived !== header.fileSize
+      ? `its header describes ${header.fileSize} bytes but ${arrived} arrived`
+      : rec.sha256 && hasher.hex() !== rec.sha256
+        ? "its SHA-256 differs from the one the host states"
+        : null;
+  if (problem) {
+    await discard(rec.key);
+    throw new CorruptDownload(`${url} is corrupt (${problem}). The download was discarded; try again.`);
+  }
+  const done: FileRecord = { ...rec, size: rec.received, hash: null, complete: true };
+  await write((files) => files.put(done));
+  return done;
 }
 
 /** Runs a fetch step, turning a lost connection into a NetworkError. */
@@ -307,6 +542,7 @@ async function fetchRest(
   rec: FileRecord | null,
   signal: AbortSignal,
   onProgress: (n: number) => void,
+  sha256?: string,
 ): Promise<FileRecord> {
   if (rec && rec.size !== null && rec.received === rec.size) return finish(rec, Sha256.restore(rec.hash!), 206);
   const url = `${base}/${path}`;
@@ -322,7 +558,7 @@ async function fetchRest(
     rec = null;
     if (res.status === 206) {
       await res.body?.cancel();
-      return fetchRest(base, path, null, signal, onProgress);
+      return fetchRest(base, path, null, signal, onProgress, sha256);
     }
   }
   const length = res.headers.get("content-length");
@@ -333,7 +569,7 @@ async function fetchRest(
     size: range ? Number(range[2]) : length === null ? null : Number(length),
     received: 0,
     chunkSize: CHUNK,
-    sha256: await statedSha256(res, base, path),
+    sha256: sha256 ?? (await statedSha256(res, base, path)),
     etag,
     hash: new Sha256().save(),
     complete: false,
@@ -394,7 +630,7 @@ async function finish(rec: FileRecord, hasher: Sha256, status: number): Promise<
 async function verify(rec: FileRecord, hasher: Sha256, status: number): Promise<string | null> {
   // A compressed 200 response decodes to more bytes than its Content-Length states.
   if (rec.size !== null && rec.received > rec.size && status === 206) return `${rec.received} bytes where the host stated ${rec.size}`;
-  if (rec.sha256 && hasher.hex() !== rec.sha256) return "its SHA-256 differs from the one the host states";
+  if (rec.sha256 && hasher.hex() !== rec.sha256) return "its SHA-256 differs from the one the host or manifest states";
   const file = new StoredFile(rec);
   if (rec.path.endsWith(".safetensors")) {
     let header;

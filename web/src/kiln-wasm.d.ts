@@ -7,7 +7,10 @@ declare module "kiln-wasm" {
     static create(): Promise<Engine>;
     set_file(path: string, bytes: Uint8Array): void;
     add_tensor(stem: string, name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array): void;
-    finish_load(model_name: string): import("./protocol").ModelInfo;
+    add_stored(stem: string, name: string, format: string, shape: Uint32Array, bytes: Uint8Array): void;
+    static stored_format(name: string, shape: Uint32Array, format: string): string;
+    static convert(name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array, stored: string): Uint8Array;
+    finish_load(model_name: string): Omit<import("./protocol").ModelInfo, "precision">;
     start(request: import("./protocol").GenerateRequest): import("./protocol").Started;
     step(): number;
     finished(): boolean;

@@ -2,12 +2,14 @@
 // GPU all live in the worker; this thread only renders and relays.
 import { modelStatus, removeModel } from "./cache";
 import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ToWorker } from "./protocol";
+import type { Precision } from "./model";
 import { PRESETS, SCHEDULERS, fromQuery, modelDefaults, normalizeModelUrl, presetFor, randomSeed, toQuery, type Settings } from "./settings";
 
 const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
 const ui = {
   form: $<HTMLFormElement>("form"),
   model: $<HTMLSelectElement>("model"),
+  precision: $<HTMLSelectElement>("precision"),
   custom: $("custom"),
   modelUrl: $<HTMLInputElement>("model-url"),
   cacheStatus: $("cache-status"),
@@ -48,11 +50,16 @@ let settings: Settings = fromQuery(location.search);
 let worker: Worker | null = null;
 /** The model the worker was last asked for, and the one it holds. */
 let workerModel: string | null = null;
-let loaded: { base: string; info: ModelInfo } | null = null;
+let loaded: { key: string; info: ModelInfo } | null = null;
 /** The worker has a task: loading, or generating (then `run` is set). */
 let busy = false;
 let run: { seed: number; startedAt: number } | null = null;
 let imageUrl: string | null = null;
+
+/** One model in one precision: what a worker holds. */
+function modelKey(s: Pick<Settings, "model" | "precision">): string {
+  return `${s.model}#${s.precision}`;
+}
 
 // ---- settings <-> controls <-> address bar ----
 
@@ -62,12 +69,13 @@ function showSettings(s: Settings): void {
   ui.custom.hidden = !!preset;
   ui.modelUrl.required = !preset;
   if (!preset) ui.modelUrl.value = s.model;
+  ui.precision.value = s.precision;
   ui.prompt.value = s.prompt;
   ui.negative.value = s.negativePrompt;
   ui.seed.value = String(s.seed);
   ui.steps.value = String(s.steps);
   ui.guidance.value = String(s.guidance);
-  fillSchedulers(loaded?.base === s.model ? loaded.info : null, s.scheduler);
+  fillSchedulers(loaded?.key === modelKey(s) ? loaded.info : null, s.scheduler);
   ui.width.value = s.width === null ? "" : String(s.width);
   ui.height.value = s.height === null ? "" : String(s.height);
 }
@@ -78,6 +86,7 @@ function readControls(): Settings {
   const size = (input: HTMLInputElement) => (Number.isFinite(input.valueAsNumber) ? input.valueAsNumber : null);
   return {
     model: preset ? preset.url : normalizeModelUrl(ui.modelUrl.value),
+    precision: ui.precision.value as Precision,
     prompt: ui.prompt.value,
     negativePrompt: ui.negative.value,
     seed: number(ui.seed, settings.seed),
@@ -137,22 +146,24 @@ function host(url: string): string {
 
 async function showCache(): Promise<boolean> {
   const status = await modelStatus(settings.model);
-  ui.cacheStatus.textContent = status.complete
-    ? `Stored in this browser (${bytes(status.bytes)}); works offline.`
+  const complete = status.package ? status.precisions.length > 0 : status.precisions.includes(settings.precision);
+  const kept = status.precisions.map((p) => (p === "original" ? "as published" : p)).join(", ");
+  ui.cacheStatus.textContent = complete
+    ? `Stored in this browser${status.package ? " (a Kiln package)" : ""}: ${kept}, ${bytes(status.bytes)} in all; works offline.`
     : status.bytes > 0
       ? `Partly downloaded (${bytes(status.bytes)}); Generate continues the download.`
       : `Not downloaded yet; Generate downloads it once from ${host(settings.model)}.`;
   ui.remove.disabled = busy || status.bytes === 0;
-  return status.complete;
+  return complete;
 }
 
 /** Loads a fully cached model onto the GPU right away, so the first Generate is quick. */
 async function warmUp(): Promise<void> {
-  if ((await showCache()) && !busy && loaded?.base !== settings.model && !ui.generate.disabled) {
+  if ((await showCache()) && !busy && loaded?.key !== modelKey(settings) && !ui.generate.disabled) {
     busy = true;
     ui.remove.disabled = true;
     setStatus("Loading the model from the cache…");
-    send({ type: "load", base: settings.model });
+    send({ type: "load", base: settings.model, precision: settings.precision });
   }
 }
 
@@ -166,8 +177,9 @@ async function remove(): Promise<void> {
 
 function send(msg: Exclude<ToWorker, { type: "cancel" }>): void {
   // One model on the GPU at a time: another model gets a fresh worker (and device).
-  if (workerModel !== msg.base) stopWorker();
-  workerModel = msg.base;
+  const key = modelKey({ model: msg.base, precision: msg.precision });
+  if (workerModel !== key) stopWorker();
+  workerModel = key;
   if (!worker) {
     worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     worker.onmessage = (e: MessageEvent<FromWorker>) => receive(e.data);
@@ -194,9 +206,9 @@ function receive(msg: FromWorker): void {
       setStatus(`Loading the model into GPU memory: ${Math.floor((100 * msg.done) / msg.total)}%`);
       break;
     case "loaded":
-      loaded = { base: msg.base, info: msg.info };
+      loaded = { key: workerModel!, info: msg.info };
       ui.files.replaceChildren();
-      if (msg.base === settings.model) applyInfo(msg.info);
+      if (workerModel === modelKey(settings)) applyInfo(msg.info);
       if (!run) finish("Model ready.");
       break;
     case "started":
@@ -254,7 +266,7 @@ function generate(): void {
   ui.cancel.disabled = false;
   // Ask the browser not to evict the model under storage pressure.
   void navigator.storage?.persist?.();
-  setStatus(loaded?.base === settings.model ? "Starting…" : "Preparing the model…");
+  setStatus(loaded?.key === modelKey(settings) ? "Starting…" : "Preparing the model…");
   const request: GenerateRequest = {
     prompt: settings.prompt,
     negative_prompt: settings.negativePrompt,
@@ -265,7 +277,7 @@ function generate(): void {
     height: settings.height ?? undefined,
     seed: settings.seed,
   };
-  send({ type: "generate", base: settings.model, request });
+  send({ type: "generate", base: settings.model, precision: settings.precision, request });
 }
 
 /** The worker is idle again; `status` is the new progress line. */
@@ -364,7 +376,7 @@ function wire(): void {
     generate();
   });
   ui.form.addEventListener("input", (e) => {
-    if (e.target === ui.model || e.target === ui.modelUrl) return;
+    if (e.target === ui.model || e.target === ui.modelUrl || e.target === ui.precision) return;
     settings = readControls();
     publish();
   });
@@ -372,6 +384,11 @@ function wire(): void {
     ui.custom.hidden = ui.model.value !== CUSTOM;
     ui.modelUrl.required = ui.model.value === CUSTOM;
     if (ui.model.value !== CUSTOM || ui.modelUrl.checkValidity()) void changeModel();
+  });
+  ui.precision.addEventListener("change", () => {
+    settings = readControls();
+    publish();
+    void warmUp();
   });
   ui.modelUrl.addEventListener("change", () => {
     if (ui.modelUrl.value && ui.modelUrl.checkValidity()) void changeModel();

@@ -28,3 +28,10 @@ export const WEIGHT_STEMS = ["text_encoder/model", "unet/diffusion_pytorch_model
 export function weightVariants(stem: string): string[] {
   return [`${stem}.fp16.safetensors`, `${stem}.safetensors`];
 }
+
+/**
+ * How a repo's weights are kept in the cache and on the GPU: as published, or converted as
+ * they download (docs/packages.md). q8 and q4 stay quantized on the GPU too.
+ */
+export const PRECISIONS = ["original", "f16", "q8", "q4"] as const;
+export type Precision = (typeof PRECISIONS)[number];

@@ -1,4 +1,5 @@
 // Messages between the page (main.ts) and the engine's worker (worker.ts).
+import type { Precision } from "./model";
 
 export interface GenerateRequest {
   prompt: string;
@@ -11,12 +12,13 @@ export interface GenerateRequest {
   seed: number;
 }
 
-/** What `Engine.finish_load` reports about the loaded model. */
+/** What `Engine.finish_load` reports about the loaded model, and the precision its weights are in. */
 export interface ModelInfo {
   default_size: number;
   size_multiple: number;
   default_scheduler: string;
   schedulers: string[];
+  precision: Precision;
 }
 
 export interface Started {
@@ -39,8 +41,8 @@ export interface DownloadProgress {
 }
 
 export type ToWorker =
-  | { type: "load"; base: string }
-  | { type: "generate"; base: string; request: GenerateRequest }
+  | { type: "load"; base: string; precision: Precision }
+  | { type: "generate"; base: string; precision: Precision; request: GenerateRequest }
   | { type: "cancel" };
 
 /**

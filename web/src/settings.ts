@@ -1,5 +1,6 @@
 // The model and every generation setting live in the page's query string, so the address
 // bar is always a share link: opening it restores the same model and settings.
+import { PRECISIONS, type Precision } from "./model";
 
 export interface Preset {
   id: string;
@@ -23,6 +24,8 @@ const CUSTOM_DEFAULTS = { steps: 25, guidance: 7.5 };
 
 export interface Settings {
   model: string;
+  /** How a repo's weights are cached and held (a package keeps its own). */
+  precision: Precision;
   prompt: string;
   negativePrompt: string;
   seed: number;
@@ -57,8 +60,10 @@ export function fromQuery(search: string): Settings {
   const q = new URLSearchParams(search);
   const model = normalizeModelUrl(q.get("model") || PRESETS[0].url);
   const defaults = modelDefaults(model);
+  const precision = q.get("precision");
   return {
     model,
+    precision: PRECISIONS.find((p) => p === precision) ?? "original",
     prompt: q.get("prompt") ?? "",
     negativePrompt: q.get("negative") ?? "",
     seed: int(q.get("seed"), 0, Number.MAX_SAFE_INTEGER) ?? randomSeed(),
@@ -72,6 +77,7 @@ export function fromQuery(search: string): Settings {
 
 export function toQuery(s: Settings): string {
   const q = new URLSearchParams({ model: s.model, prompt: s.prompt });
+  if (s.precision !== "original") q.set("precision", s.precision);
   if (s.negativePrompt) q.set("negative", s.negativePrompt);
   q.set("seed", String(s.seed));
   q.set("steps", String(s.steps));

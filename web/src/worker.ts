@@ -3,9 +3,24 @@
 // a cancel lands within one step. The page replaces the whole worker after a crash or a
 // lost device, since the wasm module cannot be trusted after either.
 import init, { Engine } from "kiln-wasm";
-import { CorruptDownload, NetworkError, NotFound, StorageShort, StoredFile, checkSpace, download, openStored, planModel, type PlannedFile } from "./cache";
+import {
+  CorruptDownload,
+  NetworkError,
+  NotFound,
+  StorageShort,
+  StoredFile,
+  checkSpace,
+  download,
+  downloadConverted,
+  openStored,
+  planModel,
+  storedPath,
+  type Converter,
+  type PackageManifest,
+  type PlannedFile,
+} from "./cache";
 import type { ErrorKind, FileProgress, FromWorker, GenerateRequest, ToWorker } from "./protocol";
-import { WEIGHT_STEMS } from "./model";
+import { WEIGHT_STEMS, type Precision } from "./model";
 
 const scope = self as unknown as DedicatedWorkerGlobalScope;
 
@@ -37,7 +52,7 @@ if (typeof GPUAdapter !== "undefined") {
 }
 
 let engine: Engine | null = null;
-/** The model the engine holds, by base URL. */
+/** The model the engine holds: base URL and the precision asked for. */
 let loaded: string | null = null;
 let tasks: Promise<void> = Promise.resolve();
 let current: AbortController | null = null;
@@ -65,7 +80,7 @@ scope.onunhandledrejection = (event) => post({ type: "error", kind: "crash", mes
 async function run(msg: Exclude<ToWorker, { type: "cancel" }>): Promise<void> {
   const abort = (current = new AbortController());
   try {
-    await ensureModel(msg.base, abort.signal);
+    await ensureModel(msg.base, msg.precision, abort.signal);
     if (msg.type === "generate") await generate(msg.request, abort.signal);
   } catch (e) {
     if (abort.signal.aborted) post({ type: "cancelled" });
@@ -97,21 +112,31 @@ async function createEngine(): Promise<Engine> {
   }
 }
 
-async function ensureModel(base: string, signal: AbortSignal): Promise<void> {
-  if (loaded === base) return;
+async function ensureModel(base: string, precision: Precision, signal: AbortSignal): Promise<void> {
+  if (loaded === `${base}#${precision}`) return;
   engine ??= await createEngine();
   loaded = null;
-  const plan = await planModel(base);
-  if (plan.some((f) => !f.complete)) {
-    await checkSpace(plan);
-    await downloadAll(base, plan.filter((f) => !f.absent), signal);
+  const plan = await planModel(base, precision, signal);
+  const needed = plan.files.filter((f) => !f.absent);
+  if (needed.some((f) => !f.complete)) {
+    await checkSpace(needed);
+    await downloadAll(base, needed, signal);
   }
-  const files = await Promise.all(plan.filter((f) => !f.absent).map((f) => openStored(base, f.path)));
-  await upload(engine, files, signal);
-  const info = engine.finish_load(base);
-  loaded = base;
-  post({ type: "loaded", base, info });
+  const files = await Promise.all(needed.map((f) => openStored(base, storedPath(f))));
+  if (plan.manifest) await uploadPackage(engine, plan.manifest, files, signal);
+  else await upload(engine, files, signal);
+  const info = engine.finish_load(plan.manifest?.name ?? base);
+  loaded = `${base}#${precision}`;
+  post({ type: "loaded", base, info: { ...info, precision: plan.precision } });
 }
+
+/** Converts one safetensors tensor for the cache in the engine's formats (see docs/packages.md). */
+const convert: Converter = (t, bytes, precision) => {
+  if (!["F32", "F16", "BF16"].includes(t.dtype)) return null;
+  const shape = Uint32Array.from(t.shape);
+  const format = Engine.stored_format(t.name, shape, precision);
+  return { format, bytes: Engine.convert(t.name, t.dtype, shape, bytes, format) };
+};
 
 /** Downloads what is missing, one file at a time, reporting every file and the rate. */
 async function downloadAll(base: string, plan: PlannedFile[], signal: AbortSignal): Promise<void> {
@@ -131,10 +156,13 @@ async function downloadAll(base: string, plan: PlannedFile[], signal: AbortSigna
   report(true);
   for (const [i, file] of plan.entries()) {
     if (file.complete) continue;
-    const record = await download(base, file.path, signal, (n) => {
+    const onProgress = (n: number) => {
       progress[i].received = n;
       report(false);
-    });
+    };
+    const record = file.convert
+      ? await downloadConverted(base, file.path, file.convert, convert, signal, onProgress)
+      : await download(base, file.path, signal, onProgress, file.sha256);
     progress[i] = { path: file.path, received: record.received, size: record.received };
     report(true);
   }
@@ -144,28 +172,65 @@ async function downloadAll(base: string, plan: PlannedFile[], signal: AbortSigna
 async function upload(engine: Engine, files: StoredFile[], signal: AbortSignal): Promise<void> {
   const weights = [];
   for (const file of files) {
-    if (file.record.path.endsWith(".safetensors")) weights.push({ file, header: await file.safetensorsHeader() });
+    if (file.record.converted) weights.push({ file, header: null });
+    else if (file.record.path.endsWith(".safetensors")) weights.push({ file, header: await file.safetensorsHeader() });
     else engine.set_file(file.record.path, await file.all());
   }
-  const total = weights.reduce((sum, w) => sum + w.file.record.received, 0);
-  let done = 0;
-  let lastPost = 0;
+  // Converted files count their converted bytes; originals their file bytes.
+  const size = (f: StoredFile) => f.record.converted?.tensors.reduce((sum, t) => sum + t.length, 0) ?? f.record.received;
+  const progress = uploadProgress(weights.reduce((sum, w) => sum + size(w.file), 0));
   for (const { file, header } of weights) {
     const stem = WEIGHT_STEMS.find((s) => file.record.path.startsWith(`${s}.`))!;
-    for (const t of header.tensors) {
+    for (const t of file.record.converted?.tensors ?? []) {
+      if (signal.aborted) throw new Error("cancelled");
+      const bytes = (await file.chunk(t.chunk)).subarray(t.offset, t.offset + t.length);
+      engine.add_stored(stem, t.name, t.format, Uint32Array.from(t.shape), bytes);
+      progress(t.length);
+    }
+    for (const t of header?.tensors ?? []) {
       if (signal.aborted) throw new Error("cancelled");
       // Integer buffers (e.g. CLIP's position_ids) are not weights the engine reads.
       if (["F32", "F16", "BF16"].includes(t.dtype)) {
         engine.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), await file.read(t.begin, t.end));
       }
-      done += t.end - t.begin;
-      if (performance.now() - lastPost > 250) {
-        lastPost = performance.now();
-        post({ type: "uploading", done, total });
-      }
+      progress(t.end - t.begin);
     }
   }
-  post({ type: "uploading", done: total, total });
+  progress(Infinity);
+}
+
+/** A package: its embedded files, then every tensor, read across the shards it spans. */
+async function uploadPackage(engine: Engine, manifest: PackageManifest, files: StoredFile[], signal: AbortSignal): Promise<void> {
+  const encoder = new TextEncoder();
+  for (const [path, text] of Object.entries(manifest.files)) engine.set_file(path, encoder.encode(text));
+  const shards = manifest.shards.map((s) => files.find((f) => f.record.path === s.path)!);
+  const progress = uploadProgress(manifest.tensors.reduce((sum, t) => sum + t.length, 0));
+  for (const t of manifest.tensors) {
+    if (signal.aborted) throw new Error("cancelled");
+    const bytes = new Uint8Array(t.length);
+    let [shard, offset, filled] = [t.shard, t.offset, 0];
+    while (filled < t.length) {
+      const take = Math.min(t.length - filled, shards[shard].record.received - offset);
+      bytes.set(await shards[shard].read(offset, offset + take), filled);
+      [shard, offset, filled] = [shard + 1, 0, filled + take];
+    }
+    engine.add_stored(t.file, t.name, t.format, Uint32Array.from(t.shape), bytes);
+    progress(t.length);
+  }
+  progress(Infinity);
+}
+
+/** Reports upload progress to the page at most every 250 ms; `Infinity` reports the end. */
+function uploadProgress(total: number): (bytes: number) => void {
+  let done = 0;
+  let lastPost = 0;
+  return (bytes) => {
+    done = Math.min(total, done + bytes);
+    if (bytes === Infinity || performance.now() - lastPost > 250) {
+      lastPost = performance.now();
+      post({ type: "uploading", done, total });
+    }
+  };
 }
 
 async function generate(request: GenerateRequest, signal: AbortSignal): Promise<void> {
