@@ -233,7 +233,8 @@ export async function planModel(base: string, precision: Precision, signal: Abor
     const record = await download(base, MANIFEST, signal, () => {});
     const manifest = parseManifest(await new StoredFile(record).all(), base);
     const shards = manifest.shards.map(async (shard) => ({ ...(await plan(shard.path)), sha256: shard.sha256 }));
-    return { manifest, precision: manifest.format, files: [manifestFile, ...(await Promise.all(shards))] };
+    const stored = { path: MANIFEST, size: record.received, received: record.received, complete: true };
+    return { manifest, precision: manifest.format, files: [stored, ...(await Promise.all(shards))] };
   }
   const convert = precision === "original" ? undefined : precision;
   const weight = async (stem: string): Promise<PlannedFile> => {
