@@ -203,6 +203,8 @@ fn main() -> ExitCode {
             let report = if formats.is_empty() {
                 bench::run(&backend.device(), &bench::BenchArgs { models: vec![model], size, batch, iters })
             } else {
+                // One model per format comparison: SD 1.5 unless another is named.
+                let model = if model == "all" { "sd15".to_owned() } else { model };
                 formats.iter().map(|f| Format::from_name(f)).collect::<Result<Vec<_>>>().and_then(|formats| {
                     bench::formats(&backend.device(), &bench::FormatArgs { model, size, steps, formats })
                 })

@@ -30,24 +30,9 @@ fn fails_with(args: &[&str], needle: &str) {
     assert!(stderr(&out).contains(needle), "stderr for {args:?} lacks {needle:?}: {}", stderr(&out));
 }
 
-#[derive(serde::Deserialize)]
-struct Case {
-    model: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    guidance: f64,
-    scheduler: String,
-    width: usize,
-    height: usize,
-    latents: String,
-    image: String,
-}
-
 #[test]
 fn generate_writes_diffusers_image_with_parameters() {
-    let text = std::fs::read_to_string(common::fixtures().join("images/cases.json")).expect("cases.json");
-    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases parse");
+    let cases = common::cases();
     let case = cases
         .iter()
         .find(|c| c.model == "sd1-tiny" && c.scheduler == "euler" && c.negative_prompt.is_some() && c.width == c.height)
