@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::files::{MemoryFiles, ModelFiles};
 use crate::quant::{BLOCK, Format};
-use crate::weights::{Uploaded, Weights, safetensors_values, weight_file_names};
+use crate::weights::{Uploaded, Weights, read_weight_file, safetensors_values};
 
 pub const MANIFEST: &str = "manifest.json";
 /// The package layout version this build reads and writes.
@@ -169,9 +169,7 @@ pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manife
     let mut writer = ShardWriter { dir: out.to_owned(), current: Vec::new(), shards: Vec::new() };
     let mut tensors = Vec::new();
     for stem in WEIGHT_STEMS {
-        let Some((path, bytes)) = weight_file_names(stem).into_iter().find_map(|p| files.read(&p).transpose().map(|b| b.map(|b| (p, b)))).transpose()? else {
-            return Err(Error::Invalid(format!("{}: neither {stem}.safetensors nor {stem}.fp16.safetensors exists", files.name())));
-        };
+        let (path, bytes) = read_weight_file(files, stem)?;
         let label = files.label(&path);
         let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
         let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();

@@ -169,12 +169,8 @@ impl Weights {
 
     /// Opens `<stem>.safetensors`, or the `.fp16.safetensors` variant when it is the only one.
     pub fn open(files: &dyn ModelFiles, stem: &str, device: &Device) -> Result<Self> {
-        for path in weight_file_names(stem) {
-            if let Some(bytes) = files.read(&path)? {
-                return Self::from_bytes(files.label(&path), bytes, device);
-            }
-        }
-        Err(Error::Invalid(format!("{}: neither {stem}.safetensors nor {stem}.fp16.safetensors exists", files.name())))
+        let (path, bytes) = read_weight_file(files, stem)?;
+        Self::from_bytes(files.label(&path), bytes, device)
     }
 
     /// The view under `prefix.name`.
@@ -264,6 +260,16 @@ impl Weights {
 /// The files a weight file `stem` may be published as, in order of preference.
 pub fn weight_file_names(stem: &str) -> [String; 2] {
     [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")]
+}
+
+/// The path and bytes of the first of [`weight_file_names`] that `files` has.
+pub fn read_weight_file(files: &dyn ModelFiles, stem: &str) -> Result<(String, Vec<u8>)> {
+    for path in weight_file_names(stem) {
+        if let Some(bytes) = files.read(&path)? {
+            return Ok((path, bytes));
+        }
+    }
+    Err(Error::Invalid(format!("{}: neither {stem}.safetensors nor {stem}.fp16.safetensors exists", files.name())))
 }
 
 /// Little-endian F32/F16/BF16 bytes as f32; `None` for other dtypes.
