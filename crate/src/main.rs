@@ -184,10 +184,10 @@ struct UpscaleArgs {
     noise_level: usize,
     /// Upscale in overlapping tiles of this many input pixels (a multiple of the UNet's
     /// down-sampling) to bound memory; an image no larger than one tile runs in one piece.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = upscale::DEFAULT_TILES.size)]
     tile: usize,
     /// Minimum overlap of neighbouring tiles, in input pixels.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = upscale::DEFAULT_TILES.overlap)]
     tile_overlap: usize,
 }
 
@@ -248,33 +248,27 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn img2img(args: Img2ImgArgs) -> Result<()> {
-    let image = read_image(&args.init_image)?;
     let strength = args.strength.unwrap_or(img2img::DEFAULT_STRENGTH);
-    let extra = vec![("Denoising strength", strength.to_string())];
-    run(args.common, true, extra, |pipe, request| pipe.start_img2img(request, Img2Img { image, strength, encode_noise: None }))
+    let input = Img2Img { image: read_image(&args.init_image)?, strength, encode_noise: None };
+    run(args.common, true, input.parameters(), |pipe, request| pipe.start_img2img(request, input))
 }
 
 fn inpaint(args: InpaintArgs) -> Result<()> {
-    let image = read_image(&args.init_image)?;
-    let mask = read_image(&args.mask)?;
-    let strength = args.strength.unwrap_or(inpaint::DEFAULT_STRENGTH);
-    let extra = vec![("Denoising strength", strength.to_string()), ("Mask blur", args.mask_blur.to_string())];
-    run(args.common, true, extra, |pipe, request| {
-        let input = Inpaint { image, mask, mask_blur: args.mask_blur, strength, image_noise: None, masked_image_noise: None };
-        pipe.start_inpaint(request, input)
-    })
+    let input = Inpaint {
+        image: read_image(&args.init_image)?,
+        mask: read_image(&args.mask)?,
+        mask_blur: args.mask_blur,
+        strength: args.strength.unwrap_or(inpaint::DEFAULT_STRENGTH),
+        image_noise: None,
+        masked_image_noise: None,
+    };
+    run(args.common, true, input.parameters(), |pipe, request| pipe.start_inpaint(request, input))
 }
 
 fn upscale(args: UpscaleArgs) -> Result<()> {
-    let image = read_image(&args.image)?;
-    let tiles = TileSize { size: args.tile, overlap: args.tile_overlap };
-    let mut extra = vec![("Noise level", args.noise_level.to_string())];
-    if image.width > tiles.size || image.height > tiles.size {
-        extra.extend([("Tile size", tiles.size.to_string()), ("Tile overlap", tiles.overlap.to_string())]);
-    }
-    run(args.common, true, extra, |pipe, request| {
-        pipe.start_upscale(request, Upscale { image, noise_level: args.noise_level, tiles: Some(tiles), low_res_noise: None })
-    })
+    let tiles = Some(TileSize { size: args.tile, overlap: args.tile_overlap });
+    let input = Upscale { image: read_image(&args.image)?, noise_level: args.noise_level, tiles, low_res_noise: None };
+    run(args.common, true, input.parameters(), |pipe, request| pipe.start_upscale(request, input))
 }
 
 fn read_image(path: &Path) -> Result<Image8> {

@@ -20,6 +20,13 @@ pub struct Img2Img {
     pub encode_noise: Option<npy::Array>,
 }
 
+impl Img2Img {
+    /// What this mode adds to the PNG's `parameters`, in Automatic1111's words.
+    pub fn parameters(&self) -> Vec<(&'static str, String)> {
+        vec![("Denoising strength", self.strength.to_string())]
+    }
+}
+
 /// Checks a `strength` in (0, 1].
 pub(super) fn check_strength(strength: f64) -> Result<f64> {
     if strength > 0.0 && strength <= 1.0 {

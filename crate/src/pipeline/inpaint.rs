@@ -29,6 +29,13 @@ pub struct Inpaint {
     pub masked_image_noise: Option<npy::Array>,
 }
 
+impl Inpaint {
+    /// What this mode adds to the PNG's `parameters`, in Automatic1111's words.
+    pub fn parameters(&self) -> Vec<(&'static str, String)> {
+        vec![("Denoising strength", self.strength.to_string()), ("Mask blur", self.mask_blur.to_string())]
+    }
+}
+
 impl StableDiffusion {
     /// Validates `req` and `input`, prepares the mask, the image latents and the initial latents.
     pub fn start_inpaint(&self, req: Request, input: Inpaint) -> Result<super::Denoising> {

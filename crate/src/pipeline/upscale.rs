@@ -20,6 +20,8 @@ use crate::schedulers::{ForwardNoise, SchedulerConfig};
 pub const DEFAULT_STEPS: usize = 75;
 pub const DEFAULT_GUIDANCE: f64 = 9.0;
 pub const DEFAULT_NOISE_LEVEL: usize = 20;
+/// Tiles that keep a 512² input (2048² out) within a browser's memory.
+pub const DEFAULT_TILES: TileSize = TileSize { size: 128, overlap: 32 };
 
 /// What an upscaler folder adds: how the low-resolution image is noised and how far.
 pub struct UpscalerConfig {
@@ -54,6 +56,18 @@ pub struct Upscale {
     pub tiles: Option<TileSize>,
     /// The low-resolution image's noise `[1, 3, H, W]` instead of the seed's (parity tests).
     pub low_res_noise: Option<npy::Array>,
+}
+
+impl Upscale {
+    /// What this mode adds to the PNG's `parameters`, in Automatic1111's words; the tiles only
+    /// when the image spans more than one.
+    pub fn parameters(&self) -> Vec<(&'static str, String)> {
+        let mut extra = vec![("Noise level", self.noise_level.to_string())];
+        if let Some(tiles) = self.tiles.filter(|t| self.image.width > t.size || self.image.height > t.size) {
+            extra.extend([("Tile size", tiles.size.to_string()), ("Tile overlap", tiles.overlap.to_string())]);
+        }
+        extra
+    }
 }
 
 impl StableDiffusion {
@@ -93,5 +107,19 @@ impl StableDiffusion {
         let conditioning = Conditioning { extra_channels: Some(noisy_image), class_label: Some(input.noise_level), tiles, ..Default::default() };
         let f = self.vae.config.scale_factor();
         Ok(setup.denoising(latents, 0, conditioning, req.step_noise, width * f, height * f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_name_the_tiles_only_when_there_are_several() {
+        let image = |side: usize| Image8 { width: side, height: side, channels: 3, pixels: vec![0; side * side * 3] };
+        let input = |side| Upscale { image: image(side), noise_level: 20, tiles: Some(DEFAULT_TILES), low_res_noise: None };
+        assert_eq!(input(128).parameters(), vec![("Noise level", "20".to_string())]);
+        let names: Vec<_> = input(136).parameters().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["Noise level", "Tile size", "Tile overlap"]);
     }
 }
