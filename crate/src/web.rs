@@ -10,7 +10,11 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
 use crate::files::MemoryFiles;
+use crate::pipeline::image_processor::Image8;
+use crate::pipeline::img2img::{self, Img2Img};
+use crate::pipeline::inpaint::{self, Inpaint};
 use crate::pipeline::png::{self, GenerationParams};
+use crate::pipeline::upscale::{self, Upscale};
 use crate::pipeline::{Denoising, Request, StableDiffusion};
 use crate::schedulers::SchedulerKind;
 use crate::quant::Format;
@@ -25,9 +29,11 @@ fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
-/// Settings as the page sends them; absent fields take the model's defaults.
+/// Settings as the page sends them; absent fields take the model's (or the mode's) defaults.
 #[derive(Deserialize)]
 struct WebRequest {
+    #[serde(default)]
+    mode: Mode,
     prompt: String,
     #[serde(default)]
     negative_prompt: String,
@@ -37,6 +43,55 @@ struct WebRequest {
     width: Option<usize>,
     height: Option<usize>,
     seed: u64,
+    /// The init image (img2img, inpaint) or the low-resolution one (upscale).
+    image: Option<WebImage>,
+    mask: Option<WebImage>,
+    strength: Option<f64>,
+    #[serde(default)]
+    mask_blur: f32,
+    noise_level: Option<usize>,
+}
+
+/// Which pipeline [`Engine::start`] runs.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    #[default]
+    Txt2img,
+    Img2img,
+    Inpaint,
+    Upscale,
+}
+
+/// An image from the page: a PNG file's bytes, decoded exactly as the CLI decodes files, or a
+/// canvas's RGBA pixels (alpha dropped, as for PNGs).
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum WebImage {
+    Png(#[serde(with = "serde_wasm_bindgen::preserve")] js_sys::Uint8Array),
+    Rgba {
+        width: usize,
+        height: usize,
+        #[serde(with = "serde_wasm_bindgen::preserve")]
+        pixels: js_sys::Uint8Array,
+    },
+}
+
+impl WebImage {
+    /// The image a mode needs; `what` names it in errors.
+    fn required(image: Option<WebImage>, what: &str) -> Result<Image8, JsError> {
+        match image.ok_or_else(|| js_err(format!("no {what} was given")))? {
+            WebImage::Png(bytes) => Image8::decode_png(&bytes.to_vec()).map_err(|e| js_err(format!("the {what}: {e}"))),
+            WebImage::Rgba { width, height, pixels } => {
+                let rgba = pixels.to_vec();
+                if rgba.len() != width * height * 4 {
+                    return Err(js_err(format!("the {what} has {} bytes, not {width}x{height} RGBA pixels", rgba.len())));
+                }
+                let pixels = rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+                Ok(Image8 { width, height, channels: 3, pixels })
+            }
+        }
+    }
 }
 
 /// What the page needs to lay out its controls for the loaded model.
@@ -59,6 +114,8 @@ struct Started {
 struct Run {
     denoising: Denoising,
     params: GenerationParams,
+    /// The mode's own parameters (A1111's `Denoising strength` and the like).
+    extra: Vec<(&'static str, String)>,
 }
 
 #[wasm_bindgen]
@@ -142,7 +199,7 @@ impl Engine {
         serde_wasm_bindgen::to_value(&info).map_err(js_err)
     }
 
-    /// Validates the settings, encodes the prompt and prepares the noise.
+    /// Validates the settings, encodes the prompt (and the images) and prepares the noise.
     pub fn start(&mut self, request: JsValue) -> Result<JsValue, JsError> {
         let pipe = self.pipe.as_ref().ok_or_else(|| js_err("no model is loaded"))?;
         let req: WebRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
@@ -159,7 +216,34 @@ impl Engine {
             latents: None,
             step_noise: None,
         };
-        let denoising = pipe.start(request).map_err(js_err)?;
+        let (denoising, extra) = match req.mode {
+            Mode::Txt2img => (pipe.start(request), Vec::new()),
+            Mode::Img2img => {
+                let strength = req.strength.unwrap_or(img2img::DEFAULT_STRENGTH);
+                let input = Img2Img { image: WebImage::required(req.image, "init image")?, strength, encode_noise: None };
+                let extra = input.parameters();
+                (pipe.start_img2img(request, input), extra)
+            }
+            Mode::Inpaint => {
+                let input = Inpaint {
+                    image: WebImage::required(req.image, "init image")?,
+                    mask: WebImage::required(req.mask, "mask")?,
+                    mask_blur: req.mask_blur,
+                    strength: req.strength.unwrap_or(inpaint::DEFAULT_STRENGTH),
+                    image_noise: None,
+                    masked_image_noise: None,
+                };
+                let extra = input.parameters();
+                (pipe.start_inpaint(request, input), extra)
+            }
+            Mode::Upscale => {
+                let noise_level = req.noise_level.unwrap_or(upscale::DEFAULT_NOISE_LEVEL);
+                let input = Upscale { image: WebImage::required(req.image, "image")?, noise_level, tiles: Some(upscale::DEFAULT_TILES), low_res_noise: None };
+                let extra = input.parameters();
+                (pipe.start_upscale(request, input), extra)
+            }
+        };
+        let denoising = denoising.map_err(js_err)?;
         let params = GenerationParams {
             prompt: req.prompt,
             negative_prompt: req.negative_prompt,
@@ -172,7 +256,7 @@ impl Engine {
             model: pipe.name.clone(),
         };
         let started = Started { total: denoising.total(), width: denoising.width, height: denoising.height, warnings: denoising.warnings.clone() };
-        self.run = Some(Run { denoising, params });
+        self.run = Some(Run { denoising, params, extra });
         serde_wasm_bindgen::to_value(&started).map_err(js_err)
     }
 
@@ -208,12 +292,12 @@ impl Engine {
     pub fn finish(&mut self) -> Result<js_sys::Promise, JsError> {
         let (Some(pipe), Some(run)) = (self.pipe.as_ref(), self.run.take()) else { return Err(js_err("nothing is being generated")) };
         let image = run.denoising.decode(pipe);
-        let params = run.params;
+        let (params, extra) = (run.params, run.extra);
         Ok(wasm_bindgen_futures::future_to_promise(async move {
             let data = image.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
             let values = data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))?;
             let rgb = png::to_rgb8(&values, params.width, params.height);
-            let bytes = png::encode(&rgb, params.width, params.height, &params.a1111_text()).map_err(|e| JsValue::from(js_err(e)))?;
+            let bytes = png::encode(&rgb, params.width, params.height, &params.a1111_text_with(&extra)).map_err(|e| JsValue::from(js_err(e)))?;
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         }))
     }
