@@ -12,7 +12,7 @@
 // bytes are stored, under `${path}#${precision}`; the original file is never stored whole.
 import { headerLength, parseHeader, type Header, type TensorEntry } from "./safetensors";
 import { Sha256, type Sha256State } from "./sha256";
-import { CONFIG_FILES, PRECISIONS, TOKENIZER_FILES, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
+import { CONFIG_FILES, PRECISIONS, TOKENIZER_FILES, UPSCALER_FILES, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
 
 /** Bytes per stored chunk: a resumed download repeats at most this much. */
 const CHUNK = 4 << 20;
@@ -252,7 +252,7 @@ export async function planModel(base: string, precision: Precision, signal: Abor
     }
     throw new NotFound(`${base} has neither ${variants.join(" nor ")}`);
   };
-  const files = await Promise.all([...CONFIG_FILES.map((p) => plan(p)), ...TOKENIZER_FILES.map(optional), ...WEIGHT_STEMS.map(weight)]);
+  const files = await Promise.all([...CONFIG_FILES.map((p) => plan(p)), ...[...TOKENIZER_FILES, ...UPSCALER_FILES].map(optional), ...WEIGHT_STEMS.map(weight)]);
   return { manifest: null, precision, files };
 }
 

@@ -1,15 +1,30 @@
-// The page: controls, share links, progress and errors. The engine, the downloads and the
-// GPU all live in the worker; this thread only renders and relays.
+// The page: controls, share links, input images, progress and errors. The engine, the
+// downloads and the GPU all live in the worker; this thread only renders and relays.
 import { modelStatus, removeModel } from "./cache";
+import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
 import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ToWorker } from "./protocol";
 import type { Precision } from "./model";
-import { PRESETS, SCHEDULERS, fromQuery, modelDefaults, normalizeModelUrl, presetFor, randomSeed, toQuery, type Settings } from "./settings";
+import {
+  MODES,
+  PRESETS,
+  SCHEDULERS,
+  defaultStrength,
+  fromQuery,
+  modelDefaults,
+  normalizeModelUrl,
+  presetFor,
+  randomSeed,
+  toQuery,
+  type Mode,
+  type Settings,
+} from "./settings";
 
 const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
 const ui = {
   form: $<HTMLFormElement>("form"),
   model: $<HTMLSelectElement>("model"),
   precision: $<HTMLSelectElement>("precision"),
+  modes: [...document.querySelectorAll<HTMLInputElement>('input[name="mode"]')],
   custom: $("custom"),
   modelUrl: $<HTMLInputElement>("model-url"),
   cacheStatus: $("cache-status"),
@@ -23,6 +38,26 @@ const ui = {
   scheduler: $<HTMLSelectElement>("scheduler"),
   width: $<HTMLInputElement>("width"),
   height: $<HTMLInputElement>("height"),
+  sizeFields: [...document.querySelectorAll<HTMLElement>(".field.size")],
+  sizeHelp: $("size-help"),
+  editing: $("editing"),
+  initImage: $<HTMLInputElement>("init-image"),
+  preview: $<HTMLImageElement>("init-preview"),
+  initInfo: $("init-info"),
+  strengthField: $("strength-field"),
+  strength: $<HTMLInputElement>("strength"),
+  strengthValue: $<HTMLOutputElement>("strength-value"),
+  maskTools: $("mask-tools"),
+  mask: $<HTMLCanvasElement>("mask"),
+  brushSize: $<HTMLInputElement>("brush-size"),
+  brushSizeValue: $<HTMLOutputElement>("brush-size-value"),
+  eraser: $<HTMLInputElement>("eraser"),
+  clearMask: $<HTMLButtonElement>("clear-mask"),
+  invertMask: $<HTMLButtonElement>("invert-mask"),
+  saveMask: $<HTMLButtonElement>("save-mask"),
+  maskBlur: $<HTMLInputElement>("mask-blur"),
+  upscaleField: $("upscale-field"),
+  noiseLevel: $<HTMLInputElement>("noise-level"),
   generate: $<HTMLButtonElement>("generate"),
   cancel: $<HTMLButtonElement>("cancel"),
   share: $<HTMLAnchorElement>("share"),
@@ -34,6 +69,7 @@ const ui = {
   result: $("result"),
   image: $<HTMLImageElement>("image"),
   save: $<HTMLAnchorElement>("save"),
+  useResult: $<HTMLButtonElement>("use-result"),
   pageError: $("page-error"),
 };
 
@@ -55,6 +91,11 @@ let loaded: { key: string; info: ModelInfo } | null = null;
 let busy = false;
 let run: { seed: number; startedAt: number } | null = null;
 let imageUrl: string | null = null;
+/** The last result, for "Use as input". */
+let result: { png: Uint8Array; name: string } | null = null;
+/** The image the editing modes start from. */
+let initImage: InitImage | null = null;
+const mask = new MaskEditor(ui.mask);
 
 /** One model in one precision: what a worker holds. */
 function modelKey(s: Pick<Settings, "model" | "precision">): string {
@@ -70,6 +111,7 @@ function showSettings(s: Settings): void {
   ui.modelUrl.required = !preset;
   if (!preset) ui.modelUrl.value = s.model;
   ui.precision.value = s.precision;
+  for (const radio of ui.modes) radio.checked = radio.value === s.mode;
   ui.prompt.value = s.prompt;
   ui.negative.value = s.negativePrompt;
   ui.seed.value = String(s.seed);
@@ -78,6 +120,10 @@ function showSettings(s: Settings): void {
   fillSchedulers(loaded?.key === modelKey(s) ? loaded.info : null, s.scheduler);
   ui.width.value = s.width === null ? "" : String(s.width);
   ui.height.value = s.height === null ? "" : String(s.height);
+  ui.strength.value = String(s.strength);
+  ui.maskBlur.value = String(s.maskBlur);
+  ui.noiseLevel.value = String(s.noiseLevel);
+  showMode();
 }
 
 function readControls(): Settings {
@@ -87,6 +133,7 @@ function readControls(): Settings {
   return {
     model: preset ? preset.url : normalizeModelUrl(ui.modelUrl.value),
     precision: ui.precision.value as Precision,
+    mode: MODES.find((m) => ui.modes.some((r) => r.checked && r.value === m)) ?? "txt2img",
     prompt: ui.prompt.value,
     negativePrompt: ui.negative.value,
     seed: number(ui.seed, settings.seed),
@@ -95,7 +142,47 @@ function readControls(): Settings {
     scheduler: ui.scheduler.value,
     width: size(ui.width),
     height: size(ui.height),
+    strength: number(ui.strength, settings.strength),
+    maskBlur: number(ui.maskBlur, settings.maskBlur),
+    noiseLevel: number(ui.noiseLevel, settings.noiseLevel),
   };
+}
+
+/** Shows the controls the chosen mode uses, with their current values. */
+function showMode(): void {
+  const mode = readControls().mode;
+  const editing = mode === "img2img" || mode === "inpaint";
+  ui.editing.hidden = mode === "txt2img";
+  ui.strengthField.hidden = !editing;
+  ui.strengthValue.value = ui.strength.value;
+  ui.maskTools.hidden = mode !== "inpaint";
+  ui.mask.hidden = mode !== "inpaint" || !initImage;
+  ui.upscaleField.hidden = mode !== "upscale";
+  // Upscaling's output is 4× the image; the other editing modes may resize it.
+  for (const field of ui.sizeFields) field.hidden = mode === "upscale";
+  ui.sizeHelp.hidden = !editing;
+  showSizeHints();
+  showInitInfo();
+}
+
+/** A new mode starts from diffusers' defaults for it. */
+function changeMode(mode: Mode): void {
+  for (const radio of ui.modes) radio.checked = radio.value === mode;
+  ui.strength.value = String(defaultStrength(mode));
+  settings = readControls();
+  showMode();
+  publish();
+}
+
+/** The size the editing modes fit the image (and the mask) to; null: the image's own. */
+function editSize(): [number | null, number | null] {
+  return settings.mode === "upscale" ? [null, null] : [settings.width, settings.height];
+}
+
+function showSizeHints(): void {
+  const info = loaded?.key === modelKey(settings) ? loaded.info : null;
+  const hint = readControls().mode !== "txt2img" ? "the image's" : info ? `${info.default_size} (model default)` : "model default";
+  for (const input of [ui.width, ui.height]) input.placeholder = hint;
 }
 
 /** The address bar is the share link. */
@@ -115,10 +202,8 @@ function fillSchedulers(info: ModelInfo | null, selected: string): void {
 /** Sizes and schedulers as the loaded model defines them. */
 function applyInfo(info: ModelInfo): void {
   fillSchedulers(info, settings.scheduler);
-  for (const input of [ui.width, ui.height]) {
-    input.step = input.min = String(info.size_multiple);
-    input.placeholder = `${info.default_size} (model default)`;
-  }
+  for (const input of [ui.width, ui.height]) input.step = input.min = String(info.size_multiple);
+  showSizeHints();
 }
 
 async function changeModel(): Promise<void> {
@@ -126,10 +211,8 @@ async function changeModel(): Promise<void> {
   const { steps, guidance } = modelDefaults(model);
   settings = { ...settings, model, steps, guidance, scheduler: "", width: null, height: null };
   showSettings(settings);
-  for (const input of [ui.width, ui.height]) {
-    input.step = input.min = "8";
-    input.placeholder = "model default";
-  }
+  for (const input of [ui.width, ui.height]) input.step = input.min = "8";
+  showSizeHints();
   publish();
   await warmUp();
 }
@@ -255,8 +338,11 @@ function fail(kind: ErrorKind, message: string): void {
 // ---- generating ----
 
 function generate(): void {
-  if (run || !ui.form.reportValidity()) return;
+  if (run) return;
   settings = readControls();
+  const { mode } = settings;
+  ui.initImage.setCustomValidity(mode !== "txt2img" && !initImage ? "Choose an image: a file, or drop or paste one on the page." : "");
+  if (!ui.form.reportValidity()) return;
   publish();
   ui.error.hidden = ui.result.hidden = true;
   ui.warnings.replaceChildren();
@@ -268,15 +354,27 @@ function generate(): void {
   void navigator.storage?.persist?.();
   setStatus(loaded?.key === modelKey(settings) ? "Starting…" : "Preparing the model…");
   const request: GenerateRequest = {
+    mode,
     prompt: settings.prompt,
     negative_prompt: settings.negativePrompt,
     steps: settings.steps,
     guidance: settings.guidance,
     scheduler: settings.scheduler || undefined,
-    width: settings.width ?? undefined,
-    height: settings.height ?? undefined,
     seed: settings.seed,
   };
+  if (mode === "txt2img") {
+    request.width = settings.width ?? undefined;
+    request.height = settings.height ?? undefined;
+  } else {
+    // The output takes the size of the image as sent.
+    request.image = imageInput(initImage!, ...editSize());
+  }
+  if (mode === "img2img" || mode === "inpaint") request.strength = settings.strength;
+  if (mode === "inpaint") {
+    request.mask = mask.input(...editSize());
+    request.mask_blur = settings.maskBlur;
+  }
+  if (mode === "upscale") request.noise_level = settings.noiseLevel;
   send({ type: "generate", base: settings.model, precision: settings.precision, request });
 }
 
@@ -296,7 +394,63 @@ function showImage(png: Uint8Array): void {
   imageUrl = URL.createObjectURL(new Blob([png as BlobPart], { type: "image/png" }));
   ui.image.src = ui.save.href = imageUrl;
   ui.save.download = `kiln-${run!.seed}.png`;
+  result = { png, name: ui.save.download };
   ui.result.hidden = false;
+}
+
+// ---- the input image and the mask ----
+
+/** Makes `blob` the init image (a text-to-image page switches to image to image). */
+async function useImage(blob: Blob, name: string): Promise<void> {
+  let image: InitImage;
+  try {
+    image = await readImage(blob, name);
+  } catch (e) {
+    ui.error.textContent = e instanceof Error ? e.message : String(e);
+    ui.error.hidden = false;
+    return;
+  }
+  if (initImage) {
+    URL.revokeObjectURL(initImage.url);
+    initImage.bitmap.close();
+  }
+  initImage = image;
+  ui.preview.src = image.url;
+  ui.preview.hidden = false;
+  mask.reset(image.width, image.height);
+  ui.initImage.setCustomValidity("");
+  // The file input names the image, wherever it came from.
+  if (ui.initImage.files?.[0] !== blob) {
+    const files = new DataTransfer();
+    files.items.add(new File([blob], name, { type: blob.type }));
+    ui.initImage.files = files.files;
+  }
+  if (readControls().mode === "txt2img") changeMode("img2img");
+  else showMode();
+}
+
+function showInitInfo(): void {
+  if (!initImage) {
+    ui.initInfo.textContent = "";
+    return;
+  }
+  const { name, width, height } = initImage;
+  const [w, h] = editSize();
+  const size = `${width}×${height}`;
+  const target = `${w ?? width}×${h ?? height}`;
+  ui.initInfo.textContent =
+    readControls().mode === "upscale"
+      ? `${name}: ${size}, upscaled to ${4 * width}×${4 * height}.`
+      : `${name}: ${size}${target === size ? "" : `, scaled and cropped to ${target}`}.`;
+}
+
+async function saveMask(): Promise<void> {
+  if (!initImage) return;
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await mask.png(...editSize()));
+  link.download = "mask.png";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
 // ---- progress ----
@@ -377,9 +531,51 @@ function wire(): void {
   });
   ui.form.addEventListener("input", (e) => {
     if (e.target === ui.model || e.target === ui.modelUrl || e.target === ui.precision) return;
+    const radio = ui.modes.find((r) => r === e.target);
+    if (radio) return changeMode(radio.value as Mode);
     settings = readControls();
+    showMode();
     publish();
   });
+  ui.initImage.addEventListener("change", () => {
+    const file = ui.initImage.files?.[0];
+    if (file) void useImage(file, file.name);
+  });
+  // Drop an image anywhere on the page; other drags (text) keep their usual behaviour.
+  const draggingFiles = (e: DragEvent) => !!e.dataTransfer?.types.includes("Files");
+  document.addEventListener("dragover", (e) => {
+    if (!draggingFiles(e)) return;
+    e.preventDefault();
+    document.body.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", (e) => {
+    if (!e.relatedTarget) document.body.classList.remove("dragging");
+  });
+  document.addEventListener("drop", (e) => {
+    document.body.classList.remove("dragging");
+    if (!draggingFiles(e)) return;
+    e.preventDefault();
+    const file = e.dataTransfer!.files[0];
+    if (file) void useImage(file, file.name);
+  });
+  // Paste an image anywhere; pasted text goes where it normally goes.
+  document.addEventListener("paste", (e) => {
+    const file = [...(e.clipboardData?.files ?? [])].find((f) => f.type.startsWith("image/"));
+    if (!file) return;
+    e.preventDefault();
+    void useImage(file, file.name || "pasted image");
+  });
+  ui.useResult.addEventListener("click", () => {
+    if (result) void useImage(new Blob([result.png as BlobPart], { type: "image/png" }), result.name);
+  });
+  ui.brushSize.addEventListener("input", () => {
+    mask.brushSize = ui.brushSize.valueAsNumber;
+    ui.brushSizeValue.value = ui.brushSize.value;
+  });
+  ui.eraser.addEventListener("change", () => (mask.erase = ui.eraser.checked));
+  ui.clearMask.addEventListener("click", () => mask.clear());
+  ui.invertMask.addEventListener("click", () => mask.invert());
+  ui.saveMask.addEventListener("click", () => void saveMask());
   ui.model.addEventListener("change", () => {
     ui.custom.hidden = ui.model.value !== CUSTOM;
     ui.modelUrl.required = ui.model.value === CUSTOM;

@@ -21,6 +21,9 @@ export const TOKENIZER_FILES = [
   "tokenizer/special_tokens_map.json",
 ];
 
+/** The x4 upscaler's extra config (how its input image is noised); other pipelines lack it. */
+export const UPSCALER_FILES = ["low_res_scheduler/scheduler_config.json"];
+
 /** Weight files without extension: the engine's name for each (`Engine.add_tensor`'s stem). */
 export const WEIGHT_STEMS = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
 

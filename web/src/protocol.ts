@@ -1,7 +1,12 @@
 // Messages between the page (main.ts) and the engine's worker (worker.ts).
 import type { Precision } from "./model";
+import type { Mode } from "./settings";
+
+/** An image for the engine: a PNG file's own bytes (decoded as the CLI decodes files), or a canvas's pixels. */
+export type ImageInput = { png: Uint8Array } | { rgba: { width: number; height: number; pixels: Uint8Array } };
 
 export interface GenerateRequest {
+  mode: Mode;
   prompt: string;
   negative_prompt?: string;
   steps?: number;
@@ -10,6 +15,13 @@ export interface GenerateRequest {
   width?: number;
   height?: number;
   seed: number;
+  /** The init image (image to image, inpaint) or the image to upscale. */
+  image?: ImageInput;
+  /** Inpainting: white is repainted, black kept; the image's size. */
+  mask?: ImageInput;
+  strength?: number;
+  mask_blur?: number;
+  noise_level?: number;
 }
 
 /** What `Engine.finish_load` reports about the loaded model, and the precision its weights are in. */

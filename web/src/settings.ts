@@ -1,5 +1,6 @@
 // The model and every generation setting live in the page's query string, so the address
-// bar is always a share link: opening it restores the same model and settings.
+// bar is always a share link: opening it restores the same model and settings (not the
+// input image or mask, which never leave the device).
 import { PRECISIONS, type Precision } from "./model";
 
 export interface Preset {
@@ -19,6 +20,17 @@ export const PRESETS: Preset[] = [
 /** The engine's schedulers, offered until a loaded model's own list replaces them. */
 export const SCHEDULERS = ["ddim", "pndm", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm"];
 
+export type Mode = "txt2img" | "img2img" | "inpaint" | "upscale";
+export const MODES: Mode[] = ["txt2img", "img2img", "inpaint", "upscale"];
+
+/** diffusers' default strength: image-to-image keeps some of the image, inpainting starts the masked region from noise. */
+export function defaultStrength(mode: Mode): number {
+  return mode === "inpaint" ? 1 : 0.8;
+}
+
+/** diffusers' default noise level for the x4 upscaler. */
+export const DEFAULT_NOISE_LEVEL = 20;
+
 /** Steps and guidance for a model that is not a preset. */
 const CUSTOM_DEFAULTS = { steps: 25, guidance: 7.5 };
 
@@ -26,6 +38,7 @@ export interface Settings {
   model: string;
   /** How a repo's weights are cached and held (a package keeps its own). */
   precision: Precision;
+  mode: Mode;
   prompt: string;
   negativePrompt: string;
   seed: number;
@@ -36,6 +49,12 @@ export interface Settings {
   /** null: the model's default size. */
   width: number | null;
   height: number | null;
+  /** Image to image and inpainting, in (0, 1]. */
+  strength: number;
+  /** Inpainting: the mask's Gaussian blur in pixels. */
+  maskBlur: number;
+  /** Upscaling: noise added to the image first. */
+  noiseLevel: number;
 }
 
 /** A model URL without trailing slashes, so one repo has one cache key. */
@@ -61,9 +80,12 @@ export function fromQuery(search: string): Settings {
   const model = normalizeModelUrl(q.get("model") || PRESETS[0].url);
   const defaults = modelDefaults(model);
   const precision = q.get("precision");
+  const mode = MODES.find((m) => m === q.get("mode")) ?? "txt2img";
+  const strength = num(q.get("strength"));
   return {
     model,
     precision: PRECISIONS.find((p) => p === precision) ?? "original",
+    mode,
     prompt: q.get("prompt") ?? "",
     negativePrompt: q.get("negative") ?? "",
     seed: int(q.get("seed"), 0, Number.MAX_SAFE_INTEGER) ?? randomSeed(),
@@ -72,6 +94,9 @@ export function fromQuery(search: string): Settings {
     scheduler: q.get("scheduler") ?? "",
     width: int(q.get("width"), 8, 4096),
     height: int(q.get("height"), 8, 4096),
+    strength: strength !== null && strength > 0 && strength <= 1 ? strength : defaultStrength(mode),
+    maskBlur: num(q.get("mask_blur")) ?? 0,
+    noiseLevel: int(q.get("noise_level"), 0, 1000) ?? DEFAULT_NOISE_LEVEL,
   };
 }
 
@@ -85,6 +110,11 @@ export function toQuery(s: Settings): string {
   if (s.scheduler) q.set("scheduler", s.scheduler);
   if (s.width !== null) q.set("width", String(s.width));
   if (s.height !== null) q.set("height", String(s.height));
+  // The mode and its own settings; the images themselves stay on the device.
+  if (s.mode !== "txt2img") q.set("mode", s.mode);
+  if (s.mode === "img2img" || s.mode === "inpaint") q.set("strength", String(s.strength));
+  if (s.mode === "inpaint" && s.maskBlur) q.set("mask_blur", String(s.maskBlur));
+  if (s.mode === "upscale") q.set("noise_level", String(s.noiseLevel));
   return "?" + q.toString();
 }
 
