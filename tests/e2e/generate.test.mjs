@@ -2,33 +2,15 @@
 // share link, opened with the network off, generates it again from the cache; Cancel
 // stops a generation within one step. The tests share one browser context, in order.
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { PNG } from "pngjs";
-import { appUrl, echoConsole, fillSettings, generate, launch, resultPng, startServers } from "./harness.mjs";
+import { appUrl, assertNative, echoConsole, fillSettings, generate, kiln, launch, pixelDiff, resultPng, startServers } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a lighthouse at dusk", seed: 42, steps: 4, guidance: 7.5, width: 64, height: 64, scheduler: "euler" };
 
-/** The CLI's image for SETTINGS (KILN_BIN names a built binary; else `cargo run`). */
+/** The CLI's image for SETTINGS. */
 function nativeImage() {
-  const out = join(mkdtempSync(join(tmpdir(), "kiln-")), "native.png");
-  const args = ["generate", "--model", "tests/fixtures/sd1-tiny", "--prompt", SETTINGS.prompt, "--seed", "42", "--steps", "4",
-    "--guidance", "7.5", "--scheduler", "euler", "--width", "64", "--height", "64", "--out", out];
-  const [cmd, prefix] = process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--bin", "kiln", "--"]];
-  execFileSync(cmd, [...prefix, ...args], { stdio: "pipe" }); // its stderr is in the error, should it fail
-  return readFileSync(out);
-}
-
-/** The largest difference between two PNGs' RGB values, out of 255. */
-function maxDiff(a, b) {
-  const [x, y] = [PNG.sync.read(a), PNG.sync.read(b)];
-  assert.deepEqual([x.width, x.height], [y.width, y.height]);
-  let max = 0;
-  for (let i = 0; i < x.data.length; i++) if (i % 4 !== 3) max = Math.max(max, Math.abs(x.data[i] - y.data[i]));
-  return max;
+  return kiln(["generate", "--model", "tests/fixtures/sd1-tiny", "--prompt", SETTINGS.prompt, "--seed", "42", "--steps", "4",
+    "--guidance", "7.5", "--scheduler", "euler", "--width", "64", "--height", "64"]);
 }
 
 let browser, servers, context, native, first, offline;
@@ -48,9 +30,7 @@ test("the labelled UI generates the native CLI's image", async () => {
   await page.goto(appUrl(servers.app, `${servers.hub.url}/sd1-tiny`));
   await fillSettings(page, SETTINGS);
   first = await generate(page);
-  const diff = maxDiff(first, native);
-  console.log(`browser vs native CLI: max pixel difference ${diff}/255`);
-  assert.ok(diff <= 3, `max difference ${diff}/255`);
+  assertNative(first, native, "text to image");
   const text = first.toString("latin1");
   assert.ok(text.includes("parameters\0a lighthouse at dusk") && text.includes("Seed: 42"), "the PNG carries its parameters");
   await page.close();
@@ -76,7 +56,7 @@ test("the share link works offline, from the cache", async () => {
   await offline.getByRole("button", { name: "Generate", exact: true }).click();
   const png = await resultPng(offline);
   console.log(`page open -> first image from a warm cache (offline, sd1-tiny 64x64, 4 steps): ${((Date.now() - start) / 1000).toFixed(1)} s`);
-  assert.equal(maxDiff(png, first), 0);
+  assert.equal(pixelDiff(png, first).max, 0);
   assert.equal(servers.hub.log.length, requests, "no request reached the model host");
 });
 

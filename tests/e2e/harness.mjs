@@ -1,9 +1,15 @@
 // Shared pieces of the browser tests: dist/ on one port, the fixture pipelines on another
 // (a stand-in for the Hugging Face hub, with a request log and injectable faults), and
 // headless Chromium, whose WebGPU runs on SwiftShader.
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
+import { PNG } from "pngjs";
 import { serve } from "../../scripts/web/server.mjs";
 
 const CHROMIUM_ARGS = [
@@ -65,15 +71,42 @@ export function appUrl(app, model, settings = {}) {
   return `${app.url}/?${new URLSearchParams({ model, ...settings })}`;
 }
 
-/** Sets the generation controls by their accessible names. */
+/** Sets the generation controls by their accessible names; absent settings are left as they are. */
 export async function fillSettings(page, { prompt, seed, steps, guidance, width, height, scheduler }) {
-  await page.getByLabel("Prompt", { exact: true }).fill(prompt);
-  await page.getByLabel("Seed", { exact: true }).fill(String(seed));
-  await page.getByLabel("Steps", { exact: true }).fill(String(steps));
-  await page.getByLabel("Guidance scale", { exact: true }).fill(String(guidance));
-  await page.getByLabel("Width", { exact: true }).fill(String(width));
-  await page.getByLabel("Height", { exact: true }).fill(String(height));
-  await page.getByLabel("Scheduler", { exact: true }).selectOption(scheduler);
+  const fields = { Prompt: prompt, Seed: seed, Steps: steps, "Guidance scale": guidance, Width: width, Height: height };
+  for (const [label, value] of Object.entries(fields)) {
+    if (value !== undefined) await page.getByLabel(label, { exact: true }).fill(String(value));
+  }
+  if (scheduler !== undefined) await page.getByLabel("Scheduler", { exact: true }).selectOption(scheduler);
+}
+
+/** Runs the native CLI (KILN_BIN names a built binary; else `cargo run`) with `args` and `--out`; returns the PNG. */
+export function kiln(args) {
+  const out = join(mkdtempSync(join(tmpdir(), "kiln-")), "native.png");
+  const [cmd, prefix] = process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--bin", "kiln", "--"]];
+  execFileSync(cmd, [...prefix, ...args, "--out", out], { stdio: "pipe" }); // its stderr is in the error, should it fail
+  return readFileSync(out);
+}
+
+/** The largest and the mean difference between two PNGs' RGB values, out of 255. */
+export function pixelDiff(a, b) {
+  const [x, y] = [PNG.sync.read(a), PNG.sync.read(b)];
+  assert.deepEqual([x.width, x.height], [y.width, y.height]);
+  let [max, sum] = [0, 0];
+  for (let i = 0; i < x.data.length; i++) {
+    if (i % 4 === 3) continue;
+    const d = Math.abs(x.data[i] - y.data[i]);
+    max = Math.max(max, d);
+    sum += d;
+  }
+  return { max, mean: sum / ((x.data.length * 3) / 4) };
+}
+
+/** Asserts the engine's parity tolerance between the page's image and the CLI's: max ≤ 3/255, mean ≤ 0.5/255. */
+export function assertNative(browser, native, what) {
+  const { max, mean } = pixelDiff(browser, native);
+  console.log(`${what}: browser vs native CLI: max ${max}/255, mean ${mean.toFixed(4)}/255`);
+  assert.ok(max <= 3 && mean <= 0.5, `${what}: max ${max}/255, mean ${mean}/255`);
 }
 
 /** Clicks Generate and resolves to the PNG bytes behind the download link. */
