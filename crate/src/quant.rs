@@ -156,7 +156,7 @@ fn best_scale(block: &[f32], q_max: f32) -> f16 {
 }
 
 /// A weight matrix `[rows, cols]` on the device from its stored bytes: f32 and f16 arrive as
-/// f32; q8 and q4 stay quantized (burn `QFloat`, one f16 scale per block along the rows).
+/// f32; q8 and q4 stay quantized (burn `QFloat`, one scale per block along the rows).
 pub fn matrix(format: Format, bytes: &[u8], [rows, cols]: [usize; 2], device: &Device) -> Result<Tensor<2>> {
     let value = match format {
         Format::Q8 => QuantValue::Q8S,
@@ -169,13 +169,21 @@ pub fn matrix(format: Format, bytes: &[u8], [rows, cols]: [usize; 2], device: &D
     if cols % BLOCK != 0 || bytes.len() != format.stored_len(rows * cols) {
         return Err(Error::Invalid(format!("a {} matrix [{rows}, {cols}] needs rows of whole {BLOCK}-value blocks", format.name())));
     }
-    let scheme = QuantScheme::default().with_value(value).with_store(QuantStore::PackedU32(0)).per_block([BLOCK as u8], ScaleDtype::F16);
+    // burn's dequantizing kernel reads f16 scales as f16, which needs the shader-f16 feature
+    // (many WebGPU adapters, SwiftShader among them, lack it); there the scales go up as f32.
+    let f16_scales = device.supports_dtype(DType::F16);
+    let scale_dtype = if f16_scales { ScaleDtype::F16 } else { ScaleDtype::F32 };
+    let scheme = QuantScheme::default().with_value(value).with_store(QuantStore::PackedU32(0)).per_block([BLOCK as u8], scale_dtype);
     // burn wants the packed values padded to whole u32 words, then the scales, padded likewise.
     let split = bytes.len() - 2 * (rows * cols / BLOCK);
     let mut data = bytes[..split].to_vec();
     data.resize(split.next_multiple_of(4), 0);
-    data.extend_from_slice(&bytes[split..]);
-    data.resize(data.len().next_multiple_of(4), 0);
+    if f16_scales {
+        data.extend_from_slice(&bytes[split..]);
+        data.resize(data.len().next_multiple_of(4), 0);
+    } else {
+        data.extend(bytes[split..].chunks_exact(2).flat_map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes()));
+    }
     Ok(Tensor::from_data(TensorData::from_bytes_vec(data, [rows, cols], DType::QFloat(scheme)), device))
 }
 
