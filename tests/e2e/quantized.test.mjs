@@ -36,12 +36,13 @@ function maxDiff(a, b) {
 }
 
 let browser, servers, packages, dir, nativePackage, nativeQ4;
+const packageLog = [];
 before(async () => {
   dir = mkdtempSync(join(tmpdir(), "kiln-quantized-"));
   kiln(["pack", "--model", "tests/fixtures/sd1-tiny", "--out", join(dir, "sd1-q8"), "--format", "q8"]);
   nativePackage = nativeImage(dir, "package", join(dir, "sd1-q8"));
   nativeQ4 = nativeImage(dir, "q4", "tests/fixtures/sd1-tiny", ["--weights", "q4"]);
-  [browser, servers, packages] = await Promise.all([launch(), startServers(), serve({ root: dir, cors: true, log: [] })]);
+  [browser, servers, packages] = await Promise.all([launch(), startServers(), serve({ root: dir, cors: true, log: packageLog })]);
 }, { timeout: 30 * 60_000 });
 after(async () => {
   await browser?.close();
@@ -76,7 +77,7 @@ async function generateThenOffline(url, name, log, precision = null) {
 
 test("a q8 package streams into the cache and generates the CLI's image, offline too", async () => {
   const model = `${packages.url}/sd1-q8`;
-  const { png, again, status, records } = await generateThenOffline(appUrl(servers.app, model), "package", packages.log);
+  const { png, again, status, records } = await generateThenOffline(appUrl(servers.app, model), "package", packageLog);
   const diff = maxDiff(png, nativePackage);
   console.log(`q8 package, browser vs native CLI: max pixel difference ${diff}/255`);
   assert.ok(diff <= 3, `max difference ${diff}/255`);
