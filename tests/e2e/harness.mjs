@@ -80,11 +80,16 @@ export async function fillSettings(page, { prompt, seed, steps, guidance, width,
   if (scheduler !== undefined) await page.getByLabel("Scheduler", { exact: true }).selectOption(scheduler);
 }
 
-/** Runs the native CLI (KILN_BIN names a built binary; else `cargo run`) with `args` and `--out`; returns the PNG. */
+/** Runs the native CLI (KILN_BIN names a built binary; else `cargo run`) with `args`. */
+export function runKiln(args) {
+  const [cmd, prefix] = process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--bin", "kiln", "--"]];
+  execFileSync(cmd, [...prefix, ...args], { stdio: "pipe" }); // its stderr is in the error, should it fail
+}
+
+/** Runs the native CLI with `args` and `--out`; returns the PNG. */
 export function kiln(args) {
   const out = join(mkdtempSync(join(tmpdir(), "kiln-")), "native.png");
-  const [cmd, prefix] = process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--bin", "kiln", "--"]];
-  execFileSync(cmd, [...prefix, ...args, "--out", out], { stdio: "pipe" }); // its stderr is in the error, should it fail
+  runKiln([...args, "--out", out]);
   return readFileSync(out);
 }
 

@@ -3,45 +3,28 @@
 // converted weights are cached. Each gives the native CLI's image for the same weights, and
 // does so again after an offline reload, from the cache alone.
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { PNG } from "pngjs";
 import { serve } from "../../scripts/web/server.mjs";
-import { appUrl, cachedFiles, echoConsole, fillSettings, generate, launch, resultPng, startServers } from "./harness.mjs";
+import { appUrl, assertNative, cachedFiles, echoConsole, fillSettings, generate, kiln, launch, pixelDiff, resultPng, runKiln, startServers } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a kiln in a field", seed: 7, steps: 2, guidance: 7.5, width: 64, height: 64, scheduler: "euler" };
 
-function kiln(args) {
-  const [cmd, prefix] = process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--bin", "kiln", "--"]];
-  execFileSync(cmd, [...prefix, ...args], { stdio: "pipe" });
-}
-
 /** The CLI's image of SETTINGS from `model` (extra: e.g. ["--weights", "q4"]). */
-function nativeImage(dir, name, model, extra = []) {
-  const out = join(dir, `${name}.png`);
-  kiln(["generate", "--model", model, ...extra, "--prompt", SETTINGS.prompt, "--seed", String(SETTINGS.seed), "--steps", String(SETTINGS.steps),
-    "--guidance", String(SETTINGS.guidance), "--scheduler", SETTINGS.scheduler, "--width", "64", "--height", "64", "--out", out]);
-  return readFileSync(out);
-}
-
-function maxDiff(a, b) {
-  const [x, y] = [PNG.sync.read(a), PNG.sync.read(b)];
-  assert.deepEqual([x.width, x.height], [y.width, y.height]);
-  let max = 0;
-  for (let i = 0; i < x.data.length; i++) if (i % 4 !== 3) max = Math.max(max, Math.abs(x.data[i] - y.data[i]));
-  return max;
+function nativeImage(model, extra = []) {
+  return kiln(["generate", "--model", model, ...extra, "--prompt", SETTINGS.prompt, "--seed", String(SETTINGS.seed), "--steps", String(SETTINGS.steps),
+    "--guidance", String(SETTINGS.guidance), "--scheduler", SETTINGS.scheduler, "--width", "64", "--height", "64"]);
 }
 
 let browser, servers, packages, dir, nativePackage, nativeQ4;
 const packageLog = [];
 before(async () => {
   dir = mkdtempSync(join(tmpdir(), "kiln-quantized-"));
-  kiln(["pack", "--model", "tests/fixtures/sd1-tiny", "--out", join(dir, "sd1-q8"), "--format", "q8"]);
-  nativePackage = nativeImage(dir, "package", join(dir, "sd1-q8"));
-  nativeQ4 = nativeImage(dir, "q4", "tests/fixtures/sd1-tiny", ["--weights", "q4"]);
+  runKiln(["pack", "--model", "tests/fixtures/sd1-tiny", "--out", join(dir, "sd1-q8"), "--format", "q8"]);
+  nativePackage = nativeImage(join(dir, "sd1-q8"));
+  nativeQ4 = nativeImage("tests/fixtures/sd1-tiny", ["--weights", "q4"]);
   [browser, servers, packages] = await Promise.all([launch(), startServers(), serve({ root: dir, cors: true, log: packageLog })]);
 }, { timeout: 30 * 60_000 });
 after(async () => {
@@ -78,10 +61,8 @@ async function generateThenOffline(url, name, log, precision = null) {
 test("a q8 package streams into the cache and generates the CLI's image, offline too", async () => {
   const model = `${packages.url}/sd1-q8`;
   const { png, again, status, records } = await generateThenOffline(appUrl(servers.app, model), "package", packageLog);
-  const diff = maxDiff(png, nativePackage);
-  console.log(`q8 package, browser vs native CLI: max pixel difference ${diff}/255`);
-  assert.ok(diff <= 3, `max difference ${diff}/255`);
-  assert.equal(maxDiff(again, png), 0, "the offline reload gives the same image");
+  assertNative(png, nativePackage, "q8 package");
+  assert.equal(pixelDiff(again, png).max, 0, "the offline reload gives the same image");
   assert.match(status, /Kiln package\): q8/);
   assert.deepEqual(records.map((r) => r.path).sort(), ["manifest.json", "shard-00000.bin"]);
   assert.ok(records.every((r) => r.complete));
@@ -90,10 +71,8 @@ test("a q8 package streams into the cache and generates the CLI's image, offline
 test("an original repo is converted to q4 while it downloads; only q4 is cached", async () => {
   const model = `${servers.hub.url}/sd1-tiny`;
   const { png, again, status, records } = await generateThenOffline(appUrl(servers.app, model), "q4", servers.hub.log, "q4");
-  const diff = maxDiff(png, nativeQ4);
-  console.log(`repo converted to q4 in the worker, browser vs native CLI --weights q4: max pixel difference ${diff}/255`);
-  assert.ok(diff <= 3, `max difference ${diff}/255`);
-  assert.equal(maxDiff(again, png), 0, "the offline reload gives the same image");
+  assertNative(png, nativeQ4, "repo converted to q4 in the worker (CLI: --weights q4)");
+  assert.equal(pixelDiff(again, png).max, 0, "the offline reload gives the same image");
   assert.match(status, /: q4, /);
   const weights = records.filter((r) => r.path.includes(".safetensors"));
   assert.equal(weights.length, 3);

@@ -43,7 +43,7 @@ pub(super) fn begin_index(steps: usize, strength: f64) -> Result<usize> {
     if init_timestep == 0 {
         return Err(Error::Invalid(format!(
             "steps {steps} × strength {strength} leaves no step to run (diffusers runs int(steps × strength) of them); \
-             raise --steps or --strength so that steps × strength ≥ 1 (SD-Turbo: e.g. --steps 2 --strength 0.5)"
+             raise the steps or the strength so that steps × strength ≥ 1 (SD-Turbo: e.g. 2 steps at strength 0.5)"
         )));
     }
     Ok(steps - init_timestep)
