@@ -124,7 +124,7 @@ pub fn formats(device: &Device, args: &FormatArgs) -> Result<Value> {
         let (ref_latents, ref_pixels) = reference.get_or_insert_with(|| (latents.clone(), pixels.clone()));
         let rmse = (latents.iter().zip(ref_latents.iter()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / latents.len() as f64).sqrt();
         let mse = pixels.iter().zip(ref_pixels.iter()).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>() / pixels.len() as f64;
-        results.push(json!({
+        let result = json!({
             "format": format.name(),
             "package_bytes": package_bytes,
             "weights_bytes_on_device": weights_bytes,
@@ -133,7 +133,10 @@ pub fn formats(device: &Device, args: &FormatArgs) -> Result<Value> {
             "image_psnr_db_vs_first": if mse > 0.0 { json!(10.0 * (255.0f64.powi(2) / mse).log10()) } else { json!("inf") },
             "load_s": load_s,
             "generate_s": generate_s,
-        }));
+        });
+        // Each format's figures as soon as they exist: a large size runs for a long time.
+        eprintln!("{result}");
+        results.push(result);
     }
     Ok(json!({
         "engine": "kiln (burn 0.22)",
