@@ -524,7 +524,7 @@ async function webgpuProblem(): Promise<string | null> {
 }
 
 function wire(): void {
-  ui.model.replaceChildren(...PRESETS.map((p) => new Option(p.label, p.id)), new Option("Custom diffusers repo…", CUSTOM));
+  ui.model.replaceChildren(...PRESETS.map((p) => new Option(p.label, p.id)), new Option("Custom URL (diffusers repo or Kiln package)…", CUSTOM));
   ui.form.addEventListener("submit", (e) => {
     e.preventDefault();
     generate();
