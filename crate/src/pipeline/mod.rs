@@ -18,12 +18,12 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::files::{Folder, ModelFiles, json, short_name};
-use crate::package;
-use crate::quant::Format;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::tokenizer::{ClipTokenizer, TokenizerFiles};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
+use crate::package;
+use crate::quant::Format;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::weights::Weights;
 use rng::NormalRng;
