@@ -403,13 +403,8 @@ async function fetchConverted(
   onProgress: (n: number) => void,
 ): Promise<FileRecord> {
   const url = `${base}/${path}`;
-  const from = rec?.received ?? 0;
-  const res = await network(() => fetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} }));
-  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
-  if (res.status !== 200 && res.status !== 206) throw new NetworkError(`${url}: HTTP ${res.status}`);
-  const etag = res.headers.get("x-linked-etag") ?? res.headers.get("etag");
-  const range = /^bytes (\d+)-\d+\/(\d+)$/.exec(res.headers.get("content-range") ?? "");
-  if (rec && from > 0 && !(res.status === 206 && Number(range?.[1]) === from && rec.etag === etag)) {
+  const { res, etag, range, resumes } = await requestRest(url, rec, signal);
+  if (rec && !resumes) {
     await discard(rec.key);
     await res.body?.cancel();
     return fetchConverted(base, path, precision, null, convert, signal, onProgress);
@@ -508,6 +503,21 @@ async function fetchConverted(
   return done;
 }
 
+/**
+ * GETs `url` from where `rec` stopped. `resumes` is false when a stored part exists but the
+ * reply does not continue it (the host ignored the range, or the file changed since).
+ */
+async function requestRest(url: string, rec: FileRecord | null, signal: AbortSignal) {
+  const from = rec?.received ?? 0;
+  const res = await network(() => fetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} }));
+  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
+  if (res.status !== 200 && res.status !== 206) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const etag = res.headers.get("x-linked-etag") ?? res.headers.get("etag");
+  const range = /^bytes (\d+)-\d+\/(\d+)$/.exec(res.headers.get("content-range") ?? "");
+  const resumes = !rec || from === 0 || (res.status === 206 && Number(range?.[1]) === from && rec.etag === etag);
+  return { res, etag, range, resumes };
+}
+
 /** Runs a fetch step, turning a lost connection into a NetworkError. */
 async function network<T>(step: () => Promise<T>): Promise<T> {
   try {
@@ -547,13 +557,8 @@ async function fetchRest(
 ): Promise<FileRecord> {
   if (rec && rec.size !== null && rec.received === rec.size) return finish(rec, Sha256.restore(rec.hash!), 206);
   const url = `${base}/${path}`;
-  const from = rec?.received ?? 0;
-  const res = await network(() => fetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} }));
-  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
-  if (res.status !== 200 && res.status !== 206) throw new NetworkError(`${url}: HTTP ${res.status}`);
-  const etag = res.headers.get("x-linked-etag") ?? res.headers.get("etag");
-  const range = /^bytes (\d+)-\d+\/(\d+)$/.exec(res.headers.get("content-range") ?? "");
-  if (rec && from > 0 && !(res.status === 206 && Number(range?.[1]) === from && rec.etag === etag)) {
+  const { res, etag, range, resumes } = await requestRest(url, rec, signal);
+  if (rec && !resumes) {
     // The host ignored the range or the file changed since: the stored part is worthless.
     await discard(rec.key);
     rec = null;
