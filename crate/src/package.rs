@@ -226,7 +226,7 @@ pub fn load(files: &dyn ModelFiles, device: &Device) -> Result<Loaded> {
         let bytes = stream.get(start..start + t.length).ok_or_else(|| {
             Error::Invalid(format!("{}: tensor `{}` of {} lies past the end of the shards", files.label(MANIFEST).display(), t.name, t.file))
         })?;
-        let upload = uploads.entry(t.file.clone()).or_insert_with(|| Uploaded::new(files.label(&t.file)));
+        let upload = uploads.entry(t.file.clone()).or_insert_with(|| Uploaded::new(&t.file, files.label(&t.file)));
         upload.add(&t.name, t.shape.clone(), t.format, bytes, device)?;
     }
     let weights = uploads.into_iter().map(|(stem, up)| (stem, Weights::uploaded(up, device))).collect();

@@ -9,9 +9,10 @@
 //!
 //! That layout is also what burn's `QFloat` tensors hold (values packed in `u32` words, then
 //! the scales), so a quantized weight goes to the GPU as it is stored and stays quantized
-//! there: linear layers dequantize inside the matmul kernel, convolutions per call.
+//! there; f16 weights stay f16 where the adapter computes in f16. Each layer widens its own
+//! weight to f32 for the call ([`to_f32`]).
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
@@ -155,12 +156,20 @@ fn best_scale(block: &[f32], q_max: f32) -> f16 {
         .0
 }
 
-/// A weight matrix `[rows, cols]` on the device from its stored bytes: f32 and f16 arrive as
-/// f32; q8 and q4 stay quantized (burn `QFloat`, one scale per block along the rows).
+/// A weight matrix `[rows, cols]` on the device from its stored bytes, in its stored format
+/// where the device can hold it: q8 and q4 stay quantized (burn `QFloat`, one scale per block
+/// along the rows); f16 stays f16 where the adapter has shader-f16, else it becomes f32.
 pub fn matrix(format: Format, bytes: &[u8], [rows, cols]: [usize; 2], device: &Device) -> Result<Tensor<2>> {
     let value = match format {
         Format::Q8 => QuantValue::Q8S,
         Format::Q4 => QuantValue::Q4S,
+        Format::F16 if device.supports_dtype(DType::F16) => {
+            if bytes.len() != format.stored_len(rows * cols) {
+                return Err(Error::Invalid(format!("{} bytes cannot hold {} values in f16", bytes.len(), rows * cols)));
+            }
+            let values: Vec<f16> = bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            return Ok(Tensor::from_data(TensorData::new(values, [rows, cols]), (device, DType::F16)));
+        }
         Format::F32 | Format::F16 => {
             let values = format.decode(bytes, rows * cols)?;
             return Ok(Tensor::from_data(TensorData::new(values, [rows, cols]), device));
@@ -185,6 +194,11 @@ pub fn matrix(format: Format, bytes: &[u8], [rows, cols]: [usize; 2], device: &D
         data.extend(bytes[split..].chunks_exact(2).flat_map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes()));
     }
     Ok(Tensor::from_data(TensorData::from_bytes_vec(data, [rows, cols], DType::QFloat(scheme)), device))
+}
+
+/// A [`matrix`] in f32, for one call: quantized ones dequantized, f16 ones widened.
+pub fn to_f32(matrix: Tensor<2>) -> Tensor<2> {
+    matrix.dequantize().cast(FloatDType::F32)
 }
 
 #[cfg(test)]
@@ -220,7 +234,7 @@ mod tests {
         let values = ramp(4 * 64);
         for format in Format::ALL {
             let bytes = format.encode(&values);
-            let on_device = matrix(format, &bytes, [4, 64], &device).unwrap().dequantize().into_data().try_to_vec::<f32>().unwrap();
+            let on_device = to_f32(matrix(format, &bytes, [4, 64], &device).unwrap()).into_data().try_to_vec::<f32>().unwrap();
             assert_eq!(on_device, format.decode(&bytes, values.len()).unwrap(), "{format:?}");
         }
     }

@@ -158,7 +158,7 @@ impl Engine {
     }
 
     fn upload(&mut self, stem: String) -> &mut Uploaded {
-        self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(stem))
+        self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(&stem, &stem))
     }
 
     /// The format a tensor is stored in when the model is kept as `format` (norms, biases,

@@ -42,17 +42,28 @@ enum Source {
     Uploaded(Arc<Uploaded>),
 }
 
-/// Tensors by name, each with its shape: on the device as a matrix (quantized or f32; see
-/// [`Weights::matrix`]), or on the host as f32 for embedding tables (read row by row; see
-/// `clip.rs`) and anything larger than one GPU binding may be.
+/// Tensors by name, each with its shape: on the device as a matrix in its stored format (see
+/// [`Weights::matrix`]); on the host as f32 for norms and biases (the layers hold them in f32),
+/// embedding tables (read row by row; see `clip.rs`) and anything larger than one GPU binding
+/// may be; or on the host as stored, for the components built only while they run (see
+/// [`on_demand`]).
 pub struct Uploaded {
     label: PathBuf,
+    stem: String,
     tensors: HashMap<String, (Vec<usize>, Stored)>,
 }
 
 enum Stored {
     Device(Tensor<2>),
     Host(Vec<f32>),
+    Packed(Format, Vec<u8>),
+}
+
+/// Whether tensor `name` of weight file `stem` belongs to a component the pipeline builds each
+/// time it needs it and drops after: the text encoder (once per prompt) and the VAE's encoder
+/// (once per input image). Their GPU memory is then free while the UNet runs.
+pub fn on_demand(stem: &str, name: &str) -> bool {
+    stem.starts_with("text_encoder/") || (stem.starts_with("vae/") && (name.starts_with("encoder.") || name.starts_with("quant_conv.")))
 }
 
 /// WebGPU's default `maxStorageBufferBindingSize`, and lavapipe's: no tensor may be larger.
@@ -76,18 +87,22 @@ impl Uploaded {
         Ok(stored)
     }
 
-    pub fn new(label: impl Into<PathBuf>) -> Self {
-        Self { label: label.into(), tensors: HashMap::new() }
+    /// Tensors of the weight file `stem` (`unet/diffusion_pytorch_model`); `label` names it in messages.
+    pub fn new(stem: &str, label: impl Into<PathBuf>) -> Self {
+        Self { label: label.into(), stem: stem.to_owned(), tensors: HashMap::new() }
     }
 
-    /// Adds one tensor stored as `format` and puts it on the device (quantized ones stay so).
+    /// Adds one tensor stored as `format` and puts it where it is used from (quantized ones
+    /// stay so).
     pub fn add(&mut self, name: &str, shape: Vec<usize>, format: Format, bytes: &[u8], device: &Device) -> Result<()> {
         let n: usize = shape.iter().product();
         let bad = |msg: String| Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}`: {msg}") };
         if bytes.len() != format.stored_len(n) {
             return Err(bad(format!("{} bytes for shape {shape:?} in {}", bytes.len(), format.name())));
         }
-        let stored = if name.ends_with("embedding.weight") || n * 4 > MAX_BINDING_BYTES {
+        let stored = if on_demand(&self.stem, name) {
+            Stored::Packed(format, bytes.to_vec())
+        } else if shape.len() < 2 || name.ends_with("embedding.weight") || n * 4 > MAX_BINDING_BYTES {
             Stored::Host(format.decode(bytes, n)?)
         } else {
             Stored::Device(quant::matrix(format, bytes, matrix_shape(&shape), device).map_err(|e| bad(e.to_string()))?)
@@ -215,6 +230,7 @@ impl Weights {
             Source::Uploaded(up) => {
                 return match up.lookup(full, shape)? {
                     Stored::Host(values) => Ok(values.clone()),
+                    Stored::Packed(format, bytes) => format.decode(bytes, shape.iter().product()),
                     Stored::Device(_) => Err(Error::Invalid(format!("{}: `{full}` ({shape:?}) lives on the device", up.label.display()))),
                 };
             }
@@ -231,23 +247,23 @@ impl Weights {
     /// The tensor `name` on the device in f32, checked against `shape`.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
         if let Source::Uploaded(up) = &self.source {
-            return Ok(match up.lookup(&self.full_name(name), &shape)? {
-                Stored::Device(matrix) => matrix.clone().dequantize().reshape(shape),
-                Stored::Host(values) => Tensor::from_data(TensorData::new(values.clone(), shape), &self.device),
-            });
+            if let Stored::Device(matrix) = up.lookup(&self.full_name(name), &shape)? {
+                return Ok(quant::to_f32(matrix.clone()).reshape(shape));
+            }
         }
         let values = self.values(name, &shape)?;
         Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
     }
 
     /// A layer's weight `name` of `shape` as the matrix `[shape[0], the rest]`, kept quantized
-    /// on the device when it is stored (or converted) so; `dequantize()` gives it in f32.
+    /// on the device when it is stored (or converted) so; [`quant::to_f32`] gives it in f32.
     pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor<2>> {
         let full = self.full_name(name);
         if let Source::Uploaded(up) = &self.source {
             return match up.lookup(&full, shape)? {
                 Stored::Device(matrix) => Ok(matrix.clone()),
                 Stored::Host(values) => Ok(Tensor::from_data(TensorData::new(values.clone(), matrix_shape(shape)), &self.device)),
+                Stored::Packed(format, bytes) => quant::matrix(*format, bytes, matrix_shape(shape), &self.device),
             };
         }
         let values = self.source_values(name, &full, shape)?;

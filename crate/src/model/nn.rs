@@ -4,12 +4,14 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::Tensor;
 
 use crate::error::Result;
+use crate::quant;
 use crate::weights::Weights;
 
 /// `torch.nn.Linear`. burn's `linear` wants the weight as `[in, out]`; the PyTorch
 /// `[out, in]` tensor is used through a transposed view, so no second copy exists. A quantized
-/// weight stays quantized and is dequantized for each call: burn's matmul that dequantizes
-/// inside the kernel took seconds per call on lavapipe, dequantize-then-matmul milliseconds.
+/// (or f16) weight stays so and is widened to f32 for each call: burn's matmul that
+/// dequantizes inside the kernel took seconds per call on lavapipe, dequantize-then-matmul
+/// milliseconds.
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
@@ -23,13 +25,13 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.clone().dequantize(), self.bias.clone())
+        linear(x, quant::to_f32(self.weight.clone()), self.bias.clone())
     }
 }
 
 /// `torch.nn.Conv2d` with square kernels. The weight is kept as the matrix
-/// `[out, in·k·k]`, quantized when stored so, and dequantized for each call: only one layer's
-/// weight is ever in f32 at a time.
+/// `[out, in·k·k]`, quantized (or f16) when stored so, and widened for each call: only one
+/// layer's weight is ever in f32 at a time.
 pub struct Conv2d {
     pub weight: Tensor<2>,
     pub bias: Tensor<1>,
@@ -54,7 +56,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let weight = self.weight.clone().dequantize().reshape(self.shape);
+        let weight = quant::to_f32(self.weight.clone()).reshape(self.shape);
         conv2d(x, weight, Some(self.bias.clone()), self.options.clone())
     }
 }

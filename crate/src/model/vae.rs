@@ -214,37 +214,49 @@ impl Decoder {
     }
 }
 
+/// The VAE. The decoder is loaded with it and kept; the encoder, needed only to turn an input
+/// image into latents, is built from the kept weights for each [`AutoencoderKL::encode`] and
+/// dropped after, so its GPU memory is free the rest of the time.
 pub struct AutoencoderKL {
     pub config: VaeConfig,
-    pub encoder: Encoder,
     pub decoder: Decoder,
-    pub quant_conv: Option<Conv2d>,
     pub post_quant_conv: Option<Conv2d>,
+    weights: Weights,
 }
 
 impl AutoencoderKL {
     pub fn load(w: &Weights, config: VaeConfig) -> Result<Self> {
         config.check().map_err(Error::Invalid)?;
-        let z2 = 2 * config.latent_channels;
         let z = config.latent_channels;
-        Ok(Self {
-            encoder: Encoder::load(&w.pp("encoder"), &config)?,
+        let vae = Self {
             decoder: Decoder::load(&w.pp("decoder"), &config)?,
-            quant_conv: if config.use_quant_conv { Some(Conv2d::load(&w.pp("quant_conv"), z2, z2, 1, 1, 0)?) } else { None },
             post_quant_conv: if config.use_post_quant_conv { Some(Conv2d::load(&w.pp("post_quant_conv"), z, z, 1, 1, 0)?) } else { None },
+            weights: w.clone(),
             config,
-        })
+        };
+        // Built once now, so a damaged encoder is refused when the model loads, not at its
+        // first input image.
+        vae.load_encoder()?;
+        Ok(vae)
+    }
+
+    /// `encoder` and `quant_conv`.
+    fn load_encoder(&self) -> Result<(Encoder, Option<Conv2d>)> {
+        let (w, z2) = (&self.weights, 2 * self.config.latent_channels);
+        let quant_conv = if self.config.use_quant_conv { Some(Conv2d::load(&w.pp("quant_conv"), z2, z2, 1, 1, 0)?) } else { None };
+        Ok((Encoder::load(&w.pp("encoder"), &self.config)?, quant_conv))
     }
 
     /// Image `[B, 3, H, W]` in [-1, 1] → `(mean, logvar)` of the latent Gaussian, unscaled.
-    pub fn encode(&self, image: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let mut moments = self.encoder.forward(image);
-        if let Some(conv) = &self.quant_conv {
+    pub fn encode(&self, image: Tensor<4>) -> Result<(Tensor<4>, Tensor<4>)> {
+        let (encoder, quant_conv) = self.load_encoder()?;
+        let mut moments = encoder.forward(image);
+        if let Some(conv) = &quant_conv {
             moments = conv.forward(moments);
         }
         let mut halves = moments.chunk(2, 1);
         let logvar = halves.pop().expect("two halves").clamp(-30.0, 20.0);
-        (halves.pop().expect("two halves"), logvar)
+        Ok((halves.pop().expect("two halves"), logvar))
     }
 
     /// Unscaled latents `[B, C, h, w]` → image in roughly [-1, 1].

@@ -61,7 +61,7 @@ impl StableDiffusion {
         let shape = self.latent_shape(width, height);
         let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
         let encode_noise = setup.normals(input.encode_noise, shape, "VAE sampling noise")?;
-        let image_latents = self.encode_image(image, encode_noise);
+        let image_latents = self.encode_image(image, encode_noise)?;
         let noise = setup.normals(req.latents, shape, "initial latents")?;
         let latents = setup.scheduler.add_noise(image_latents, noise, begin);
         Ok(setup.denoising(latents, begin, Conditioning::default(), req.step_noise, width, height))

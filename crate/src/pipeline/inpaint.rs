@@ -67,7 +67,7 @@ impl StableDiffusion {
         let full_strength = strength == 1.0;
         let image_latents = if !conditioned || !full_strength {
             let encode_noise = setup.normals(input.image_noise, shape, "VAE sampling noise of the image")?;
-            Some(self.encode_image(image(normalized.clone()), encode_noise))
+            Some(self.encode_image(image(normalized.clone()), encode_noise)?)
         } else {
             None
         };
@@ -82,7 +82,7 @@ impl StableDiffusion {
             }
             _ => {
                 let encode_noise = setup.normals(input.masked_image_noise, shape, "VAE sampling noise of the masked image")?;
-                let masked_latents = self.encode_image(image(mask.mask_image(&normalized)), encode_noise);
+                let masked_latents = self.encode_image(image(mask.mask_image(&normalized)), encode_noise)?;
                 Conditioning { extra_channels: Some(Tensor::cat(vec![latent_mask, masked_latents], 1)), ..Default::default() }
             }
         };

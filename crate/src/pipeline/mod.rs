@@ -12,6 +12,7 @@ pub mod upscale;
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Mutex;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
@@ -40,7 +41,11 @@ pub struct StableDiffusion {
     /// The model's short name, written into PNG metadata.
     pub name: String,
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    /// The text encoder's weights and config: the model is built for each prompt encoding and
+    /// dropped after, so its GPU memory is free while the UNet runs.
+    text_encoder: (Weights, ClipTextConfig),
+    /// The last encoding, reused while the prompts stay the same (a new seed, say).
+    last_prompt: Mutex<Option<(PromptKey, Tensor<3>, Vec<String>)>>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
@@ -69,6 +74,9 @@ pub struct Request {
     pub step_noise: Option<VecDeque<Vec<f32>>>,
 }
 
+/// Prompt, negative prompt, and whether both are encoded (guidance).
+type PromptKey = (String, String, bool);
+
 pub const DEFAULT_STEPS: usize = 50;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
 
@@ -90,7 +98,9 @@ impl StableDiffusion {
         }
         let clip_config: ClipTextConfig = json(files, "text_encoder/config.json")?;
         let tokenizer = ClipTokenizer::load(&TokenizerFiles::read(files)?, clip_config.max_position_embeddings)?;
-        let text_encoder = ClipTextModel::load(&weights("text_encoder/model")?, clip_config)?;
+        let text_encoder = (weights("text_encoder/model")?, clip_config);
+        // Built once now, so a damaged text encoder is refused when the model loads.
+        ClipTextModel::load(&text_encoder.0, text_encoder.1.clone())?;
         let unet = UNet2DConditionModel::load(&weights("unet/diffusion_pytorch_model")?, json(files, "unet/config.json")?)?;
         let vae = AutoencoderKL::load(&weights("vae/diffusion_pytorch_model")?, json(files, "vae/config.json")?)?;
         let scheduler_config = SchedulerConfig::from_json(&files.require_text("scheduler/scheduler_config.json")?)?;
@@ -98,7 +108,9 @@ impl StableDiffusion {
             "StableDiffusionUpscalePipeline" => Some(upscale::UpscalerConfig::load(files, index.max_noise_level)?),
             _ => None,
         };
-        Ok(Self { name: short_name(files), tokenizer, text_encoder, unet, vae, scheduler_config, upscaler, device: device.clone() })
+        device.memory_cleanup();
+        let last_prompt = Mutex::default();
+        Ok(Self { name: short_name(files), tokenizer, text_encoder, last_prompt, unet, vae, scheduler_config, upscaler, device: device.clone() })
     }
 
     /// Loads a diffusers folder on disk.
@@ -139,6 +151,11 @@ impl StableDiffusion {
     /// Text states `[B, 77, D]`: `[uncond, cond]` with guidance, else `[cond]`. Returns
     /// warnings for truncated prompts.
     fn encode_prompt(&self, prompt: &str, negative: &str, guided: bool) -> Result<(Tensor<3>, Vec<String>)> {
+        let key = (prompt.to_owned(), negative.to_owned(), guided);
+        let mut last = self.last_prompt.lock().expect("no panic while encoding");
+        if let Some((_, context, warnings)) = last.as_ref().filter(|(k, ..)| *k == key) {
+            return Ok((context.clone(), warnings.clone()));
+        }
         let mut warnings = Vec::new();
         let mut tokenize = |label: &str, text: &str| -> Result<Vec<u32>> {
             let tokens = self.tokenizer.encode(text)?;
@@ -153,7 +170,10 @@ impl StableDiffusion {
         };
         let cond = tokenize("prompt", prompt)?;
         let ids = if guided { vec![tokenize("negative prompt", negative)?, cond] } else { vec![cond] };
-        Ok((self.text_encoder.forward(&ids), warnings))
+        let context = ClipTextModel::load(&self.text_encoder.0, self.text_encoder.1.clone())?.forward(&ids);
+        self.device.memory_cleanup();
+        *last = Some((key, context.clone(), warnings.clone()));
+        Ok((context, warnings))
     }
 
     /// Validates `req`, encodes the prompt and prepares the initial latents.
@@ -229,9 +249,10 @@ impl StableDiffusion {
     /// Encodes `image` `[1, 3, H, W]` in [-1, 1] to scaled latents as diffusers'
     /// `retrieve_latents(vae.encode(image), generator)` does: a sample of the latent
     /// distribution, mean + std × `noise`.
-    fn encode_image(&self, image: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
-        let (mean, logvar) = self.vae.encode(image);
-        (mean + logvar.mul_scalar(0.5).exp() * noise).mul_scalar(self.vae.config.scaling_factor)
+    fn encode_image(&self, image: Tensor<4>, noise: Tensor<4>) -> Result<Tensor<4>> {
+        let (mean, logvar) = self.vae.encode(image)?;
+        self.device.memory_cleanup();
+        Ok((mean + logvar.mul_scalar(0.5).exp() * noise).mul_scalar(self.vae.config.scaling_factor))
     }
 
     /// `[1, C, h, w]` latent shape of a `width`×`height` image.
