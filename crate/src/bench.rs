@@ -32,6 +32,10 @@ pub struct FormatArgs {
     pub size: usize,
     pub steps: usize,
     pub formats: Vec<Format>,
+    /// `--backend` as given, for the runs in child processes.
+    pub backend: String,
+    /// Where the first format's figures, latents and pixels go, as JSON (a child's answer).
+    pub outputs: Option<std::path::PathBuf>,
 }
 
 fn config<T: serde::de::DeserializeOwned>(preset: &Value, key: &str) -> Result<T> {
@@ -65,93 +69,142 @@ fn sync(device: &Device) -> Result<()> {
     device.sync().map_err(|e| Error::Invalid(format!("device: {e:?}")))
 }
 
-/// One guided Euler generation (guidance 7.5, `steps` steps) of a `size`² image from fixed
-/// token ids and seeded latents, with every component's weights converted to each format in
-/// turn. Peak memory is the largest of the pools' reserved bytes sampled after loading, the
-/// text encoder, each step and the decode (pools only grow between clean-ups, so each sample
-/// covers what ran since the one before); the error is against the f32 run's latents and 8-bit
-/// image.
-pub fn formats(device: &Device, args: &FormatArgs) -> Result<Value> {
-    let preset = preset(&args.model)?;
-    let scheduler_config = SchedulerConfig::from_json(&preset["scheduler"].to_string())?;
-    let mut reference: Option<(Vec<f32>, Vec<u8>)> = None;
-    let mut results = Vec::new();
-    for &format in &args.formats {
-        device.memory_cleanup();
-        let mut peak = 0u64;
-        let sample = |peak: &mut u64| -> Result<()> {
-            sync(device)?;
-            *peak = (*peak).max(reserved_bytes(device).unwrap_or(0));
-            Ok(())
-        };
-        let started = Instant::now();
-        // As the pipeline holds them: the UNet and the VAE's decoder stay on the device; the
-        // text encoder (and the VAE's encoder, which text to image never runs) are built when
-        // used and dropped after.
-        let w = [0, 1, 2].map(|_| Weights::random(device).converted(format));
-        let unet = UNet2DConditionModel::load(&w[1], config(&preset, "unet")?)?;
-        let vae = AutoencoderKL::load(&w[2], config(&preset, "vae")?)?;
-        device.memory_cleanup();
-        sample(&mut peak)?;
-        let weights_bytes = peak;
-        let load_s = started.elapsed().as_secs_f64();
-
-        let started = Instant::now();
-        let text_config: ClipTextConfig = config(&preset, "text_encoder")?;
-        let ids: Vec<Vec<u32>> = [[49406, 49407].as_slice(), &[49406, 320, 1125, 539, 320, 2368, 49407]]
-            .iter()
-            .map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(text_config.max_position_embeddings).collect())
-            .collect();
-        let context = ClipTextModel::load(&w[0], text_config)?.forward(&ids);
-        sample(&mut peak)?;
-        device.memory_cleanup();
-        let package_bytes: u64 = w.iter().map(|w| w.random_stats().1).sum();
-        let f = vae.config.scale_factor();
-        let shape = [1, vae.config.latent_channels, args.size / f, args.size / f];
-        let mut scheduler = schedulers::build(SchedulerKind::Euler, &scheduler_config, args.steps)?;
-        let noise = NormalRng::new(0).normals(shape.iter().product());
-        let mut latents = Tensor::<4>::from_data(TensorData::new(noise, shape), device).mul_scalar(scheduler.init_noise_sigma());
-        for index in 0..scheduler.timesteps().len() {
-            let t = scheduler.timesteps()[index];
-            let input = scheduler.scale_model_input(latents.clone(), index);
-            let mut halves = unet.forward(Tensor::cat(vec![input.clone(), input], 0), t, &context).chunk(2, 0);
-            let cond = halves.pop().expect("two halves");
-            let uncond = halves.pop().expect("two halves");
-            let prediction = uncond.clone() + (cond - uncond).mul_scalar(7.5);
-            latents = scheduler.step(prediction, index, latents, &mut || unreachable!("Euler draws no noise"));
-            sample(&mut peak)?;
-        }
-        let image = decode_latents(&vae, latents.clone(), None);
-        sample(&mut peak)?;
-        let generate_s = started.elapsed().as_secs_f64();
-        let latents = latents.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?;
-        let pixels: Vec<u8> = image.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?.iter().map(|v| (v * 255.0).round() as u8).collect();
-        let (ref_latents, ref_pixels) = reference.get_or_insert_with(|| (latents.clone(), pixels.clone()));
-        let rmse = (latents.iter().zip(ref_latents.iter()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / latents.len() as f64).sqrt();
-        let mse = pixels.iter().zip(ref_pixels.iter()).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>() / pixels.len() as f64;
-        let result = json!({
-            "format": format.name(),
-            "package_bytes": package_bytes,
-            "weights_bytes_on_device": weights_bytes,
-            "peak_reserved_bytes": peak,
-            "latent_rmse_vs_first": rmse,
-            "image_psnr_db_vs_first": if mse > 0.0 { json!(10.0 * (255.0f64.powi(2) / mse).log10()) } else { json!("inf") },
-            "load_s": load_s,
-            "generate_s": generate_s,
-        });
-        // Each format's figures as soon as they exist: a large size runs for a long time.
-        eprintln!("{result}");
-        results.push(result);
+/// `kiln bench --formats`. One format runs here; several run each in a fresh `kiln` process
+/// (memory pools keep some pages after clean-up, which would count against the next format),
+/// and each gets its error against the first: latent RMSE and 8-bit image PSNR.
+pub fn formats(args: &FormatArgs, device: impl FnOnce() -> Device) -> Result<Value> {
+    let runs = match args.formats[..] {
+        [format] => vec![generate(&device(), args, format)?],
+        _ => args.formats.iter().map(|&format| in_child(args, format)).collect::<Result<Vec<_>>>()?,
+    };
+    let first = &runs[0];
+    let results: Vec<Value> = runs
+        .iter()
+        .map(|run| {
+            let rmse = (run.latents.iter().zip(&first.latents).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / run.latents.len() as f64).sqrt();
+            let mse = run.pixels.iter().zip(&first.pixels).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>() / run.pixels.len() as f64;
+            let mut figures = run.figures.clone();
+            figures["latent_rmse_vs_first"] = json!(rmse);
+            figures["image_psnr_db_vs_first"] = if mse > 0.0 { json!(10.0 * (255.0f64.powi(2) / mse).log10()) } else { json!("inf") };
+            figures
+        })
+        .collect();
+    if let Some(path) = &args.outputs {
+        let outputs = json!({ "figures": first.figures, "latents": first.latents, "pixels": first.pixels });
+        std::fs::write(path, outputs.to_string()).map_err(|e| Error::Io { path: path.clone(), source: e })?;
     }
     Ok(json!({
         "engine": "kiln (burn 0.22)",
-        "device": format!("{device:?}"),
+        "device": first.figures["device"],
         "model": args.model,
         "size": args.size,
         "steps": args.steps,
         "scheduler": "euler, guidance 7.5",
         "results": results,
     }))
+}
+
+/// What one format's generation measured, and its final latents and 8-bit pixels.
+struct Run {
+    figures: Value,
+    latents: Vec<f32>,
+    pixels: Vec<u8>,
+}
+
+/// Runs `format` alone in a fresh `kiln bench` process, which hands back its outputs in a file.
+fn in_child(args: &FormatArgs, format: Format) -> Result<Run> {
+    let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot find the kiln executable: {e}")))?;
+    let outputs = std::env::temp_dir().join(format!("kiln-bench-{}-{}.json", std::process::id(), format.name()));
+    let (size, steps) = (args.size.to_string(), args.steps.to_string());
+    let status = std::process::Command::new(exe)
+        .args(["bench", "--model", &args.model, "--size", &size, "--steps", &steps, "--backend", &args.backend, "--formats", format.name()])
+        .arg("--outputs")
+        .arg(&outputs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| Error::Invalid(format!("cannot start kiln bench for {}: {e}", format.name())))?;
+    if !status.success() {
+        return Err(Error::Invalid(format!("kiln bench for {} failed ({status})", format.name())));
+    }
+    let text = std::fs::read_to_string(&outputs).map_err(|e| Error::Io { path: outputs.clone(), source: e })?;
+    let _ = std::fs::remove_file(&outputs);
+    let mut value: Value = serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", outputs.display())))?;
+    let bad = |e: serde_json::Error| Error::Invalid(format!("{}: {e}", outputs.display()));
+    let latents = serde_json::from_value(value["latents"].take()).map_err(bad)?;
+    let pixels = serde_json::from_value(value["pixels"].take()).map_err(bad)?;
+    Ok(Run { figures: value["figures"].take(), latents, pixels })
+}
+
+/// One guided Euler generation (guidance 7.5, `steps` steps) of a `size`² image from fixed
+/// token ids and seeded latents, with every component's weights converted to `format`. Peak
+/// memory is the largest of the pools' reserved bytes sampled after loading, the text encoder,
+/// each step and the decode (pools only grow between clean-ups, so each sample covers what ran
+/// since the one before).
+fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
+    let preset = preset(&args.model)?;
+    let scheduler_config = SchedulerConfig::from_json(&preset["scheduler"].to_string())?;
+    let mut peak = 0u64;
+    let sample = |peak: &mut u64| -> Result<()> {
+        sync(device)?;
+        *peak = (*peak).max(reserved_bytes(device).unwrap_or(0));
+        Ok(())
+    };
+    let started = Instant::now();
+    // As the pipeline holds them: the UNet and the VAE's decoder stay on the device; the text
+    // encoder (and the VAE's encoder, which text to image never runs) are built when used and
+    // dropped after.
+    let w = [0, 1, 2].map(|_| Weights::random(device).converted(format));
+    let unet = UNet2DConditionModel::load(&w[1], config(&preset, "unet")?)?;
+    let vae = AutoencoderKL::load(&w[2], config(&preset, "vae")?)?;
+    device.memory_cleanup();
+    sample(&mut peak)?;
+    let weights_reserved = peak;
+    let weights_in_use = device.memory_pool_usage().map(|u| u.bytes_in_use);
+    let load_s = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let text_config: ClipTextConfig = config(&preset, "text_encoder")?;
+    let ids: Vec<Vec<u32>> = [[49406, 49407].as_slice(), &[49406, 320, 1125, 539, 320, 2368, 49407]]
+        .iter()
+        .map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(text_config.max_position_embeddings).collect())
+        .collect();
+    let context = ClipTextModel::load(&w[0], text_config)?.forward(&ids);
+    sample(&mut peak)?;
+    device.memory_cleanup();
+    let package_bytes: u64 = w.iter().map(|w| w.random_stats().1).sum();
+    let f = vae.config.scale_factor();
+    let shape = [1, vae.config.latent_channels, args.size / f, args.size / f];
+    let mut scheduler = schedulers::build(SchedulerKind::Euler, &scheduler_config, args.steps)?;
+    let noise = NormalRng::new(0).normals(shape.iter().product());
+    let mut latents = Tensor::<4>::from_data(TensorData::new(noise, shape), device).mul_scalar(scheduler.init_noise_sigma());
+    for index in 0..scheduler.timesteps().len() {
+        let t = scheduler.timesteps()[index];
+        let input = scheduler.scale_model_input(latents.clone(), index);
+        let mut halves = unet.forward(Tensor::cat(vec![input.clone(), input], 0), t, &context).chunk(2, 0);
+        let cond = halves.pop().expect("two halves");
+        let uncond = halves.pop().expect("two halves");
+        let prediction = uncond.clone() + (cond - uncond).mul_scalar(7.5);
+        latents = scheduler.step(prediction, index, latents, &mut || unreachable!("Euler draws no noise"));
+        sample(&mut peak)?;
+    }
+    let image = decode_latents(&vae, latents.clone(), None);
+    sample(&mut peak)?;
+    let generate_s = started.elapsed().as_secs_f64();
+    let latents = latents.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?;
+    let pixels: Vec<u8> = image.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?.iter().map(|v| (v * 255.0).round() as u8).collect();
+    let figures = json!({
+        "format": format.name(),
+        "device": format!("{device:?}"),
+        "package_bytes": package_bytes,
+        "weights_bytes_in_use": weights_in_use,
+        "weights_bytes_reserved": weights_reserved,
+        "peak_reserved_bytes": peak,
+        "load_s": load_s,
+        "generate_s": generate_s,
+    });
+    // Each format's figures as soon as they exist: a large size runs for a long time.
+    eprintln!("{figures}");
+    Ok(Run { figures, latents, pixels })
 }
 
 pub fn run(device: &Device, args: &BenchArgs) -> Result<Value> {

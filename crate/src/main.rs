@@ -91,6 +91,9 @@ enum Command {
         /// Denoising steps of the --formats generation.
         #[arg(long, default_value_t = 2)]
         steps: usize,
+        /// Writes the first format's figures and outputs here (how each format's run answers).
+        #[arg(long, hide = true)]
+        outputs: Option<PathBuf>,
     },
 }
 
@@ -199,14 +202,15 @@ fn main() -> ExitCode {
         Command::Inpaint(args) => inpaint(args),
         Command::Upscale(args) => upscale(args),
         Command::Pack { model, out, format } => pack(&model, &out, &format),
-        Command::Bench { model, size, batch, iters, backend, formats, steps } => {
+        Command::Bench { model, size, batch, iters, backend, formats, steps, outputs } => {
             let report = if formats.is_empty() {
                 bench::run(&backend.device(), &bench::BenchArgs { models: vec![model], size, batch, iters })
             } else {
                 // One model per format comparison: SD 1.5 unless another is named.
                 let model = if model == "all" { "sd15".to_owned() } else { model };
+                let backend_name = backend.to_possible_value().expect("a named backend").get_name().to_owned();
                 formats.iter().map(|f| Format::from_name(f)).collect::<Result<Vec<_>>>().and_then(|formats| {
-                    bench::formats(&backend.device(), &bench::FormatArgs { model, size, steps, formats })
+                    bench::formats(&bench::FormatArgs { model, size, steps, formats, backend: backend_name, outputs }, || backend.device())
                 })
             };
             report.map(|report| println!("{}", serde_json::to_string_pretty(&report).expect("JSON")))

@@ -41,9 +41,10 @@ pub struct StableDiffusion {
     /// The model's short name, written into PNG metadata.
     pub name: String,
     pub tokenizer: ClipTokenizer,
-    /// The text encoder's weights and config: the model is built for each prompt encoding and
-    /// dropped after, so its GPU memory is free while the UNet runs.
-    text_encoder: (Weights, ClipTextConfig),
+    /// The text encoder's weights: the model is built for each prompt encoding and dropped
+    /// after, so its GPU memory is free while the UNet runs.
+    text_encoder: Weights,
+    clip_config: ClipTextConfig,
     /// The last encoding, reused while the prompts stay the same (a new seed, say).
     last_prompt: Mutex<Option<(PromptKey, Tensor<3>, Vec<String>)>>,
     pub unet: UNet2DConditionModel,
@@ -98,9 +99,9 @@ impl StableDiffusion {
         }
         let clip_config: ClipTextConfig = json(files, "text_encoder/config.json")?;
         let tokenizer = ClipTokenizer::load(&TokenizerFiles::read(files)?, clip_config.max_position_embeddings)?;
-        let text_encoder = (weights("text_encoder/model")?, clip_config);
+        let text_encoder = weights("text_encoder/model")?;
         // Built once now, so a damaged text encoder is refused when the model loads.
-        ClipTextModel::load(&text_encoder.0, text_encoder.1.clone())?;
+        ClipTextModel::load(&text_encoder, clip_config.clone())?;
         let unet = UNet2DConditionModel::load(&weights("unet/diffusion_pytorch_model")?, json(files, "unet/config.json")?)?;
         let vae = AutoencoderKL::load(&weights("vae/diffusion_pytorch_model")?, json(files, "vae/config.json")?)?;
         let scheduler_config = SchedulerConfig::from_json(&files.require_text("scheduler/scheduler_config.json")?)?;
@@ -110,7 +111,7 @@ impl StableDiffusion {
         };
         device.memory_cleanup();
         let last_prompt = Mutex::default();
-        Ok(Self { name: short_name(files), tokenizer, text_encoder, last_prompt, unet, vae, scheduler_config, upscaler, device: device.clone() })
+        Ok(Self { name: short_name(files), tokenizer, text_encoder, clip_config, last_prompt, unet, vae, scheduler_config, upscaler, device: device.clone() })
     }
 
     /// Loads a diffusers folder on disk.
@@ -170,7 +171,7 @@ impl StableDiffusion {
         };
         let cond = tokenize("prompt", prompt)?;
         let ids = if guided { vec![tokenize("negative prompt", negative)?, cond] } else { vec![cond] };
-        let context = ClipTextModel::load(&self.text_encoder.0, self.text_encoder.1.clone())?.forward(&ids);
+        let context = ClipTextModel::load(&self.text_encoder, self.clip_config.clone())?.forward(&ids);
         self.device.memory_cleanup();
         *last = Some((key, context.clone(), warnings.clone()));
         Ok((context, warnings))
