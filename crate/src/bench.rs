@@ -151,8 +151,8 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
     };
     let started = Instant::now();
     // As the pipeline holds them: the UNet and the VAE's decoder stay on the device; the text
-    // encoder (and the VAE's encoder, which text to image never runs) are built when used and
-    // dropped after.
+    // encoder is built for the prompt and dropped after (the VAE's encoder only for the check
+    // at load, as text to image never runs it).
     let w = [0, 1, 2].map(|_| Weights::random(device).converted(format));
     let unet = UNet2DConditionModel::load(&w[1], config(&preset, "unet")?)?;
     let vae = AutoencoderKL::load(&w[2], config(&preset, "vae")?)?;

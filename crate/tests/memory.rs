@@ -11,10 +11,10 @@ use kiln::package::{self, TensorEntry};
 use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::Img2Img;
 use kiln::pipeline::png::to_rgb8;
+use kiln::pipeline::tiles::{TileSize, Tiles};
 use kiln::pipeline::{Request, StableDiffusion};
 use kiln::quant::Format;
 use kiln::weights::on_demand;
-use kiln::pipeline::tiles::{TileSize, Tiles};
 
 /// The tests share the device and one counts its bytes in use, so they run one at a time.
 static ALONE: Mutex<()> = Mutex::new(());
