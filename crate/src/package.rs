@@ -13,14 +13,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::files::{MemoryFiles, ModelFiles};
 use crate::quant::{BLOCK, Format};
-use crate::weights::{Uploaded, Weights, read_weight_file, safetensors_values};
+use crate::weights::{Uploaded, Weights, for_each_tensor};
 
 pub const MANIFEST: &str = "manifest.json";
 /// The package layout version this build reads and writes.
@@ -169,20 +168,14 @@ pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manife
     let mut writer = ShardWriter { dir: out.to_owned(), current: Vec::new(), shards: Vec::new() };
     let mut tensors = Vec::new();
     for stem in WEIGHT_STEMS {
-        let (path, bytes) = read_weight_file(files, stem)?;
-        let label = files.label(&path);
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
-        let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
-        names.sort();
-        for name in names {
-            let view = st.tensor(&name).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
-            let source_dtype = format!("{:?}", view.dtype());
-            let values = safetensors_values(&label, &name, &source_dtype, view.shape(), view.data())?;
-            let stored = format.for_tensor(&name, view.shape());
+        for_each_tensor(files, stem, |name, source_dtype, shape, values| {
+            let stored = format.for_tensor(name, shape);
             let encoded = stored.encode(&values);
             let (shard, offset) = writer.append(&encoded)?;
-            tensors.push(TensorEntry { file: stem.to_owned(), name, shape: view.shape().to_vec(), source_dtype, format: stored, shard, offset, length: encoded.len() });
-        }
+            let (name, source_dtype, shape) = (name.to_owned(), source_dtype.to_owned(), shape.to_vec());
+            tensors.push(TensorEntry { file: stem.to_owned(), name, shape, source_dtype, format: stored, shard, offset, length: encoded.len() });
+            Ok(())
+        })?;
     }
     if !writer.current.is_empty() {
         writer.close()?;

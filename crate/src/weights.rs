@@ -114,9 +114,36 @@ impl Uploaded {
     /// Adds one safetensors entry (`dtype` as the header spells it), converted to `format`.
     pub fn add_safetensors(&mut self, name: &str, dtype: &str, shape: Vec<usize>, raw: &[u8], format: Format, device: &Device) -> Result<()> {
         let values = safetensors_values(&self.label, name, dtype, &shape, raw)?;
-        let stored = format.for_tensor(name, &shape);
-        self.add(name, shape, stored, &stored.encode(&values), device)
+        self.add_converted(name, shape, &values, format, device)
     }
+
+    /// Every tensor of the published weight file `stem`, each converted to `format` once.
+    pub fn from_file(files: &dyn ModelFiles, stem: &str, format: Format, device: &Device) -> Result<Self> {
+        let mut up = Self::new(stem, files.label(stem));
+        for_each_tensor(files, stem, |name, _, shape, values| up.add_converted(name, shape.to_vec(), &values, format, device))?;
+        Ok(up)
+    }
+
+    fn add_converted(&mut self, name: &str, shape: Vec<usize>, values: &[f32], format: Format, device: &Device) -> Result<()> {
+        let stored = format.for_tensor(name, &shape);
+        self.add(name, shape, stored, &stored.encode(values), device)
+    }
+}
+
+/// Calls `f` with the name, source dtype, shape and f32 values of every tensor of the published
+/// weight file `stem`, in name order.
+pub fn for_each_tensor(files: &dyn ModelFiles, stem: &str, mut f: impl FnMut(&str, &str, &[usize], Vec<f32>) -> Result<()>) -> Result<()> {
+    let (path, bytes) = read_weight_file(files, stem)?;
+    let label = files.label(&path);
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
+    let mut names = st.names();
+    names.sort();
+    for name in names {
+        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
+        let dtype = format!("{:?}", view.dtype());
+        f(name, &dtype, view.shape(), safetensors_values(&label, name, &dtype, view.shape(), view.data())?)?;
+    }
+    Ok(())
 }
 
 /// The values of one safetensors entry whose header says `dtype` (`F32`, `F16` or `BF16`).
@@ -279,7 +306,7 @@ pub fn weight_file_names(stem: &str) -> [String; 2] {
 }
 
 /// The path and bytes of the first of [`weight_file_names`] that `files` has.
-pub fn read_weight_file(files: &dyn ModelFiles, stem: &str) -> Result<(String, Vec<u8>)> {
+fn read_weight_file(files: &dyn ModelFiles, stem: &str) -> Result<(String, Vec<u8>)> {
     for path in weight_file_names(stem) {
         if let Some(bytes) = files.read(&path)? {
             return Ok((path, bytes));

@@ -26,7 +26,7 @@ use crate::model::vae::AutoencoderKL;
 use crate::package;
 use crate::quant::Format;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
-use crate::weights::Weights;
+use crate::weights::{Uploaded, Weights};
 use rng::NormalRng;
 
 #[derive(Deserialize)]
@@ -124,8 +124,12 @@ impl StableDiffusion {
     pub fn open(dir: &Path, format: Option<Format>, device: &Device) -> Result<Self> {
         let folder = Folder(dir.to_owned());
         if folder.read(package::MANIFEST)?.is_none() {
-            let format = format.unwrap_or(Format::F32);
-            return Self::assemble(&folder, &|stem| Ok(Weights::open(&folder, stem, device)?.converted(format)), device);
+            return match format {
+                None => Self::load(&folder, device),
+                // Converted once, as they load (the browser does the same), so the text encoder
+                // and the VAE's encoder wait converted rather than converting at each use.
+                Some(format) => Self::assemble(&folder, &|stem| Ok(Weights::uploaded(Uploaded::from_file(&folder, stem, format, device)?, device)), device),
+            };
         }
         let loaded = package::load(&folder, device)?;
         if let Some(format) = format.filter(|&f| f != loaded.format) {
