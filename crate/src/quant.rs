@@ -57,6 +57,12 @@ impl Format {
         }
     }
 
+    /// The format a published safetensors tensor is kept in "as published": f16 stays f16,
+    /// f32 and bf16 (which no device here computes in) are f32.
+    pub fn published(dtype: &str) -> Format {
+        if dtype == "F16" { Format::F16 } else { Format::F32 }
+    }
+
     /// Bytes that `n` values take in this format.
     pub fn stored_len(self, n: usize) -> usize {
         match self {

@@ -140,12 +140,13 @@ impl Engine {
         self.files.insert(path, bytes);
     }
 
-    /// One tensor of a weight file, uploaded to the GPU at once. `stem` names the file
-    /// without its extension (`unet/diffusion_pytorch_model`); `dtype` as in the safetensors header.
+    /// One tensor of a weight file, uploaded to the GPU at once in its published precision.
+    /// `stem` names the file without its extension (`unet/diffusion_pytorch_model`); `dtype` as
+    /// in the safetensors header.
     pub fn add_tensor(&mut self, stem: String, name: String, dtype: String, shape: Vec<u32>, bytes: &[u8]) -> Result<(), JsError> {
         let shape = shape.into_iter().map(|d| d as usize).collect();
         let device = self.device.clone();
-        self.upload(stem).add_safetensors(&name, &dtype, shape, bytes, Format::F32, &device).map_err(js_err)
+        self.upload(stem).add_safetensors(&name, &dtype, shape, bytes, Format::published(&dtype), &device).map_err(js_err)
     }
 
     /// One tensor stored in a Kiln format (`f32`, `f16`, `q8`, `q4`): from a package, or

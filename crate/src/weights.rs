@@ -1,8 +1,9 @@
-//! Weights from safetensors files, addressed by diffusers' own tensor names.
+//! Weights addressed by diffusers' own tensor names.
 //!
-//! A [`Weights`] is a view into one file under a name prefix, so each module loads its
-//! fields as `w.pp("conv_in").tensor("weight", [..])`: loading is a mapping of names,
-//! never a translation table.
+//! A [`Weights`] is a view into one weight file's tensors under a name prefix, so each module
+//! loads its fields as `w.pp("conv_in").tensor("weight", [..])`: loading is a mapping of names,
+//! never a translation table. Every source (a published safetensors file, a package, the
+//! browser's cache) is uploaded tensor by tensor into an [`Uploaded`] first.
 //!
 //! [`Weights::random`] serves any name with random values of the asked shape, so the
 //! same loading code builds full-size models for benchmarks without a download.
@@ -12,19 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors, tensor::Metadata};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
 use crate::quant::{self, Format};
-
-struct File {
-    path: PathBuf,
-    bytes: Vec<u8>,
-    /// Offset of the tensor data block (8-byte length + JSON header).
-    data_start: usize,
-    metadata: Metadata,
-}
 
 #[derive(Default)]
 struct RandomStats {
@@ -34,11 +27,9 @@ struct RandomStats {
 
 #[derive(Clone)]
 enum Source {
-    File(Arc<File>),
     /// Counts what was handed out; the value count is also the state of the random stream.
     Random(Arc<RandomStats>),
-    /// Tensors already on the device, uploaded one by one (the browser streams them from its
-    /// cache; a package is loaded the same way).
+    /// Tensors uploaded one by one: from a published file, a package, or the browser's cache.
     Uploaded(Arc<Uploaded>),
 }
 
@@ -117,10 +108,16 @@ impl Uploaded {
         self.add_converted(name, shape, &values, format, device)
     }
 
-    /// Every tensor of the published weight file `stem`, each converted to `format` once.
-    pub fn from_file(files: &dyn ModelFiles, stem: &str, format: Format, device: &Device) -> Result<Self> {
-        let mut up = Self::new(stem, files.label(stem));
-        for_each_tensor(files, stem, |name, _, shape, values| up.add_converted(name, shape.to_vec(), &values, format, device))?;
+    /// Every tensor of the published weight file `stem`, each converted to `format` once, or
+    /// with `None` kept in its published precision ([`Format::published`]).
+    pub fn from_file(files: &dyn ModelFiles, stem: &str, format: Option<Format>, device: &Device) -> Result<Self> {
+        let (path, bytes) = read_weight_file(files, stem)?;
+        let mut up = Self::new(stem, files.label(&path));
+        let label = up.label.clone();
+        each_entry(&label, &bytes, |name, dtype, shape, values| {
+            let format = format.unwrap_or(Format::published(dtype));
+            up.add_converted(name, shape.to_vec(), &values, format, device)
+        })?;
         Ok(up)
     }
 
@@ -132,16 +129,20 @@ impl Uploaded {
 
 /// Calls `f` with the name, source dtype, shape and f32 values of every tensor of the published
 /// weight file `stem`, in name order.
-pub fn for_each_tensor(files: &dyn ModelFiles, stem: &str, mut f: impl FnMut(&str, &str, &[usize], Vec<f32>) -> Result<()>) -> Result<()> {
+pub fn for_each_tensor(files: &dyn ModelFiles, stem: &str, f: impl FnMut(&str, &str, &[usize], Vec<f32>) -> Result<()>) -> Result<()> {
     let (path, bytes) = read_weight_file(files, stem)?;
-    let label = files.label(&path);
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
+    each_entry(&files.label(&path), &bytes, f)
+}
+
+/// [`for_each_tensor`] over the safetensors `bytes`; `label` names the file in messages.
+fn each_entry(label: &std::path::Path, bytes: &[u8], mut f: impl FnMut(&str, &str, &[usize], Vec<f32>) -> Result<()>) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors { path: label.to_owned(), msg: e.to_string() })?;
     let mut names = st.names();
     names.sort();
     for name in names {
-        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: label.clone(), msg: e.to_string() })?;
+        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: label.to_owned(), msg: e.to_string() })?;
         let dtype = format!("{:?}", view.dtype());
-        f(name, &dtype, view.shape(), safetensors_values(&label, name, &dtype, view.shape(), view.data())?)?;
+        f(name, &dtype, view.shape(), safetensors_values(label, name, &dtype, view.shape(), view.data())?)?;
     }
     Ok(())
 }
@@ -166,20 +167,11 @@ pub struct Weights {
     source: Source,
     prefix: String,
     device: Device,
-    /// The format full-precision sources are converted to as they load (see [`Format::for_tensor`]).
+    /// The format random weights are converted to as they load (see [`Format::for_tensor`]).
     format: Format,
 }
 
 impl Weights {
-    /// Parses a safetensors buffer; `path` is only used in messages.
-    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>, device: &Device) -> Result<Self> {
-        let path = path.into();
-        let (header_len, metadata) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
-        let file = File { path, bytes, data_start: 8 + header_len, metadata };
-        Ok(Self::with_source(Source::File(Arc::new(file)), device))
-    }
-
     fn with_source(source: Source, device: &Device) -> Self {
         Self { source, prefix: String::new(), device: device.clone(), format: Format::F32 }
     }
@@ -205,14 +197,8 @@ impl Weights {
     pub fn random_stats(&self) -> (u64, u64) {
         match &self.source {
             Source::Random(stats) => (stats.values.load(Ordering::Relaxed), stats.stored_bytes.load(Ordering::Relaxed)),
-            Source::File(_) | Source::Uploaded(_) => (0, 0),
+            Source::Uploaded(_) => (0, 0),
         }
-    }
-
-    /// Opens `<stem>.safetensors`, or the `.fp16.safetensors` variant when it is the only one.
-    pub fn open(files: &dyn ModelFiles, stem: &str, device: &Device) -> Result<Self> {
-        let (path, bytes) = read_weight_file(files, stem)?;
-        Self::from_bytes(files.label(&path), bytes, device)
     }
 
     /// The view under `prefix.name`.
@@ -227,7 +213,6 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
-            Source::File(file) => file.metadata.info(&self.full_name(name)).is_some(),
             Source::Random(_) => false,
             Source::Uploaded(up) => up.tensors.contains_key(&self.full_name(name)),
         }
@@ -247,28 +232,18 @@ impl Weights {
 
     /// The values as the source holds them, before any conversion.
     fn source_values(&self, name: &str, full: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let file = match &self.source {
-            Source::File(file) => file,
+        match &self.source {
             Source::Random(stats) => {
                 let n = shape.iter().product::<usize>();
                 stats.stored_bytes.fetch_add(self.format.for_tensor(full, shape).stored_len(n) as u64, Ordering::Relaxed);
-                return Ok(random_values(&stats.values, name, shape));
+                Ok(random_values(&stats.values, name, shape))
             }
-            Source::Uploaded(up) => {
-                return match up.lookup(full, shape)? {
-                    Stored::Host(values) => Ok(values.clone()),
-                    Stored::Packed(format, bytes) => format.decode(bytes, shape.iter().product()),
-                    Stored::Device(_) => Err(Error::Invalid(format!("{}: `{full}` ({shape:?}) lives on the device", up.label.display()))),
-                };
-            }
-        };
-        let info = file.metadata.info(full).ok_or_else(|| Error::MissingTensor { path: file.path.clone(), name: full.to_owned() })?;
-        if info.shape != shape {
-            return Err(Error::ShapeMismatch { path: file.path.clone(), name: full.to_owned(), expected: shape.to_vec(), found: info.shape.clone() });
+            Source::Uploaded(up) => match up.lookup(full, shape)? {
+                Stored::Host(values) => Ok(values.clone()),
+                Stored::Packed(format, bytes) => format.decode(bytes, shape.iter().product()),
+                Stored::Device(_) => Err(Error::Invalid(format!("{}: `{full}` ({shape:?}) lives on the device", up.label.display()))),
+            },
         }
-        let (start, end) = info.data_offsets;
-        let raw = &file.bytes[file.data_start + start..file.data_start + end];
-        to_f32(info.dtype, raw).ok_or_else(|| Error::UnsupportedDtype { path: file.path.clone(), name: full.to_owned(), dtype: format!("{:?}", info.dtype) })
     }
 
     /// The tensor `name` on the device in f32, checked against `shape`.
@@ -348,51 +323,61 @@ fn random_values(count: &AtomicU64, name: &str, shape: &[usize]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::MemoryFiles;
     use safetensors::tensor::TensorView;
 
-    fn file_with(name: &str, dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> Weights {
-        let view = TensorView::new(dtype, shape, data).unwrap();
-        let bytes = safetensors::serialize([(name, view)], None).unwrap();
-        Weights::from_bytes("unet/test.safetensors", bytes, &Device::flex()).unwrap()
+    /// Safetensors bytes holding `tensors` (name, dtype, shape, raw bytes).
+    fn safetensors(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        safetensors::serialize(tensors.iter().map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap())), None).unwrap()
+    }
+
+    /// The model `m` with the given files.
+    fn model(files: &[(&str, Vec<u8>)]) -> MemoryFiles {
+        MemoryFiles { name: "m".into(), files: files.iter().map(|(p, b)| (p.to_string(), b.clone())).collect() }
+    }
+
+    /// The weight file `unet/test` of a model holding `tensors`, loaded as published.
+    fn published(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Weights {
+        let files = model(&[("unet/test.safetensors", safetensors(tensors))]);
+        Weights::uploaded(Uploaded::from_file(&files, "unet/test", None, &Device::flex()).unwrap(), &Device::flex())
     }
 
     #[test]
     fn reads_f16_and_bf16_as_f32() {
         let halfs: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
-        assert_eq!(file_with("a.weight", Dtype::F16, vec![2], &halfs).pp("a").values("weight", &[2]).unwrap(), vec![1.5, -2.0]);
         let bf: Vec<u8> = [0.25f32, 3.0].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
-        assert_eq!(file_with("b", Dtype::BF16, vec![2], &bf).values("b", &[2]).unwrap(), vec![0.25, 3.0]);
+        let w = published(&[("a.weight", Dtype::F16, vec![2], halfs.clone()), ("b", Dtype::BF16, vec![2], bf)]);
+        assert_eq!(w.pp("a").values("weight", &[2]).unwrap(), vec![1.5, -2.0]);
+        assert_eq!(w.values("b", &[2]).unwrap(), vec![0.25, 3.0]);
+        // A matrix published in f16 stays f16 where the device computes in it.
+        let w = published(&[("m", Dtype::F16, vec![1, 2], halfs)]);
+        assert_eq!(quant::to_f32(w.matrix("m", &[1, 2]).unwrap()).into_data().try_to_vec::<f32>().unwrap(), vec![1.5, -2.0]);
     }
 
     #[test]
     fn errors_name_the_file_tensor_and_shapes() {
-        let w = file_with("conv_in.weight", Dtype::F32, vec![2, 2], &[0; 16]);
-        let err = w.pp("conv_in").values("weight", &[2, 3]).unwrap_err().to_string();
-        assert_eq!(err, "unet/test.safetensors: tensor `conv_in.weight` has shape [2, 2], expected [2, 3]");
+        let w = published(&[("conv_in.weight", Dtype::F32, vec![2, 2], vec![0; 16])]);
+        let err = w.pp("conv_in").matrix("weight", &[2, 3]).unwrap_err().to_string();
+        assert_eq!(err, "m/unet/test.safetensors: tensor `conv_in.weight` has shape [2, 2], expected [2, 3]");
         let err = w.pp("conv_out").values("weight", &[2]).unwrap_err().to_string();
-        assert_eq!(err, "unet/test.safetensors: tensor `conv_out.weight` is missing");
+        assert_eq!(err, "m/unet/test.safetensors: tensor `conv_out.weight` is missing");
     }
 
     #[test]
     fn malformed_files_are_refused() {
-        let err = Weights::from_bytes("vae/x.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}".to_vec(), &Device::flex());
-        assert!(err.err().unwrap().to_string().starts_with("vae/x.safetensors: not a valid safetensors file"));
+        let files = model(&[("vae/x.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}".to_vec())]);
+        let err = Uploaded::from_file(&files, "vae/x", None, &Device::flex()).err().unwrap().to_string();
+        assert!(err.starts_with("m/vae/x.safetensors: not a valid safetensors file"), "{err}");
     }
 
     #[test]
     fn prefers_full_precision_and_falls_back_to_fp16() {
-        let dir = std::env::temp_dir().join(format!("kiln-weights-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let files = crate::files::Folder(dir.clone());
-        let write = |name: &str, dtype: Dtype, data: &[u8]| {
-            let view = TensorView::new(dtype, vec![1], data).unwrap();
-            std::fs::write(dir.join(name), safetensors::serialize([("x", view)], None).unwrap()).unwrap();
-        };
-        write("model.fp16.safetensors", Dtype::F16, &half::f16::from_f32(2.0).to_le_bytes());
-        assert_eq!(Weights::open(&files, "model", &Device::flex()).unwrap().values("x", &[1]).unwrap(), vec![2.0]);
-        write("model.safetensors", Dtype::F32, &1.0f32.to_le_bytes());
-        assert_eq!(Weights::open(&files, "model", &Device::flex()).unwrap().values("x", &[1]).unwrap(), vec![1.0]);
-        let err = Weights::open(&files, "other", &Device::flex()).err().unwrap().to_string();
+        let one = |dtype: Dtype, data: Vec<u8>| safetensors(&[("x", dtype, vec![1], data)]);
+        let (half, full) = (one(Dtype::F16, half::f16::from_f32(2.0).to_le_bytes().to_vec()), one(Dtype::F32, 1.0f32.to_le_bytes().to_vec()));
+        let value = |files: &MemoryFiles| Weights::uploaded(Uploaded::from_file(files, "model", None, &Device::flex()).unwrap(), &Device::flex()).values("x", &[1]).unwrap();
+        assert_eq!(value(&model(&[("model.fp16.safetensors", half.clone())])), vec![2.0]);
+        assert_eq!(value(&model(&[("model.fp16.safetensors", half), ("model.safetensors", full)])), vec![1.0]);
+        let err = Uploaded::from_file(&model(&[]), "other", None, &Device::flex()).err().unwrap().to_string();
         assert!(err.contains("neither other.safetensors nor other.fp16.safetensors"), "{err}");
     }
 }

@@ -82,9 +82,12 @@ pub const DEFAULT_STEPS: usize = 50;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
 
 impl StableDiffusion {
-    /// Loads a diffusers pipeline laid out as published repos are.
-    pub fn load(files: &dyn ModelFiles, device: &Device) -> Result<Self> {
-        Self::assemble(files, &|stem| Weights::open(files, stem, device), device)
+    /// Loads a diffusers pipeline laid out as published repos are, each weight file converted
+    /// once to `format` as it loads (`None`: as published; see [`Uploaded::from_file`]). The
+    /// browser loads the same way, so the text encoder and the VAE's encoder wait on the host in
+    /// that form and only their own bytes.
+    pub fn load(files: &dyn ModelFiles, format: Option<Format>, device: &Device) -> Result<Self> {
+        Self::assemble(files, &|stem| Ok(Weights::uploaded(Uploaded::from_file(files, stem, format, device)?, device)), device)
     }
 
     /// Builds the pipeline from `files` (configs, tokenizer) and `weights`, which maps a
@@ -114,9 +117,9 @@ impl StableDiffusion {
         Ok(Self { name: short_name(files), tokenizer, text_encoder, clip_config, last_prompt, unet, vae, scheduler_config, upscaler, device: device.clone() })
     }
 
-    /// Loads a diffusers folder on disk.
+    /// Loads a diffusers folder on disk as published.
     pub fn load_dir(dir: &Path, device: &Device) -> Result<Self> {
-        Self::load(&Folder(dir.to_owned()), device)
+        Self::load(&Folder(dir.to_owned()), None, device)
     }
 
     /// Loads a Kiln package (a folder with `manifest.json`) as it is stored, or a diffusers
@@ -124,12 +127,7 @@ impl StableDiffusion {
     pub fn open(dir: &Path, format: Option<Format>, device: &Device) -> Result<Self> {
         let folder = Folder(dir.to_owned());
         if folder.read(package::MANIFEST)?.is_none() {
-            return match format {
-                None => Self::load(&folder, device),
-                // Converted once, as they load (the browser does the same), so the text encoder
-                // and the VAE's encoder wait converted rather than converting at each use.
-                Some(format) => Self::assemble(&folder, &|stem| Ok(Weights::uploaded(Uploaded::from_file(&folder, stem, format, device)?, device)), device),
-            };
+            return Self::load(&folder, format, device);
         }
         let loaded = package::load(&folder, device)?;
         if let Some(format) = format.filter(|&f| f != loaded.format) {
