@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use kiln::model::clip::{ClipTextConfig, ClipTextModel};
 use kiln::model::unet::UNet2DConditionModel;
 use kiln::model::vae::AutoencoderKL;
-use kiln::pipeline::decode_latents;
+use kiln::pipeline::{DEFAULT_GUIDANCE, decode_latents, predict};
 use kiln::pipeline::rng::NormalRng;
 use kiln::quant::Format;
 use kiln::schedulers::{self, SchedulerConfig, SchedulerKind};
@@ -99,7 +99,7 @@ pub fn formats(args: &FormatArgs, device: impl FnOnce() -> Device) -> Result<Val
         "model": args.model,
         "size": args.size,
         "steps": args.steps,
-        "scheduler": "euler, guidance 7.5",
+        "scheduler": format!("euler, guidance {DEFAULT_GUIDANCE}"),
         "results": results,
     }))
 }
@@ -135,7 +135,7 @@ fn in_child(args: &FormatArgs, format: Format) -> Result<Run> {
     Ok(Run { figures: value["figures"].take(), latents, pixels })
 }
 
-/// One guided Euler generation (guidance 7.5, `steps` steps) of a `size`² image from fixed
+/// One guided Euler generation (diffusers' default guidance, `steps` steps) of a `size`² image from fixed
 /// token ids and seeded latents, with every component's weights converted to `format`. Peak
 /// memory is the largest of the pools' reserved bytes sampled after loading, the text encoder,
 /// each step and the decode (pools only grow between clean-ups, so each sample covers what ran
@@ -180,10 +180,7 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
     for index in 0..scheduler.timesteps().len() {
         let t = scheduler.timesteps()[index];
         let input = scheduler.scale_model_input(latents.clone(), index);
-        let mut halves = unet.forward(Tensor::cat(vec![input.clone(), input], 0), t, &context).chunk(2, 0);
-        let cond = halves.pop().expect("two halves");
-        let uncond = halves.pop().expect("two halves");
-        let prediction = uncond.clone() + (cond - uncond).mul_scalar(7.5);
+        let prediction = predict(&unet, input, t, &context, None, Some(DEFAULT_GUIDANCE));
         latents = scheduler.step(prediction, index, latents, &mut || unreachable!("Euler draws no noise"));
         sample(&mut peak)?;
     }

@@ -433,18 +433,10 @@ impl Denoising {
         Ok(())
     }
 
-    /// The UNet's prediction for `input` (latents and extra channels) at timestep `t`, guided.
+    /// The UNet's prediction for `input` (latents and extra channels) at timestep `t`.
     fn predict(&self, pipe: &StableDiffusion, input: Tensor<4>, t: f64) -> Tensor<4> {
-        let label = self.conditioning.class_label;
-        if self.guided {
-            let out = pipe.unet.forward_with_class(Tensor::cat(vec![input.clone(), input], 0), t, &self.context, label);
-            let mut halves = out.chunk(2, 0);
-            let cond = halves.pop().expect("two halves");
-            let uncond = halves.pop().expect("two halves");
-            uncond.clone() + (cond - uncond).mul_scalar(self.guidance)
-        } else {
-            pipe.unet.forward_with_class(input, t, &self.context, label)
-        }
+        let guidance = self.guided.then_some(self.guidance);
+        predict(&pipe.unet, input, t, &self.context, self.conditioning.class_label, guidance)
     }
 
     /// The final latents, before VAE scaling.
@@ -456,6 +448,19 @@ impl Denoising {
     pub fn decode(&self, pipe: &StableDiffusion) -> Tensor<4> {
         decode_latents(&pipe.vae, self.latents.clone(), self.conditioning.tiles.as_ref())
     }
+}
+
+/// The UNet's prediction for `input` at timestep `t`. With `guidance`, classifier-free guided:
+/// `context` is `[uncond, cond]`, both run as one batch, and the result is
+/// `uncond + guidance × (cond − uncond)`.
+pub fn predict(unet: &UNet2DConditionModel, input: Tensor<4>, t: f64, context: &Tensor<3>, class_label: Option<usize>, guidance: Option<f64>) -> Tensor<4> {
+    let Some(guidance) = guidance else {
+        return unet.forward_with_class(input, t, context, class_label);
+    };
+    let mut halves = unet.forward_with_class(Tensor::cat(vec![input.clone(), input], 0), t, context, class_label).chunk(2, 0);
+    let cond = halves.pop().expect("two halves");
+    let uncond = halves.pop().expect("two halves");
+    uncond.clone() + (cond - uncond).mul_scalar(guidance)
 }
 
 /// Scaled latents to an image `[1, 3, H, W]` in [0, 1]: decoded in `tiles` (the upscaler's), else
