@@ -25,7 +25,8 @@ const ROOT = new URL("./", location.href);
 
 self.addEventListener("fetch", (event) => {
   const url = new URL(event.request.url);
-  // Model downloads go to another host and straight to the network.
+  // Other hosts (model downloads) are left to the network; same-origin files the app cache
+  // lacks (a model the site hosts itself) are fetched below as asked, Range included.
   if (event.request.method !== "GET" || url.origin !== location.origin) return;
   // The page is one document whatever its query string (the settings) says.
   const page = url.pathname === ROOT.pathname || url.pathname === `${ROOT.pathname}index.html`;

@@ -135,8 +135,8 @@ fn in_child(args: &FormatArgs, format: Format) -> Result<Run> {
     Ok(Run { figures: value["figures"].take(), latents, pixels })
 }
 
-/// One guided Euler generation (diffusers' default guidance, `steps` steps) of a `size`² image from fixed
-/// token ids and seeded latents, with every component's weights converted to `format`. Peak
+/// One guided Euler generation (guidance 7.5, `steps` steps) of a `size`² image from fixed token
+/// ids and seeded latents, with every component's weights converted to `format`. Peak
 /// memory is the largest of the pools' reserved bytes sampled after loading, the text encoder,
 /// each step and the decode (pools only grow between clean-ups, so each sample covers what ran
 /// since the one before).
@@ -223,7 +223,7 @@ pub fn run(device: &Device, args: &BenchArgs) -> Result<Value> {
         let w = Weights::random(device);
         let vae = AutoencoderKL::load(&w, config(&preset, "vae")?)?;
         let vae_params = w.random_stats().0;
-        device.sync().map_err(|e| Error::Invalid(format!("device: {e:?}")))?;
+        sync(device)?;
         let weights_bytes = reserved_bytes(device);
 
         let f = vae.config.scale_factor();

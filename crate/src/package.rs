@@ -94,6 +94,15 @@ impl Manifest {
         if manifest.block_size != BLOCK || manifest.shard_size == 0 {
             return Err(Error::Invalid(format!("{}: block size {} / shard size {} are not Kiln's", label.display(), manifest.block_size, manifest.shard_size)));
         }
+        // Shards are files beside the manifest: a path elsewhere would make a download write,
+        // or a load read, outside the package's folder.
+        let plain = |p: &str| !p.is_empty() && p != "." && p != ".." && !p.contains(['/', '\\', ':']);
+        if let Some(shard) = manifest.shards.iter().find(|s| !plain(&s.path)) {
+            return Err(Error::Invalid(format!("{}: shard path {:?} is not a file name beside the manifest", label.display(), shard.path)));
+        }
+        if let Some(t) = manifest.tensors.iter().find(|t| t.shard >= manifest.shards.len()) {
+            return Err(Error::Invalid(format!("{}: tensor `{}` of {} is in shard {}, but there are {}", label.display(), t.name, t.file, t.shard, manifest.shards.len())));
+        }
         Ok(manifest)
     }
 

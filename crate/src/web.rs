@@ -1,8 +1,10 @@
 //! The browser's entry point (wasm32 only): the Web Worker drives an [`Engine`] through
 //! wasm-bindgen. The worker downloads and caches files; the engine only sees bytes.
 //!
-//! Weights arrive one tensor at a time ([`Engine::add_tensor`]) and go straight to the
-//! GPU, so wasm memory never holds a whole weight file.
+//! Weights arrive one tensor at a time ([`Engine::add_tensor`], [`Engine::add_stored`]), so
+//! wasm memory never holds a whole weight file: the UNet's and the VAE decoder's go to the GPU
+//! as they come; the text encoder's and the VAE encoder's wait as stored bytes until a prompt or
+//! an input image needs them (`weights::on_demand`).
 use std::collections::HashMap;
 
 use burn::tensor::Device;
@@ -140,9 +142,8 @@ impl Engine {
         self.files.insert(path, bytes);
     }
 
-    /// One tensor of a weight file, uploaded to the GPU at once in its published precision.
-    /// `stem` names the file without its extension (`unet/diffusion_pytorch_model`); `dtype` as
-    /// in the safetensors header.
+    /// One tensor of a weight file, kept in its published precision. `stem` names the file
+    /// without its extension (`unet/diffusion_pytorch_model`); `dtype` as in the safetensors header.
     pub fn add_tensor(&mut self, stem: String, name: String, dtype: String, shape: Vec<u32>, bytes: &[u8]) -> Result<(), JsError> {
         let shape = shape.into_iter().map(|d| d as usize).collect();
         let device = self.device.clone();
@@ -160,6 +161,12 @@ impl Engine {
 
     fn upload(&mut self, stem: String) -> &mut Uploaded {
         self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(&stem, &stem))
+    }
+
+    /// Whether a safetensors entry of `dtype` is a weight the engine reads (integer buffers
+    /// such as CLIP's `position_ids` are not).
+    pub fn is_weight_dtype(dtype: String) -> bool {
+        crate::weights::is_weight_dtype(&dtype)
     }
 
     /// The format a tensor is stored in when the model is kept as `format` (norms, biases,

@@ -127,8 +127,14 @@ impl Uploaded {
     }
 }
 
-/// Calls `f` with the name, source dtype, shape and f32 values of every tensor of the published
-/// weight file `stem`, in name order.
+/// Whether a safetensors entry of `dtype` is a weight the engine reads. Integer buffers (CLIP's
+/// `position_ids` in older exports) are not, and are skipped wherever a file is read.
+pub fn is_weight_dtype(dtype: &str) -> bool {
+    matches!(dtype, "F32" | "F16" | "BF16")
+}
+
+/// Calls `f` with the name, source dtype, shape and f32 values of every weight (see
+/// [`is_weight_dtype`]) of the published weight file `stem`, in name order.
 pub fn for_each_tensor(files: &dyn ModelFiles, stem: &str, f: impl FnMut(&str, &str, &[usize], Vec<f32>) -> Result<()>) -> Result<()> {
     let (path, bytes) = read_weight_file(files, stem)?;
     each_entry(&files.label(&path), &bytes, f)
@@ -142,6 +148,9 @@ fn each_entry(label: &std::path::Path, bytes: &[u8], mut f: impl FnMut(&str, &st
     for name in names {
         let view = st.tensor(name).map_err(|e| Error::Safetensors { path: label.to_owned(), msg: e.to_string() })?;
         let dtype = format!("{:?}", view.dtype());
+        if !is_weight_dtype(&dtype) {
+            continue;
+        }
         f(name, &dtype, view.shape(), safetensors_values(label, name, &dtype, view.shape(), view.data())?)?;
     }
     Ok(())
@@ -203,12 +212,7 @@ impl Weights {
 
     /// The view under `prefix.name`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Self { prefix, ..self.clone() }
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
+        Self { prefix: self.full_name(&name.to_string()), ..self.clone() }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -352,6 +356,14 @@ mod tests {
         // A matrix published in f16 stays f16 where the device computes in it.
         let w = published(&[("m", Dtype::F16, vec![1, 2], halfs)]);
         assert_eq!(quant::to_f32(w.matrix("m", &[1, 2]).unwrap()).into_data().try_to_vec::<f32>().unwrap(), vec![1.5, -2.0]);
+    }
+
+    #[test]
+    fn integer_buffers_are_skipped() {
+        let ids: Vec<u8> = (0..3i64).flat_map(|i| i.to_le_bytes()).collect();
+        let w = published(&[("text_model.embeddings.position_ids", Dtype::I64, vec![1, 3], ids), ("b", Dtype::F32, vec![1], 1f32.to_le_bytes().to_vec())]);
+        assert!(!w.contains("text_model.embeddings.position_ids"));
+        assert_eq!(w.values("b", &[1]).unwrap(), vec![1.0]);
     }
 
     #[test]

@@ -86,6 +86,12 @@ fn damaged_shards_are_refused_before_use() {
     let err = StableDiffusion::open(&dir, Some(Format::Q4), &device).err().unwrap().to_string();
     assert!(err.contains("a q8 package cannot be loaded as q4"), "{err}");
 
+    // A shard named outside the package's folder is refused before anything is read.
+    let text = std::fs::read_to_string(dir.join(package::MANIFEST)).unwrap();
+    std::fs::write(dir.join(package::MANIFEST), text.replace("\"shard-00000.bin\"", "\"../shard-00000.bin\"")).unwrap();
+    let err = open_err();
+    assert!(err.contains("shard path \"../shard-00000.bin\" is not a file name beside the manifest"), "{err}");
+
     std::fs::write(dir.join(package::MANIFEST), "{\"kiln_package\": 1,").unwrap();
     assert!(open_err().contains("manifest.json: malformed JSON config"));
 }

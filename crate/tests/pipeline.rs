@@ -48,3 +48,31 @@ fn seeded_latents_are_identical_across_runs_and_backends() {
     assert_eq!(first, latents_on(&Device::flex(), 1234));
     assert_ne!(first, latents_on(&Device::flex(), 1235));
 }
+
+/// Configs that would make a model fail part-way (or panic) are refused at load, naming the
+/// setting.
+#[test]
+fn inconsistent_configs_are_refused_at_load() {
+    let dir = common::fixtures().join("sd1-tiny");
+    let configs = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"];
+    let tokenizer = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"].map(|f| format!("tokenizer/{f}"));
+    let weights = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"].map(|s| format!("{s}.safetensors"));
+    let files: std::collections::HashMap<String, Vec<u8>> =
+        configs.map(String::from).into_iter().chain(tokenizer).chain(weights).map(|path| (path.clone(), std::fs::read(dir.join(&path)).unwrap())).collect();
+    let cases = [
+        ("vae/config.json", "norm_num_groups", 5, "do not split into norm_num_groups=5"),
+        ("unet/config.json", "norm_num_groups", 0, "heads and 0 groups"),
+        ("tokenizer/tokenizer_config.json", "model_max_length", 1, "no room for the start and end tokens"),
+        ("text_encoder/config.json", "vocab_size", 1000, "token ids up to 49407 but the text encoder's vocab_size is 1000"),
+    ];
+    let device = Device::flex();
+    for (path, key, value, expected) in cases {
+        let mut config: serde_json::Value = serde_json::from_slice(&files[path]).unwrap();
+        config[key] = value.into();
+        let mut changed = files.clone();
+        changed.insert(path.to_owned(), config.to_string().into_bytes());
+        let model = kiln::files::MemoryFiles { name: "sd1-tiny".into(), files: changed };
+        let err = StableDiffusion::load(&model, None, &device).err().expect("an inconsistent config must not load").to_string();
+        assert!(err.contains(expected), "{path} {key}={value}: {err}");
+    }
+}

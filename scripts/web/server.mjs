@@ -1,5 +1,5 @@
 // A small static file server: correct MIME types (application/wasm for the engine), HEAD,
-// single byte ranges and, when asked, CORS. scripts/serve runs it on dist/; the browser
+// single byte ranges, the app's Content-Security-Policy as a header, and, when asked, CORS. scripts/serve runs it on dist/; the browser
 // tests also run it as a stand-in for the model hub, with `intercept` to break responses.
 //
 //   node scripts/web/server.mjs DIR [PORT]
@@ -30,6 +30,10 @@ const MIME = {
  */
 export async function serve({ root, port = 0, cors = false, log = null, intercept = null }) {
   root = resolve(root);
+  // The page's policy (its <meta> tag), sent with every file: a <meta> policy does not reach
+  // the worker, which takes its policy from its own response.
+  const page = await readFile(join(root, "index.html"), "utf8").catch(() => "");
+  const csp = /<meta http-equiv="Content-Security-Policy" content="([^"]+)"/.exec(page)?.[1];
   const server = createServer((req, res) => {
     handle(req, res).catch((e) => {
       if (!res.headersSent) res.writeHead(500).end(String(e));
@@ -61,6 +65,7 @@ export async function serve({ root, port = 0, cors = false, log = null, intercep
       "Content-Type": MIME[extname(file)] ?? "application/octet-stream",
       "Accept-Ranges": "bytes",
       "Cache-Control": "no-cache",
+      ...(csp && { "Content-Security-Policy": csp }),
       ...override.headers,
     };
     let slice = body;

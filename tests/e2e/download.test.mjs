@@ -1,5 +1,6 @@
 // Downloads: resumed with HTTP Range after a reload and after a dropped connection, and
-// corrupt files rejected, discarded and fetched again on retry.
+// corrupt files rejected, discarded and fetched again on retry, whether kept as published or
+// converted as they arrive.
 import assert from "node:assert/strict";
 import { statSync } from "node:fs";
 import { after, before, test } from "node:test";
@@ -93,5 +94,24 @@ test("a corrupt or truncated file is reported, discarded, and fetched again on r
   const png = await generate(page);
   assert.ok(png.length > 0);
   assert.equal(gets(hub.log, `/sd2-tiny/${vae}`).length, 2);
+  await context.close();
+});
+
+test("a truncated file kept converted (q8) is reported, discarded, and fetched again on retry", async () => {
+  const { app, hub } = servers;
+  const model = `${hub.url}/sd1-tiny`;
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  echoConsole(page, "truncated q8");
+  hub.fault(`/sd1-tiny/${UNET}`, faults.truncate(100_000));
+  await page.goto(appUrl(app, model, { ...SETTINGS, precision: "q8" }));
+  await page.getByRole("button", { name: "Generate", exact: true }).click();
+  // The whole (short) body arrived: that is a corrupt file, not a dropped connection to retry.
+  assert.match(await errorText(page), new RegExp(`${UNET} is corrupt \\(its header describes \\d+ bytes but 100000 arrived\\)`));
+  assert.ok(!(await cachedFiles(page, model)).some((f) => f.path === `${UNET}#q8`), "nothing of the truncated file is kept");
+
+  const png = await generate(page);
+  assert.ok(png.length > 0);
+  assert.ok((await cachedFiles(page, model)).some((f) => f.path === `${UNET}#q8` && f.complete), "the retried UNet is stored converted");
   await context.close();
 });

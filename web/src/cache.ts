@@ -25,7 +25,7 @@ export interface FileRecord {
   path: string;
   /** As the host states it; null when it does not say. */
   size: number | null;
-  /** Bytes stored. */
+  /** Bytes of the file stored; of a converted file, the source bytes converted so far. */
   received: number;
   chunkSize: number;
   /** The SHA-256 the host states for the file (hex), if any. */
@@ -127,10 +127,21 @@ async function discard(key: string): Promise<void> {
   });
 }
 
-/** Every record stored for one model. */
+/** Every record stored for one model (not those of a model whose base lies under its own). */
 async function recordsOf(base: string): Promise<FileRecord[]> {
   const range = IDBKeyRange.bound(`${base}/`, `${base}/\uffff`);
-  return result((await db()).transaction("files").objectStore("files").getAll(range));
+  const records: FileRecord[] = await result((await db()).transaction("files").objectStore("files").getAll(range));
+  return records.filter((r) => r.base === base);
+}
+
+/** The cache key of `path` of a model, kept converted to `convert` when given. */
+function keyOf(base: string, path: string, convert?: Precision): string {
+  return `${base}/${storedPath({ path, convert })}`;
+}
+
+/** Bytes a record holds in the cache. */
+function storedBytes(r: FileRecord): number {
+  return r.converted ? r.converted.tensors.reduce((sum, t) => sum + t.length, 0) : r.received;
 }
 
 // ---- reading ----
@@ -200,8 +211,8 @@ export interface ModelPlan {
   files: PlannedFile[];
 }
 
-/** The cache key of a planned file. */
-export function storedPath(file: PlannedFile): string {
+/** The path a planned file is stored under (its cache key after `${base}/`). */
+export function storedPath(file: { path: string; convert?: Precision }): string {
   return file.convert ? `${file.path}#${file.convert}` : file.path;
 }
 
@@ -211,9 +222,9 @@ export function storedPath(file: PlannedFile): string {
  * it was packed. The manifest itself is fetched here, as the shards are only known from it.
  */
 export async function planModel(base: string, precision: Precision, signal: AbortSignal): Promise<ModelPlan> {
-  const stored = new Map((await recordsOf(base)).map((r) => [r.path, r]));
+  const stored = new Map((await recordsOf(base)).map((r) => [r.key, r]));
   const plan = async (path: string, convert?: Precision): Promise<PlannedFile> => {
-    const rec = stored.get(convert ? `${path}#${convert}` : path);
+    const rec = stored.get(keyOf(base, path, convert));
     if (rec?.complete) return { path, size: rec.size, received: rec.received, complete: true, absent: rec.absent, convert };
     return { path, size: await remoteSize(`${base}/${path}`), received: rec?.received ?? 0, complete: false, convert };
   };
@@ -222,8 +233,7 @@ export async function planModel(base: string, precision: Precision, signal: Abor
       return await plan(path);
     } catch (e) {
       if (!(e instanceof NotFound)) throw e;
-      const key = `${base}/${path}`;
-      const rec: FileRecord = { key, base, path, size: 0, received: 0, chunkSize: CHUNK, sha256: null, etag: null, hash: null, complete: true, absent: true };
+      const rec: FileRecord = { key: keyOf(base, path), base, path, size: 0, received: 0, chunkSize: CHUNK, sha256: null, etag: null, hash: null, complete: true, absent: true };
       await write((files) => files.put(rec));
       return { path, size: 0, received: 0, complete: true, absent: true };
     }
@@ -240,7 +250,7 @@ export async function planModel(base: string, precision: Precision, signal: Abor
   const weight = async (stem: string): Promise<PlannedFile> => {
     const variants = weightVariants(stem);
     // A variant already (partly) stored wins, so a resume or an offline start needs no probe.
-    const key = (v: string) => (convert ? `${v}#${convert}` : v);
+    const key = (v: string) => keyOf(base, v, convert);
     const cached = variants.find((v) => stored.get(key(v))?.complete) ?? variants.find((v) => stored.has(key(v)));
     if (cached) return plan(cached, convert);
     for (const path of variants) {
@@ -258,14 +268,30 @@ export async function planModel(base: string, precision: Precision, signal: Abor
 
 const MANIFEST = "manifest.json";
 
+/** The manifest, checked as `kiln` checks it (crate/src/package.rs) before any of it is used. */
 function parseManifest(bytes: Uint8Array, base: string): PackageManifest {
-  const manifest = JSON.parse(new TextDecoder().decode(bytes)) as PackageManifest;
-  if (manifest.kiln_package !== 1) throw new CorruptDownload(`${base}/${MANIFEST}: package version ${manifest.kiln_package} is not 1, the one this Kiln reads`);
+  const bad = (why: string) => new CorruptDownload(`${base}/${MANIFEST}: ${why}`);
+  let manifest: PackageManifest;
+  try {
+    manifest = JSON.parse(new TextDecoder().decode(bytes));
+  } catch {
+    throw bad("not valid JSON");
+  }
+  if (manifest?.kiln_package !== 1) throw bad(`package version ${manifest?.kiln_package} is not 1, the one this Kiln reads`);
+  const count = (n: unknown) => Number.isSafeInteger(n) && (n as number) >= 0;
+  if (!count(manifest.shard_size) || !Array.isArray(manifest.shards) || !Array.isArray(manifest.tensors) || typeof manifest.files !== "object") {
+    throw bad("it lacks shard_size, files, shards or tensors");
+  }
+  // Shards are files beside the manifest; a path elsewhere would fetch another file of the host.
+  const shard = manifest.shards.find((s) => !/^[^/\\:]+$/.test(s?.path) || s.path === "." || s.path === ".." || !count(s.length) || typeof s.sha256 !== "string");
+  if (shard) throw bad(`shard ${JSON.stringify(shard)} is not a file name beside the manifest with a length and SHA-256`);
+  const tensor = manifest.tensors.find((t) => !(count(t?.shard) && t.shard < manifest.shards.length && count(t.offset) && count(t.length) && Array.isArray(t.shape)));
+  if (tensor) throw bad(`tensor ${JSON.stringify(tensor?.name)} does not lie in one of its ${manifest.shards.length} shards`);
   return manifest;
 }
 
 /** The manifest of a stored package. */
-export async function storedManifest(base: string): Promise<PackageManifest> {
+async function storedManifest(base: string): Promise<PackageManifest> {
   return parseManifest(await (await openStored(base, MANIFEST)).all(), base);
 }
 
@@ -309,7 +335,7 @@ export interface CacheStatus {
 export async function modelStatus(base: string): Promise<CacheStatus> {
   const records = await recordsOf(base);
   const done = new Set(records.filter((r) => r.complete && !r.absent).map((r) => r.path));
-  const bytes = records.reduce((sum, r) => sum + r.received, 0);
+  const bytes = records.reduce((sum, r) => sum + storedBytes(r), 0);
   if (done.has(MANIFEST)) {
     const manifest = await storedManifest(base);
     return { bytes, package: true, precisions: manifest.shards.every((s) => done.has(s.path)) ? [manifest.format] : [] };
@@ -323,23 +349,35 @@ export async function modelStatus(base: string): Promise<CacheStatus> {
   return { bytes, package: false, precisions };
 }
 
-/** Deletes everything stored for a model; returns the bytes freed. */
+/**
+ * Deletes everything stored for a model; returns the bytes freed. Holds each file's download
+ * lock meanwhile, so no tab appends to a file as it goes; refuses while one is downloading.
+ */
 export async function removeModel(base: string): Promise<number> {
   const records = await recordsOf(base);
-  await write((files, chunks) => {
-    for (const r of records) {
-      files.delete(r.key);
-      chunks.delete(chunkRange(r.key));
+  const holding = async (keys: string[]): Promise<void> => {
+    if (keys.length === 0) {
+      return write((files, chunks) => {
+        for (const r of records) {
+          files.delete(r.key);
+          chunks.delete(chunkRange(r.key));
+        }
+      });
     }
-  });
-  return records.reduce((sum, r) => sum + r.received, 0);
+    return navigator.locks.request(`kiln:${keys[0]}`, { ifAvailable: true }, async (lock) => {
+      if (!lock) throw new Error("The model is downloading in another tab; remove it once that finishes.");
+      return holding(keys.slice(1));
+    });
+  };
+  await holding(records.map((r) => r.key));
+  return records.reduce((sum, r) => sum + storedBytes(r), 0);
 }
 
 // ---- downloading ----
 
 /** A stored, verified file. */
 export async function openStored(base: string, path: string): Promise<StoredFile> {
-  const rec = await getRecord(`${base}/${path}`);
+  const rec = await getRecord(keyOf(base, path));
   if (!rec?.complete || rec.absent) throw new Error(`${base}/${path} is not in the cache`);
   return new StoredFile(rec);
 }
@@ -349,14 +387,21 @@ export async function openStored(base: string, path: string): Promise<StoredFile
  * stored. `onProgress` gets the file's stored-or-buffered byte count as data arrives.
  */
 export async function download(base: string, path: string, signal: AbortSignal, onProgress: (received: number) => void, sha256?: string): Promise<FileRecord> {
-  const key = `${base}/${path}`;
-  // Two tabs must not append to the same file at once.
+  return retrying(keyOf(base, path), signal, (rec) => fetchRest(base, path, rec, signal, onProgress, sha256));
+}
+
+/**
+ * Runs `resume` from the stored record of `key` until the file is complete, again after each
+ * dropped connection (up to ATTEMPTS, waiting longer each time). Holds the file's lock, as two
+ * tabs must not append to the same file at once.
+ */
+function retrying(key: string, signal: AbortSignal, resume: (rec: FileRecord | null) => Promise<FileRecord>): Promise<FileRecord> {
   return navigator.locks.request(`kiln:${key}`, async () => {
     for (let attempt = 1; ; attempt++) {
       const rec = await getRecord(key);
       if (rec?.complete) return rec;
       try {
-        return await fetchRest(base, path, rec ?? null, signal, onProgress, sha256);
+        return await resume(rec ?? null);
       } catch (e) {
         if (!(e instanceof NetworkError) || signal.aborted || attempt === ATTEMPTS) throw e;
         await new Promise((r) => setTimeout(r, 1000 * 2 ** attempt));
@@ -378,19 +423,7 @@ export async function downloadConverted(
   signal: AbortSignal,
   onProgress: (received: number) => void,
 ): Promise<FileRecord> {
-  const key = `${base}/${path}#${precision}`;
-  return navigator.locks.request(`kiln:${key}`, async () => {
-    for (let attempt = 1; ; attempt++) {
-      const rec = await getRecord(key);
-      if (rec?.complete) return rec;
-      try {
-        return await fetchConverted(base, path, precision, rec ?? null, convert, signal, onProgress);
-      } catch (e) {
-        if (!(e instanceof NetworkError) || signal.aborted || attempt === ATTEMPTS) throw e;
-        await new Promise((r) => setTimeout(r, 1000 * 2 ** attempt));
-      }
-    }
-  });
+  return retrying(keyOf(base, path, precision), signal, (rec) => fetchConverted(base, path, precision, rec, convert, signal, onProgress));
 }
 
 async function fetchConverted(
@@ -403,6 +436,10 @@ async function fetchConverted(
   onProgress: (n: number) => void,
 ): Promise<FileRecord> {
   const url = `${base}/${path}`;
+  // Every tensor converted and stored, but not yet verified (the tab closed, or the connection
+  // dropped after the last tensor): there is nothing left to ask the host for.
+  const header = rec?.converted?.header;
+  if (rec && header && rec.received === header.fileSize) return finishConverted(rec, Sha256.restore(rec.hash!), Math.max(rec.received, rec.size ?? 0));
   const { res, etag, range, resumes } = await requestRest(url, rec, signal);
   if (rec && !resumes) {
     await discard(rec.key);
@@ -411,9 +448,9 @@ async function fetchConverted(
   }
   const length = res.headers.get("content-length");
   rec ??= {
-    key: `${base}/${path}#${precision}`,
+    key: keyOf(base, path, precision),
     base,
-    path: `${path}#${precision}`,
+    path: storedPath({ path, convert: precision }),
     size: range ? Number(range[2]) : length === null ? null : Number(length),
     received: 0,
     chunkSize: 0,
@@ -481,26 +518,28 @@ async function fetchConverted(
     onProgress(rec.received + pending.length);
   }
   const arrived = rec.received + pending.length;
-  const header = state.header;
-  if (!header || next < header.tensors.length || (rec.size !== null && arrived < rec.size)) {
-    // Keep what is converted; the next attempt asks for the rest.
+  const unconverted = !state.header || next < state.header.tensors.length;
+  // Short of the stated size (or, with none stated, of the header's tensors): a dropped
+  // connection. Keep what is converted; the next attempt asks for the rest.
+  if (rec.size === null ? unconverted : arrived < rec.size) {
     await flush();
     throw new NetworkError(`The connection closed after ${arrived} bytes of ${path}.`);
   }
   await flush();
-  const problem =
-    arrived !== header.fileSize
+  return finishConverted(rec, hasher, arrived);
+}
+
+/** Verifies a converted file whose source has streamed by (`arrived` bytes of it), as [`finish`] does. */
+function finishConverted(rec: FileRecord, hasher: Sha256, arrived: number): Promise<FileRecord> {
+  const header = rec.converted!.header;
+  const problem = !header
+    ? "it ends inside its safetensors header"
+    : arrived !== header.fileSize
       ? `its header describes ${header.fileSize} bytes but ${arrived} arrived`
       : rec.sha256 && hasher.hex() !== rec.sha256
         ? "its SHA-256 differs from the one the host states"
         : null;
-  if (problem) {
-    await discard(rec.key);
-    throw new CorruptDownload(`${url} is corrupt (${problem}). The download was discarded; try again.`);
-  }
-  const done: FileRecord = { ...rec, size: rec.received, hash: null, complete: true };
-  await write((files) => files.put(done));
-  return done;
+  return settle(rec, problem);
 }
 
 /**
@@ -569,7 +608,7 @@ async function fetchRest(
   }
   const length = res.headers.get("content-length");
   rec ??= {
-    key: `${base}/${path}`,
+    key: keyOf(base, path),
     base,
     path,
     size: range ? Number(range[2]) : length === null ? null : Number(length),
@@ -622,10 +661,15 @@ async function store(rec: FileRecord, hasher: Sha256, bytes: Uint8Array): Promis
 
 /** Verifies a fully stored file and marks it complete, or discards it. */
 async function finish(rec: FileRecord, hasher: Sha256, status: number): Promise<FileRecord> {
-  const problem = await verify(rec, hasher, status);
+  return settle(rec, await verify(rec, hasher, status));
+}
+
+/** Discards a file that has a `problem`; else marks it complete. */
+async function settle(rec: FileRecord, problem: string | null): Promise<FileRecord> {
   if (problem) {
     await discard(rec.key);
-    throw new CorruptDownload(`${rec.base}/${rec.path} is corrupt (${problem}). The download was discarded; try again.`);
+    const source = rec.path.replace(/#[^#]*$/, "");
+    throw new CorruptDownload(`${rec.base}/${source} is corrupt (${problem}). The download was discarded; try again.`);
   }
   const done = { ...rec, size: rec.received, hash: null, complete: true };
   await write((files) => files.put(done));

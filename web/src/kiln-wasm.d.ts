@@ -8,6 +8,7 @@ declare module "kiln-wasm" {
     set_file(path: string, bytes: Uint8Array): void;
     add_tensor(stem: string, name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array): void;
     add_stored(stem: string, name: string, format: string, shape: Uint32Array, bytes: Uint8Array): void;
+    static is_weight_dtype(dtype: string): boolean;
     static stored_format(name: string, shape: Uint32Array, format: string): string;
     static convert(name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array, stored: string): Uint8Array;
     finish_load(model_name: string): Omit<import("./protocol").ModelInfo, "precision">;

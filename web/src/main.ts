@@ -251,8 +251,11 @@ async function warmUp(): Promise<void> {
 }
 
 async function remove(): Promise<void> {
-  const freed = await removeModel(settings.model);
-  setStatus(`Removed the cached model: ${bytes(freed)} freed.`);
+  try {
+    setStatus(`Removed the cached model: ${bytes(await removeModel(settings.model))} freed.`);
+  } catch (e) {
+    setStatus((e as Error).message);
+  }
   await showCache();
 }
 

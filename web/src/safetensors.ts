@@ -37,11 +37,15 @@ export function parseHeader(json: Uint8Array): Header {
   } catch {
     throw new Error("not a safetensors file (its header is not JSON)");
   }
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new Error("not a safetensors file (its header is not a JSON object)");
+  const count = (n: unknown) => Number.isSafeInteger(n) && (n as number) >= 0;
   const dataStart = 8 + json.length;
   const tensors: TensorEntry[] = [];
   let dataEnd = 0;
   for (const [name, t] of Object.entries(raw)) {
     if (name === "__metadata__") continue;
+    const described = typeof t?.dtype === "string" && Array.isArray(t.shape) && t.shape.every(count) && Array.isArray(t.data_offsets) && t.data_offsets.length === 2 && t.data_offsets.every(count);
+    if (!described) throw new Error(`not a safetensors file (tensor ${name} lacks a dtype, shape or data_offsets)`);
     const [begin, end] = t.data_offsets;
     const size = t.shape.reduce((a, b) => a * b, 1) * (DTYPE_BYTES[t.dtype] ?? NaN);
     if (!(end - begin === size && begin >= 0)) throw new Error(`tensor ${name}: ${end - begin} bytes for ${t.dtype} ${JSON.stringify(t.shape)}`);

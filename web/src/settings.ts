@@ -29,7 +29,7 @@ export function defaultStrength(mode: Mode): number {
 }
 
 /** diffusers' default noise level for the x4 upscaler. */
-export const DEFAULT_NOISE_LEVEL = 20;
+const DEFAULT_NOISE_LEVEL = 20;
 
 /** Steps and guidance for a model that is not a preset. */
 const CUSTOM_DEFAULTS = { steps: 25, guidance: 7.5 };

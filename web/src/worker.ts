@@ -132,7 +132,7 @@ async function ensureModel(base: string, precision: Precision, signal: AbortSign
 
 /** Converts one safetensors tensor for the cache in the engine's formats (see docs/packages.md). */
 const convert: Converter = (t, bytes, precision) => {
-  if (!["F32", "F16", "BF16"].includes(t.dtype)) return null;
+  if (!Engine.is_weight_dtype(t.dtype)) return null;
   const shape = Uint32Array.from(t.shape);
   const format = Engine.stored_format(t.name, shape, precision);
   return { format, bytes: Engine.convert(t.name, t.dtype, shape, bytes, format) };
@@ -189,8 +189,7 @@ async function upload(engine: Engine, files: StoredFile[], signal: AbortSignal):
     }
     for (const t of header?.tensors ?? []) {
       if (signal.aborted) throw new Error("cancelled");
-      // Integer buffers (e.g. CLIP's position_ids) are not weights the engine reads.
-      if (["F32", "F16", "BF16"].includes(t.dtype)) {
+      if (Engine.is_weight_dtype(t.dtype)) {
         engine.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), await file.read(t.begin, t.end));
       }
       progress(t.end - t.begin);
@@ -210,7 +209,8 @@ async function uploadPackage(engine: Engine, manifest: PackageManifest, files: S
     const bytes = new Uint8Array(t.length);
     let [shard, offset, filled] = [t.shard, t.offset, 0];
     while (filled < t.length) {
-      const take = Math.min(t.length - filled, shards[shard].record.received - offset);
+      const take = Math.min(t.length - filled, (shards[shard]?.record.received ?? 0) - offset);
+      if (take <= 0) throw new Error(`tensor ${t.name} runs past the end of the package's shards`);
       bytes.set(await shards[shard].read(offset, offset + take), filled);
       [shard, offset, filled] = [shard + 1, 0, filled + take];
     }

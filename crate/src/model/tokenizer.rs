@@ -111,7 +111,17 @@ impl ClipTokenizer {
         if files.tokenizer_json.is_none() {
             inner.add_special_tokens(vec![bos, eos, unk, pad]).map_err(|e| err(e.to_string()))?;
         }
-        Ok(Self { bos: bos_id, eos: eos_id, pad: pad_id, max_length: model_max.min(max_positions), inner })
+        let max_length = model_max.min(max_positions);
+        if max_length < 2 {
+            return Err(err(format!("a prompt of {max_length} tokens has no room for the start and end tokens")));
+        }
+        Ok(Self { bos: bos_id, eos: eos_id, pad: pad_id, max_length, inner })
+    }
+
+    /// One more than the largest token id it can produce: the text encoder's `vocab_size` must
+    /// be at least this.
+    pub fn id_bound(&self) -> usize {
+        self.inner.get_vocab(true).into_values().max().map_or(0, |id| id as usize + 1)
     }
 
     fn build_bpe(vocab_json: &str, merges_txt: &str, unk: &str) -> Result<Tokenizer> {

@@ -150,7 +150,7 @@ impl UNetConfig {
         let list = |name: &str, v: &PerBlock<usize>| v.expand(n).ok_or_else(|| format!("{name} must have one entry per block ({n})"));
         let heads = list("num_attention_heads", self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim))?;
         for (i, (&h, &c)) in heads.iter().zip(&self.block_out_channels).enumerate() {
-            if h == 0 || c % h != 0 || c % self.norm_num_groups != 0 {
+            if h == 0 || c % h != 0 || self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
                 return Err(format!("block {i}: {c} channels do not split into {h} heads and {} groups", self.norm_num_groups));
             }
         }

@@ -78,6 +78,13 @@ impl VaeConfig {
         if let Some(t) = self.down_block_types.iter().chain(&self.up_block_types).find(|t| *t != "DownEncoderBlock2D" && *t != "UpDecoderBlock2D") {
             return Err(format!("unsupported VAE block type {t}"));
         }
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0) {
+            return Err(format!("{c} channels do not split into norm_num_groups={} groups", self.norm_num_groups));
+        }
+        // SD3 and Flux VAEs shift latents before scaling; Stable Diffusion's don't.
+        if self.shift_factor.is_some_and(|s| s != 0.0) {
+            return Err(format!("unsupported VAE shift_factor={:?} (a latent shift as in SD3 or Flux)", self.shift_factor));
+        }
         Ok(())
     }
 

@@ -84,8 +84,8 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 impl StableDiffusion {
     /// Loads a diffusers pipeline laid out as published repos are, each weight file converted
     /// once to `format` as it loads (`None`: as published; see [`Uploaded::from_file`]). The
-    /// browser loads the same way, so the text encoder and the VAE's encoder wait on the host in
-    /// that form and only their own bytes.
+    /// tensors are held as a package's are, so the text encoder and the VAE's encoder wait on the
+    /// host in that form, and nothing else of their files does.
     pub fn load(files: &dyn ModelFiles, format: Option<Format>, device: &Device) -> Result<Self> {
         Self::assemble(files, &|stem| Ok(Weights::uploaded(Uploaded::from_file(files, stem, format, device)?, device)), device)
     }
@@ -102,6 +102,14 @@ impl StableDiffusion {
         }
         let clip_config: ClipTextConfig = json(files, "text_encoder/config.json")?;
         let tokenizer = ClipTokenizer::load(&TokenizerFiles::read(files)?, clip_config.max_position_embeddings)?;
+        if tokenizer.id_bound() > clip_config.vocab_size {
+            return Err(Error::Invalid(format!(
+                "{}: the tokenizer has token ids up to {} but the text encoder's vocab_size is {}",
+                files.name(),
+                tokenizer.id_bound() - 1,
+                clip_config.vocab_size
+            )));
+        }
         let text_encoder = weights("text_encoder/model")?;
         // Built once now, so a damaged text encoder is refused when the model loads.
         ClipTextModel::load(&text_encoder, clip_config.clone())?;
