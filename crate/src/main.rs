@@ -167,7 +167,7 @@ struct InpaintArgs {
     /// PNG of the image's size: white is repainted, black kept (grey is cut at half intensity).
     #[arg(long)]
     mask: PathBuf,
-    /// Gaussian blur of the mask in pixels before it is cut, which rounds its outline.
+    /// Gaussian blur of the mask in pixels (0 to 64) before it is cut, which rounds its outline.
     #[arg(long, default_value_t = 0.0)]
     mask_blur: f32,
     /// In (0, 1]; below 1 the masked region starts from the noised image, not from noise [default: 1].
@@ -334,7 +334,7 @@ fn run(args: CommonArgs, always_seeded: bool, extra: Vec<(&str, String)>, start:
         height: run.height,
         model: pipe.name.clone(),
     };
-    let bytes = png::encode(&rgb, run.width, run.height, &params.a1111_text_with(&extra))?;
+    let bytes = png::encode(&rgb, run.width, run.height, &params.a1111_text(&extra))?;
     std::fs::write(&args.out, bytes).map_err(|e| Error::io(&args.out, e))?;
     eprintln!("wrote {} ({}x{}) in {:.1}s", args.out.display(), run.width, run.height, started.elapsed().as_secs_f64());
     Ok(())

@@ -101,7 +101,8 @@ impl WebImage {
 struct ModelInfo {
     default_size: usize,
     size_multiple: usize,
-    default_scheduler: String,
+    /// `None` when the model's own scheduler is not one the engine has.
+    default_scheduler: Option<String>,
     schedulers: Vec<&'static str>,
 }
 
@@ -200,7 +201,7 @@ impl Engine {
         let info = ModelInfo {
             default_size: pipe.default_size(),
             size_multiple: pipe.size_multiple(),
-            default_scheduler: pipe.default_scheduler().map(|k| k.name().to_string()).unwrap_or_else(|_| "euler".into()),
+            default_scheduler: pipe.default_scheduler().ok().map(|k| k.name().to_string()),
             schedulers: SchedulerKind::ALL.iter().map(|k| k.name()).collect(),
         };
         self.pipe = Some(pipe);
@@ -305,7 +306,7 @@ impl Engine {
             let data = image.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
             let values = data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))?;
             let rgb = png::to_rgb8(&values, params.width, params.height);
-            let bytes = png::encode(&rgb, params.width, params.height, &params.a1111_text_with(&extra)).map_err(|e| JsValue::from(js_err(e)))?;
+            let bytes = png::encode(&rgb, params.width, params.height, &params.a1111_text(&extra)).map_err(|e| JsValue::from(js_err(e)))?;
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         }))
     }

@@ -167,7 +167,8 @@ fn bad_edit_inputs_are_refused() {
         fails_with(&[&["inpaint", "--model", &inpainting, "--prompt", "x", "--init-image", &init, "--out", out][..], extra].concat(), needle)
     };
     inpaint(&["--mask", &low_res], "the mask is 32x32 but the image is 64x64");
-    inpaint(&["--mask", &mask, "--mask-blur=-1"], "mask blur -1");
+    inpaint(&["--mask", &mask, "--mask-blur=-1"], "mask blur -1 must be between 0 and 64 pixels");
+    inpaint(&["--mask", &mask, "--mask-blur=1e9"], "mask blur 1000000000 must be between 0 and 64 pixels");
     inpaint(&["--mask", &mask, "--strength", "2"], "strength 2 is outside (0, 1]");
 
     let upscale = |model: &str, extra: &[&str], needle: &str| {
@@ -185,6 +186,9 @@ fn bad_sizes_are_refused() {
     let out = out.to_str().unwrap();
     fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--width", "100", "--out", out], "width 100 is not a positive multiple of 32");
     fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--height", "72", "--out", out], "height 72");
+    // A size whose image would not fit one GPU buffer is refused before anything runs.
+    let huge = ["--width", "4096", "--height", "4096"];
+    fails_with(&[&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--out", out][..], &huge].concat(), "a 4096×4096 image takes 192 MiB on the GPU, more than the 128 MiB one buffer holds");
 }
 
 #[test]
@@ -230,13 +234,16 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// Serves `root` over HTTP on a free local port (one request per connection, 404 for what is
-/// missing); returns the base URL.
-fn serve(root: PathBuf) -> String {
+/// missing); returns the base URL and the count of requests so far.
+fn serve(root: PathBuf) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = requests.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut reader = BufReader::new(stream);
             let mut request = String::new();
             reader.read_line(&mut request).ok();
@@ -254,7 +261,7 @@ fn serve(root: PathBuf) -> String {
             stream.write_all(&response).ok();
         }
     });
-    url
+    (url, requests)
 }
 
 /// `kiln pack` writes a package that `generate` takes as a folder or by URL (fetched into the
@@ -277,7 +284,7 @@ fn packages_generate_from_a_folder_and_a_url() {
     let out = generate(package.to_str().unwrap(), from_folder.to_str().unwrap(), &dir);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let url = format!("{}/sd1-q8", serve(dir.clone()));
+    let url = format!("{}/sd1-q8", serve(dir.clone()).0);
     let cache = dir.join("cache");
     let _ = std::fs::remove_dir_all(&cache);
     let from_url = dir.join("url.png");
@@ -297,6 +304,37 @@ fn packages_generate_from_a_folder_and_a_url() {
     assert!(stderr(&out).contains("shard-00000.bin: SHA-256"), "{}", stderr(&out));
     let cached: Vec<_> = walk(&cache).into_iter().filter(|p| p.to_string_lossy().contains("shard")).collect();
     assert!(cached.is_empty(), "damaged shard cached: {cached:?}");
+}
+
+/// A diffusers repo by URL: an error page where a config should be is refused and not cached;
+/// once every file is cached, later runs ask the host nothing.
+#[test]
+fn repos_by_url_are_checked_and_fetched_once() {
+    let dir = temp_dir("repo-url");
+    let served = dir.join("served/sd1-tiny");
+    let _ = std::fs::remove_dir_all(dir.join("served"));
+    copy_dir(&common::fixtures().join("sd1-tiny"), &served);
+    let (url, requests) = serve(dir.join("served"));
+    let url = format!("{url}/sd1-tiny");
+    let cache = dir.join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let out = dir.join("x.png");
+    let run = || {
+        let args = ["generate", "--model", &url, "--prompt", "x", "--steps", "1", "--out", out.to_str().unwrap()];
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("XDG_CACHE_HOME", &cache).output().expect("kiln runs")
+    };
+    std::fs::write(served.join("unet/config.json"), "<html>busy</html>").unwrap();
+    let failed = run();
+    assert_eq!(failed.status.code(), Some(2));
+    assert!(stderr(&failed).contains("unet/config.json: not JSON"), "{}", stderr(&failed));
+    assert!(!walk(&cache).iter().any(|p| p.ends_with("unet/config.json")), "the error page was cached");
+
+    std::fs::copy(common::fixtures().join("sd1-tiny/unet/config.json"), served.join("unet/config.json")).unwrap();
+    assert!(run().status.success());
+    let asked = requests.load(std::sync::atomic::Ordering::SeqCst);
+    let again = run();
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), asked, "a cached model asked the host again");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {

@@ -161,7 +161,7 @@ fn editing_equals_diffusers_on_cpu_backend() {
 fn tiled_upscaling_stays_close_to_untiled() {
     let device = common::wgpu();
     let case = cases().into_iter().find(|c| c.name == "upscale-ddim").expect("upscale-ddim case");
-    let pipe = StableDiffusion::load_dir(&common::fixtures().join(&case.model), &device).expect("fixture loads");
+    let pipe = StableDiffusion::open(&common::fixtures().join(&case.model), None, &device).expect("fixture loads");
     let (whole, _, _) = run(&pipe, &case, None);
     let (one_tile, _, _) = run(&pipe, &case, Some(TileSize { size: 32, overlap: 8 }));
     assert_eq!(one_tile, whole, "one tile covering the image must be the untiled pipeline");

@@ -70,7 +70,7 @@ fn devices_hold_the_stored_weights_and_no_encoders_between_uses() {
         let loaded = in_use();
         if format == Format::F32 {
             // The fixture's own (f32) folder, loaded as published, is held exactly as its package.
-            let published = StableDiffusion::load_dir(&common::fixtures().join("sd1-tiny"), &device).expect("fixture loads");
+            let published = StableDiffusion::open(&common::fixtures().join("sd1-tiny"), None, &device).expect("fixture loads");
             let both = in_use();
             assert!((resident..resident + 1024).contains(&(both - loaded)), "as published: {} more, the UNet and decoder {resident}", both - loaded);
             drop(published);

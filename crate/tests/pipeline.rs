@@ -39,7 +39,7 @@ fn images_equal_diffusers_on_cpu_backend() {
 fn seeded_latents_are_identical_across_runs_and_backends() {
     let model = common::fixtures().join("sd1-tiny");
     let latents_on = |device: &Device, seed: u64| -> Vec<f32> {
-        let pipe = StableDiffusion::load_dir(&model, device).expect("fixture loads");
+        let pipe = StableDiffusion::open(&model, None, device).expect("fixture loads");
         let run = pipe.start(Request { prompt: "a seed".into(), seed, steps: Some(1), ..Default::default() }).expect("start");
         run.latents().into_data().try_to_vec::<f32>().expect("values")
     };

@@ -160,6 +160,10 @@ function showMode(): void {
   ui.upscaleField.hidden = mode !== "upscale";
   // Upscaling's output is 4× the image; the other editing modes may resize it.
   for (const field of ui.sizeFields) field.hidden = mode === "upscale";
+  // A hidden control is not the mode's: disabled, it cannot block Generate with an unseen error.
+  ui.maskBlur.disabled = mode !== "inpaint";
+  ui.noiseLevel.disabled = mode !== "upscale";
+  ui.width.disabled = ui.height.disabled = mode === "upscale";
   ui.sizeHelp.hidden = !editing;
   showSizeHints();
   showInitInfo();
@@ -168,7 +172,10 @@ function showMode(): void {
 /** A new mode starts from diffusers' defaults for it. */
 function changeMode(mode: Mode): void {
   for (const radio of ui.modes) radio.checked = radio.value === mode;
-  ui.strength.value = String(defaultStrength(mode));
+  const strength = defaultStrength(mode);
+  ui.strength.value = String(strength);
+  // diffusers runs int(steps × strength) steps: a one-step model (SD-Turbo) needs more to run any.
+  if (mode !== "txt2img" && mode !== "upscale" && Number(ui.steps.value) * strength < 1) ui.steps.value = String(Math.ceil(1 / strength));
   settings = readControls();
   showMode();
   publish();
@@ -193,7 +200,8 @@ function publish(): void {
 
 function fillSchedulers(info: ModelInfo | null, selected: string): void {
   const names = info?.schedulers ?? SCHEDULERS;
-  const options = [new Option(info ? `Model default (${info.default_scheduler})` : "Model default", "")];
+  const label = !info ? "Model default" : info.default_scheduler ? `Model default (${info.default_scheduler})` : "Model default (not supported: choose one)";
+  const options = [new Option(label, "")];
   for (const name of names) options.push(new Option(name, name));
   ui.scheduler.replaceChildren(...options);
   ui.scheduler.value = names.includes(selected) ? selected : "";

@@ -28,7 +28,8 @@ export interface GenerateRequest {
 export interface ModelInfo {
   default_size: number;
   size_multiple: number;
-  default_scheduler: string;
+  /** null when the model's own scheduler is not one the engine has: the user must pick one. */
+  default_scheduler: string | null;
   schedulers: string[];
   precision: Precision;
 }

@@ -30,6 +30,9 @@ export function defaultStrength(mode: Mode): number {
 
 /** diffusers' default noise level for the x4 upscaler. */
 const DEFAULT_NOISE_LEVEL = 20;
+/** The ranges the page's controls allow (index.html): the x4 upscaler's noise levels, and a mask blur in pixels. */
+const MAX_NOISE_LEVEL = 350;
+const MAX_MASK_BLUR = 64;
 
 /** Steps and guidance for a model that is not a preset. */
 const CUSTOM_DEFAULTS = { steps: 25, guidance: 7.5 };
@@ -95,8 +98,8 @@ export function fromQuery(search: string): Settings {
     width: int(q.get("width"), 8, 4096),
     height: int(q.get("height"), 8, 4096),
     strength: strength !== null && strength > 0 && strength <= 1 ? strength : defaultStrength(mode),
-    maskBlur: num(q.get("mask_blur")) ?? 0,
-    noiseLevel: int(q.get("noise_level"), 0, 1000) ?? DEFAULT_NOISE_LEVEL,
+    maskBlur: Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), MAX_MASK_BLUR),
+    noiseLevel: int(q.get("noise_level"), 0, MAX_NOISE_LEVEL) ?? DEFAULT_NOISE_LEVEL,
   };
 }
 

@@ -56,14 +56,21 @@ let engine: Engine | null = null;
 let loaded: string | null = null;
 let tasks: Promise<void> = Promise.resolve();
 let current: AbortController | null = null;
+/**
+ * Bumped by a cancel and by a failure, each of which ends what the page asked for so far:
+ * tasks queued before it (a Generate pressed while the model was warming up) are dropped.
+ */
+let epoch = 0;
 
 scope.onmessage = (event: MessageEvent<ToWorker>) => {
   const msg = event.data;
   if (msg.type === "cancel") {
+    epoch++;
     current?.abort();
     return;
   }
-  tasks = tasks.then(() => run(msg));
+  const asked = epoch;
+  tasks = tasks.then(() => (asked === epoch ? run(msg) : undefined));
 };
 
 // console_error_panic_hook prints a Rust panic through console.error just before the
@@ -84,7 +91,10 @@ async function run(msg: Exclude<ToWorker, { type: "cancel" }>): Promise<void> {
     if (msg.type === "generate") await generate(msg.request, abort.signal);
   } catch (e) {
     if (abort.signal.aborted) post({ type: "cancelled" });
-    else post({ type: "error", kind: kindOf(e), message: describe(e) });
+    else {
+      epoch++;
+      post({ type: "error", kind: kindOf(e), message: describe(e) });
+    }
   } finally {
     current = null;
   }

@@ -16,6 +16,9 @@ pub struct Image8 {
     pub pixels: Vec<u8>,
 }
 
+/// The largest input image read (a photo to be scaled down may exceed what the GPU holds).
+const MAX_PIXELS: u64 = 64_000_000;
+
 impl Image8 {
     /// Decodes a PNG of any colour type. Palettes are expanded, 16-bit samples keep their high
     /// byte and alpha is dropped without compositing, as PIL's conversions do.
@@ -24,6 +27,11 @@ impl Image8 {
         let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
         decoder.set_transformations(png::Transformations::normalize_to_color8());
         let mut reader = decoder.read_info().map_err(err)?;
+        let (width, height) = (reader.info().width, reader.info().height);
+        // Checked before the pixels are allocated: a header may claim any size.
+        if u64::from(width) * u64::from(height) > MAX_PIXELS {
+            return Err(Error::Invalid(format!("the PNG is {width}×{height}, larger than the {} megapixels Kiln reads", MAX_PIXELS / 1_000_000)));
+        }
         let size = reader.output_buffer_size().ok_or_else(|| Error::Invalid("PNG is too large".into()))?;
         let mut buf = vec![0; size];
         let info = reader.next_frame(&mut buf).map_err(err)?;

@@ -10,6 +10,9 @@ use super::{Conditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, MaskBlend, Request, S
 use crate::error::{Error, Result};
 use crate::npy;
 
+/// The largest mask blur in pixels, as in Automatic1111's web UI (and the page's control).
+pub const MAX_MASK_BLUR: f32 = 64.0;
+
 /// diffusers' default `strength` for inpainting: the masked region starts from pure noise.
 pub const DEFAULT_STRENGTH: f64 = 1.0;
 
@@ -49,8 +52,8 @@ impl StableDiffusion {
                 input.mask.width, input.mask.height
             )));
         }
-        if !(input.mask_blur >= 0.0 && input.mask_blur.is_finite()) {
-            return Err(Error::Invalid(format!("mask blur {} must be a finite number of pixels ≥ 0", input.mask_blur)));
+        if !(0.0..=MAX_MASK_BLUR).contains(&input.mask_blur) {
+            return Err(Error::Invalid(format!("mask blur {} must be between 0 and {MAX_MASK_BLUR} pixels", input.mask_blur)));
         }
         let strength = check_strength(input.strength)?;
         let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;

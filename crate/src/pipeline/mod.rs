@@ -26,7 +26,7 @@ use crate::model::vae::AutoencoderKL;
 use crate::package;
 use crate::quant::Format;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
-use crate::weights::{Uploaded, Weights};
+use crate::weights::{MAX_BINDING_BYTES, Uploaded, Weights};
 use rng::NormalRng;
 
 #[derive(Deserialize)]
@@ -40,7 +40,7 @@ struct ModelIndex {
 pub struct StableDiffusion {
     /// The model's short name, written into PNG metadata.
     pub name: String,
-    pub tokenizer: ClipTokenizer,
+    tokenizer: ClipTokenizer,
     /// The text encoder's weights: the model is built for each prompt encoding and dropped
     /// after, so its GPU memory is free while the UNet runs.
     text_encoder: Weights,
@@ -123,11 +123,6 @@ impl StableDiffusion {
         device.memory_cleanup();
         let last_prompt = Mutex::default();
         Ok(Self { name: short_name(files), tokenizer, text_encoder, clip_config, last_prompt, unet, vae, scheduler_config, upscaler, device: device.clone() })
-    }
-
-    /// Loads a diffusers folder on disk as published.
-    pub fn load_dir(dir: &Path, device: &Device) -> Result<Self> {
-        Self::load(&Folder(dir.to_owned()), None, device)
     }
 
     /// Loads a Kiln package (a folder with `manifest.json`) as it is stored, or a diffusers
@@ -224,7 +219,8 @@ impl StableDiffusion {
         Err(Error::Invalid(format!("{}: {mode} needs a UNet with {in_channels} input channels; this is {what}", self.name)))
     }
 
-    /// Sizes must be positive multiples of [`Self::size_multiple`]; `what` names the image.
+    /// Sizes must be positive multiples of [`Self::size_multiple`], and the image must fit one
+    /// GPU buffer ([`check_output_size`]); `what` names the image.
     fn check_size(&self, what: &str, width: usize, height: usize) -> Result<()> {
         let multiple = self.size_multiple();
         for (name, v) in [("width", width), ("height", height)] {
@@ -236,7 +232,7 @@ impl StableDiffusion {
                 )));
             }
         }
-        Ok(())
+        check_output_size(width, height)
     }
 
     /// What every mode does first: checks the settings, builds the scheduler and encodes the prompt.
@@ -271,6 +267,20 @@ impl StableDiffusion {
         let f = self.vae.config.scale_factor();
         [1, self.latent_channels(), height / f, width / f]
     }
+}
+
+/// The output image is one f32 tensor `[1, 3, H, W]` on the device, so it must fit one GPU
+/// binding (WebGPU's default 128 MiB: about 11 megapixels).
+fn check_output_size(width: usize, height: usize) -> Result<()> {
+    let bytes = 3 * 4 * width as u64 * height as u64;
+    if bytes > MAX_BINDING_BYTES as u64 {
+        return Err(Error::Invalid(format!(
+            "a {width}×{height} image takes {} MiB on the GPU, more than the {} MiB one buffer holds",
+            bytes >> 20,
+            MAX_BINDING_BYTES >> 20
+        )));
+    }
+    Ok(())
 }
 
 /// A validated request's shared state, before the mode-specific latents exist.

@@ -17,26 +17,29 @@ pub struct GenerationParams {
 }
 
 impl GenerationParams {
-    pub fn a1111_text(&self) -> String {
-        self.a1111_text_with(&[])
-    }
-
-    /// With mode-specific settings appended to the settings line (`("Denoising strength", "0.75")`).
-    pub fn a1111_text_with(&self, extra: &[(&str, String)]) -> String {
+    /// The text, with mode-specific settings appended to the settings line
+    /// (`("Denoising strength", "0.75")`).
+    pub fn a1111_text(&self, extra: &[(&str, String)]) -> String {
         let mut text = self.prompt.clone();
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
-        text.push_str(&format!("\nSteps: {}, Sampler: {}, CFG scale: {}", self.steps, self.sampler, self.cfg_scale));
+        text.push_str(&format!("\nSteps: {}, Sampler: {}, CFG scale: {}", self.steps, quote(&self.sampler), self.cfg_scale));
         if let Some(seed) = self.seed {
             text.push_str(&format!(", Seed: {seed}"));
         }
-        text.push_str(&format!(", Size: {}x{}, Model: {}", self.width, self.height, self.model));
+        text.push_str(&format!(", Size: {}x{}, Model: {}", self.width, self.height, quote(&self.model)));
         for (key, value) in extra {
-            text.push_str(&format!(", {key}: {value}"));
+            text.push_str(&format!(", {key}: {}", quote(value)));
         }
         text
     }
+}
+
+/// A settings-line value as Automatic1111 writes it: JSON-quoted when it holds a comma, colon or
+/// newline, which would otherwise split it.
+fn quote(value: &str) -> String {
+    if value.contains([',', ':', '\n']) { serde_json::Value::from(value).to_string() } else { value.to_owned() }
 }
 
 /// `[3, H, W]` values already mapped to [0, 1] → interleaved RGB bytes, rounding half
@@ -87,15 +90,18 @@ mod tests {
             height: 768,
             model: "sd15".into(),
         };
-        assert_eq!(p.a1111_text(), "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 512x768, Model: sd15");
+        assert_eq!(p.a1111_text(&[]), "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 512x768, Model: sd15");
         p.negative_prompt.clear();
         p.seed = None;
         p.cfg_scale = 7.5;
-        assert_eq!(p.a1111_text(), "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Size: 512x768, Model: sd15");
+        assert_eq!(p.a1111_text(&[]), "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Size: 512x768, Model: sd15");
         assert_eq!(
-            p.a1111_text_with(&[("Denoising strength", 0.75.to_string()), ("Mask blur", 4.to_string())]),
+            p.a1111_text(&[("Denoising strength", 0.75.to_string()), ("Mask blur", 4.to_string())]),
             "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Size: 512x768, Model: sd15, Denoising strength: 0.75, Mask blur: 4"
         );
+        // A value that would split the settings line is quoted, as Automatic1111 does.
+        p.model = "my model, v2: \"final\"".into();
+        assert_eq!(p.a1111_text(&[]), "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Size: 512x768, Model: \"my model, v2: \\\"final\\\"\"");
     }
 
     #[test]

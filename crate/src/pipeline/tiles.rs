@@ -51,7 +51,8 @@ impl Tiles {
     /// Square tiles as large as fit, on multiples of 8, overlapping by a quarter.
     pub fn for_vae_decode(config: &VaeConfig, width: usize, height: usize) -> Option<Self> {
         let per_latent = config.decoder_bytes_per_latent().max(1);
-        if per_latent * width * height <= MAX_BINDING_BYTES {
+        // In u64: on wasm32 the product of a large image would wrap.
+        if per_latent as u64 * width as u64 * height as u64 <= MAX_BINDING_BYTES as u64 {
             return None;
         }
         let side = (((MAX_BINDING_BYTES / per_latent) as f64).sqrt() as usize / 8 * 8).max(8);

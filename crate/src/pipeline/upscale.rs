@@ -88,6 +88,9 @@ impl StableDiffusion {
                 return Err(Error::Invalid(format!("the image's {name} {v} is not a positive multiple of {multiple} (the UNet's down-sampling)")));
             }
         }
+        // The output is the image × the VAE's factor, one tensor.
+        let f = self.vae.config.scale_factor();
+        super::check_output_size(f * width, f * height)?;
         let classes = self.unet.config.num_class_embeds.unwrap_or(0);
         let max_level = upscaler.max_noise_level.min(classes.saturating_sub(1));
         if input.noise_level > max_level {
@@ -105,7 +108,6 @@ impl StableDiffusion {
         let noise = setup.normals(req.latents, [1, self.latent_channels(), height, width], "initial latents")?;
         let latents = noise.mul_scalar(setup.scheduler.init_noise_sigma());
         let conditioning = Conditioning { extra_channels: Some(noisy_image), class_label: Some(input.noise_level), tiles, ..Default::default() };
-        let f = self.vae.config.scale_factor();
         Ok(setup.denoising(latents, 0, conditioning, req.step_noise, width * f, height * f))
     }
 }

@@ -84,7 +84,7 @@ impl<'d> Pipelines<'d> {
 
     pub fn get(&mut self, model: &str) -> &StableDiffusion {
         let device = self.device;
-        self.loaded.entry(model.to_owned()).or_insert_with(|| StableDiffusion::load_dir(&fixtures().join(model), device).expect("fixture loads"))
+        self.loaded.entry(model.to_owned()).or_insert_with(|| StableDiffusion::open(&fixtures().join(model), None, device).expect("fixture loads"))
     }
 }
 
