@@ -529,7 +529,7 @@ async function fetchConverted(
   return finishConverted(rec, hasher, arrived);
 }
 
-/** Verifies a converted file whose source has streamed by (`arrived` bytes of it), as [`finish`] does. */
+/** Verifies a converted file whose source has streamed by (`arrived` bytes of it), as `finish` does. */
 function finishConverted(rec: FileRecord, hasher: Sha256, arrived: number): Promise<FileRecord> {
   const header = rec.converted!.header;
   const problem = !header
