@@ -1,6 +1,7 @@
 // A small static file server: correct MIME types (application/wasm for the engine), HEAD,
-// single byte ranges, the app's Content-Security-Policy as a header, and, when asked, CORS. scripts/serve runs it on dist/; the browser
-// tests also run it as a stand-in for the model hub, with `intercept` to break responses.
+// single byte ranges, the app's Content-Security-Policy as a header, and, when asked, CORS.
+// scripts/serve runs it on dist/; the browser tests also run it as a stand-in for the model
+// hub, with `intercept` to break responses.
 //
 //   node scripts/web/server.mjs DIR [PORT]
 import { createServer } from "node:http";
