@@ -54,11 +54,9 @@ fn seeded_latents_are_identical_across_runs_and_backends() {
 #[test]
 fn inconsistent_configs_are_refused_at_load() {
     let dir = common::fixtures().join("sd1-tiny");
-    let configs = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"];
-    let tokenizer = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"].map(|f| format!("tokenizer/{f}"));
-    let weights = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"].map(|s| format!("{s}.safetensors"));
-    let files: std::collections::HashMap<String, Vec<u8>> =
-        configs.map(String::from).into_iter().chain(tokenizer).chain(weights).map(|path| (path.clone(), std::fs::read(dir.join(&path)).unwrap())).collect();
+    // The fixture's files as the engine reads them (those it has).
+    let paths = kiln::package::TEXT_FILES.map(String::from).into_iter().chain(kiln::package::WEIGHT_STEMS.map(|s| format!("{s}.safetensors")));
+    let files: std::collections::HashMap<String, Vec<u8>> = paths.filter_map(|path| Some((path.clone(), std::fs::read(dir.join(&path)).ok()?))).collect();
     let cases = [
         ("vae/config.json", "norm_num_groups", 5, "do not split into norm_num_groups=5"),
         ("unet/config.json", "norm_num_groups", 0, "heads and 0 groups"),

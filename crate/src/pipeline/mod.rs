@@ -102,11 +102,12 @@ impl StableDiffusion {
         }
         let clip_config: ClipTextConfig = json(files, "text_encoder/config.json")?;
         let tokenizer = ClipTokenizer::load(&TokenizerFiles::read(files)?, clip_config.max_position_embeddings)?;
-        if tokenizer.id_bound() > clip_config.vocab_size {
+        let id_bound = tokenizer.id_bound();
+        if id_bound > clip_config.vocab_size {
             return Err(Error::Invalid(format!(
                 "{}: the tokenizer has token ids up to {} but the text encoder's vocab_size is {}",
                 files.name(),
-                tokenizer.id_bound() - 1,
+                id_bound - 1,
                 clip_config.vocab_size
             )));
         }
