@@ -22,8 +22,20 @@ use crate::schedulers::SchedulerKind;
 use crate::quant::Format;
 use crate::weights::{Uploaded, Weights, safetensors_values};
 
+unsafe extern "C" {
+    /// The linker's function that runs the static constructors (cubecl registers its IR
+    /// through `inventory`).
+    fn __wasm_call_ctors();
+}
+
+/// Runs once, when the worker instantiates the module. Calling the constructors here, from an
+/// export, also tells the linker not to wrap every export in a call to them: it did, and each
+/// crossing from JavaScript into wasm (several per GPU launch) re-ran them all, which was most
+/// of a step's time in the browser.
 #[wasm_bindgen(start)]
-fn init_panic_hook() {
+fn start() {
+    // SAFETY: called once per instance, before any other export touches a registry.
+    unsafe { __wasm_call_ctors() };
     console_error_panic_hook::set_once();
 }
 
