@@ -1,261 +1,113 @@
-//! `kiln bench`: full-size published architectures with random weights (no download). Figures,
-//! not a test. Speed is timed component by component (the PyTorch peer is
-//! `scripts/bench_diffusers.py`); `--formats` instead compares stored weight formats: package
-//! bytes, peak GPU memory of a guided generation, and the error against f32.
-use std::time::Instant;
+//! The three calls a generation is made of, set up with fixed inputs, so that the CLI
+//! (`kiln bench`) and the page (`scripts/bench-web`) time exactly the same work; each edge
+//! only brings its clock and its way of waiting for the device.
+use burn::tensor::{Device, Tensor, TensorData};
+use serde_json::Value;
 
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use serde_json::{Value, json};
+use crate::error::{Error, Result};
+use crate::model::clip::ClipTextModel;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKL;
+use crate::pipeline::StableDiffusion;
+use crate::pipeline::rng::NormalRng;
+use crate::weights::Weights;
 
-use kiln::model::clip::{ClipTextConfig, ClipTextModel};
-use kiln::model::unet::UNet2DConditionModel;
-use kiln::model::vae::AutoencoderKL;
-use kiln::pipeline::{DEFAULT_GUIDANCE, decode_latents, predict};
-use kiln::pipeline::rng::NormalRng;
-use kiln::quant::Format;
-use kiln::schedulers::{self, SchedulerConfig, SchedulerKind};
-use kiln::weights::Weights;
-use kiln::{Error, Result};
-
-/// The published configs (unet, vae, text_encoder, scheduler) of the models benchmarked.
+/// The published configs (unet, vae, text_encoder, scheduler) of the full-size architectures
+/// benchmarked with random weights.
 pub const PRESETS: [(&str, &str); 2] = [("sd15", include_str!("../presets/sd15.json")), ("sd-turbo", include_str!("../presets/sd-turbo.json"))];
 
-pub struct BenchArgs {
-    pub models: Vec<String>,
-    pub size: usize,
-    pub batch: usize,
-    pub iters: usize,
-}
-
-pub struct FormatArgs {
-    pub model: String,
-    pub size: usize,
-    pub steps: usize,
-    pub formats: Vec<Format>,
-    /// `--backend` as given, for the runs in child processes.
-    pub backend: String,
-    /// Where the first format's figures, latents and pixels go, as JSON (a child's answer).
-    pub outputs: Option<std::path::PathBuf>,
-}
-
-fn config<T: serde::de::DeserializeOwned>(preset: &Value, key: &str) -> Result<T> {
-    serde_json::from_value(preset[key].clone()).map_err(|e| Error::Invalid(format!("preset {key}: {e}")))
-}
-
-/// Mean wall time of `iters` runs after one warm-up. Reading one value of each output
-/// back makes sure the work was done, not only queued.
-fn time_ms<const D: usize>(iters: usize, mut f: impl FnMut() -> Tensor<D>) -> f64 {
-    let mut run = || f().flatten::<1>(0, D - 1).narrow(0, 0, 1).into_data();
-    run();
-    let start = Instant::now();
-    for _ in 0..iters {
-        run();
-    }
-    start.elapsed().as_secs_f64() * 1000.0 / iters as f64
-}
-
-/// Bytes the device's memory pools hold. Pools keep freed pages for reuse, so after the
-/// runs this bounds the peak from above.
-fn reserved_bytes(device: &Device) -> Option<u64> {
-    device.memory_pool_usage().map(|u| u.bytes_reserved)
-}
-
-fn preset(name: &str) -> Result<Value> {
+/// A preset's configs by component name.
+pub fn preset(name: &str) -> Result<Value> {
     let (_, text) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| Error::Invalid(format!("unknown model {name:?}; choose sd15 or sd-turbo")))?;
     Ok(serde_json::from_str(text).expect("embedded presets are valid JSON"))
 }
 
-fn sync(device: &Device) -> Result<()> {
-    device.sync().map_err(|e| Error::Invalid(format!("device: {e:?}")))
+/// The timestep of every timed UNet call (mid-schedule; the cost does not depend on it).
+pub const TIMESTEP: f64 = 500.0;
+
+/// A text encoder, a UNet and a VAE with the inputs of one guided step at one size.
+pub struct Components {
+    pub name: String,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    /// Token ids `[batch][77]`: start, a few words, end padding.
+    ids: Vec<Vec<u32>>,
+    /// The UNet call's inputs as host values (the ONNX Runtime peer takes the same ones).
+    pub sample: Vec<f32>,
+    pub sample_shape: [usize; 4],
+    pub context: Vec<f32>,
+    pub context_shape: [usize; 3],
+    latents_shape: [usize; 4],
+    device: Device,
 }
 
-/// `kiln bench --formats`. One format runs here; several run each in a fresh `kiln` process
-/// (memory pools keep some pages after clean-up, which would count against the next format),
-/// and each gets its error against the first: latent RMSE and 8-bit image PSNR.
-pub fn formats(args: &FormatArgs, device: impl FnOnce() -> Device) -> Result<Value> {
-    let runs = match args.formats[..] {
-        [format] => vec![generate(&device(), args, format)?],
-        _ => args.formats.iter().map(|&format| in_child(args, format)).collect::<Result<Vec<_>>>()?,
-    };
-    let first = &runs[0];
-    let results: Vec<Value> = runs
-        .iter()
-        .map(|run| {
-            let rmse = (run.latents.iter().zip(&first.latents).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / run.latents.len() as f64).sqrt();
-            let mse = run.pixels.iter().zip(&first.pixels).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>() / run.pixels.len() as f64;
-            let mut figures = run.figures.clone();
-            figures["latent_rmse_vs_first"] = json!(rmse);
-            figures["image_psnr_db_vs_first"] = if mse > 0.0 { json!(10.0 * (255.0f64.powi(2) / mse).log10()) } else { json!("inf") };
-            figures
-        })
-        .collect();
-    if let Some(path) = &args.outputs {
-        let outputs = json!({ "figures": first.figures, "latents": first.latents, "pixels": first.pixels });
-        std::fs::write(path, outputs.to_string()).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+/// Counts of parameters per component.
+pub struct Params {
+    pub text_encoder: u64,
+    pub unet: u64,
+    pub vae: u64,
+}
+
+impl Components {
+    /// A published architecture (see [`PRESETS`]) with random weights.
+    pub fn random(preset_name: &str, size: usize, batch: usize, device: &Device) -> Result<(Self, Params)> {
+        let preset = preset(preset_name)?;
+        let w = [0, 1, 2].map(|_| Weights::random(device));
+        let text_encoder = ClipTextModel::load(&w[0], config(&preset, "text_encoder")?)?;
+        let unet = UNet2DConditionModel::load(&w[1], config(&preset, "unet")?)?;
+        let vae = AutoencoderKL::load(&w[2], config(&preset, "vae")?)?;
+        let params = Params { text_encoder: w[0].random_stats().0, unet: w[1].random_stats().0, vae: w[2].random_stats().0 };
+        Ok((Self::new(preset_name.to_owned(), text_encoder, unet, vae, size, batch, device)?, params))
     }
-    Ok(json!({
-        "engine": "kiln (burn 0.22)",
-        "device": first.figures["device"],
-        "model": args.model,
-        "size": args.size,
-        "steps": args.steps,
-        "scheduler": format!("euler, guidance {DEFAULT_GUIDANCE}"),
-        "results": results,
-    }))
-}
 
-/// What one format's generation measured, and its final latents and 8-bit pixels.
-struct Run {
-    figures: Value,
-    latents: Vec<f32>,
-    pixels: Vec<u8>,
-}
-
-/// Runs `format` alone in a fresh `kiln bench` process, which hands back its outputs in a file.
-fn in_child(args: &FormatArgs, format: Format) -> Result<Run> {
-    let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot find the kiln executable: {e}")))?;
-    let outputs = std::env::temp_dir().join(format!("kiln-bench-{}-{}.json", std::process::id(), format.name()));
-    let (size, steps) = (args.size.to_string(), args.steps.to_string());
-    let status = std::process::Command::new(exe)
-        .args(["bench", "--model", &args.model, "--size", &size, "--steps", &steps, "--backend", &args.backend, "--formats", format.name()])
-        .arg("--outputs")
-        .arg(&outputs)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map_err(|e| Error::Invalid(format!("cannot start kiln bench for {}: {e}", format.name())))?;
-    if !status.success() {
-        return Err(Error::Invalid(format!("kiln bench for {} failed ({status})", format.name())));
+    /// A loaded pipeline's components (its own weights).
+    pub fn from_pipeline(pipe: StableDiffusion, size: usize, batch: usize) -> Result<Self> {
+        let text_encoder = pipe.text_encoder()?;
+        let device = pipe.device().clone();
+        Self::new(pipe.name, text_encoder, pipe.unet, pipe.vae, size, batch, &device)
     }
-    let text = std::fs::read_to_string(&outputs).map_err(|e| Error::Io { path: outputs.clone(), source: e })?;
-    let _ = std::fs::remove_file(&outputs);
-    let mut value: Value = serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", outputs.display())))?;
-    let bad = |e: serde_json::Error| Error::Invalid(format!("{}: {e}", outputs.display()));
-    let latents = serde_json::from_value(value["latents"].take()).map_err(bad)?;
-    let pixels = serde_json::from_value(value["pixels"].take()).map_err(bad)?;
-    Ok(Run { figures: value["figures"].take(), latents, pixels })
-}
 
-/// One guided Euler generation (guidance 7.5, `steps` steps) of a `size`² image from fixed token
-/// ids and seeded latents, with every component's weights converted to `format`. Peak
-/// memory is the largest of the pools' reserved bytes sampled after loading, the text encoder,
-/// each step and the decode (pools only grow between clean-ups, so each sample covers what ran
-/// since the one before).
-fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
-    let preset = preset(&args.model)?;
-    let scheduler_config = SchedulerConfig::from_json(&preset["scheduler"].to_string())?;
-    let mut peak = 0u64;
-    let sample = |peak: &mut u64| -> Result<()> {
-        sync(device)?;
-        *peak = (*peak).max(reserved_bytes(device).unwrap_or(0));
-        Ok(())
-    };
-    let started = Instant::now();
-    // As the pipeline holds them: the UNet and the VAE's decoder stay on the device; the text
-    // encoder is built for the prompt and dropped after (the VAE's encoder only for the check
-    // at load, as text to image never runs it).
-    let w = [0, 1, 2].map(|_| Weights::random(device).converted(format));
-    let unet = UNet2DConditionModel::load(&w[1], config(&preset, "unet")?)?;
-    let vae = AutoencoderKL::load(&w[2], config(&preset, "vae")?)?;
-    device.memory_cleanup();
-    sample(&mut peak)?;
-    let weights_reserved = peak;
-    let weights_in_use = device.memory_pool_usage().map(|u| u.bytes_in_use);
-    let load_s = started.elapsed().as_secs_f64();
-
-    let started = Instant::now();
-    let text_config: ClipTextConfig = config(&preset, "text_encoder")?;
-    let ids: Vec<Vec<u32>> = [[49406, 49407].as_slice(), &[49406, 320, 1125, 539, 320, 2368, 49407]]
-        .iter()
-        .map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(text_config.max_position_embeddings).collect())
-        .collect();
-    let context = ClipTextModel::load(&w[0], text_config)?.forward(&ids);
-    sample(&mut peak)?;
-    device.memory_cleanup();
-    let package_bytes: u64 = w.iter().map(|w| w.random_stats().1).sum();
-    let f = vae.config.scale_factor();
-    let shape = [1, vae.config.latent_channels, args.size / f, args.size / f];
-    let mut scheduler = schedulers::build(SchedulerKind::Euler, &scheduler_config, args.steps)?;
-    let noise = NormalRng::new(0).normals(shape.iter().product());
-    let mut latents = Tensor::<4>::from_data(TensorData::new(noise, shape), device).mul_scalar(scheduler.init_noise_sigma());
-    for index in 0..scheduler.timesteps().len() {
-        let t = scheduler.timesteps()[index];
-        let input = scheduler.scale_model_input(latents.clone(), index);
-        let prediction = predict(&unet, input, t, &context, None, Some(DEFAULT_GUIDANCE));
-        latents = scheduler.step(prediction, index, latents, &mut || unreachable!("Euler draws no noise"));
-        sample(&mut peak)?;
-    }
-    let image = decode_latents(&vae, latents.clone(), None);
-    sample(&mut peak)?;
-    let generate_s = started.elapsed().as_secs_f64();
-    let latents = latents.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?;
-    let pixels: Vec<u8> = image.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("{e:?}")))?.iter().map(|v| (v * 255.0).round() as u8).collect();
-    let figures = json!({
-        "format": format.name(),
-        "device": format!("{device:?}"),
-        "package_bytes": package_bytes,
-        "weights_bytes_in_use": weights_in_use,
-        "weights_bytes_reserved": weights_reserved,
-        "peak_reserved_bytes": peak,
-        "load_s": load_s,
-        "generate_s": generate_s,
-    });
-    // Each format's figures as soon as they exist: a large size runs for a long time.
-    eprintln!("{figures}");
-    Ok(Run { figures, latents, pixels })
-}
-
-pub fn run(device: &Device, args: &BenchArgs) -> Result<Value> {
-    if let Some(unknown) = args.models.iter().find(|m| *m != "all" && !PRESETS.iter().any(|(n, _)| n == m)) {
-        return Err(Error::Invalid(format!("unknown model {unknown:?}; choose sd15, sd-turbo or all")));
-    }
-    let mut results = Vec::new();
-    for (name, text) in PRESETS.iter().filter(|(n, _)| args.models.iter().any(|m| m == n || m == "all")) {
-        let preset: Value = serde_json::from_str(text).expect("embedded presets are valid JSON");
-        // Each model's figures start from empty pools.
-        device.memory_cleanup();
-
-        let w = Weights::random(device);
-        let text_encoder = ClipTextModel::load(&w, config(&preset, "text_encoder")?)?;
-        let text_params = w.random_stats().0;
-        let w = Weights::random(device);
-        let unet = UNet2DConditionModel::load(&w, config(&preset, "unet")?)?;
-        let unet_params = w.random_stats().0;
-        let w = Weights::random(device);
-        let vae = AutoencoderKL::load(&w, config(&preset, "vae")?)?;
-        let vae_params = w.random_stats().0;
-        sync(device)?;
-        let weights_bytes = reserved_bytes(device);
-
+    fn new(name: String, text_encoder: ClipTextModel, unet: UNet2DConditionModel, vae: AutoencoderKL, size: usize, batch: usize, device: &Device) -> Result<Self> {
         let f = vae.config.scale_factor();
-        let latent = args.size / f;
-        let ids = vec![vec![49406u32; text_encoder.config.max_position_embeddings]; args.batch];
-        let text_ms = time_ms(args.iters, || text_encoder.forward(&ids));
-        let context = text_encoder.forward(&ids);
-        let sample = Tensor::<4>::random([args.batch, unet.config.in_channels, latent, latent], Distribution::Normal(0.0, 1.0), device);
-        let unet_ms = time_ms(args.iters, || unet.forward(sample.clone(), 500.0, &context));
-        let z = Tensor::<4>::random([1, vae.config.latent_channels, latent, latent], Distribution::Normal(0.0, 1.0), device);
-        let vae_ms = time_ms(args.iters, || vae.decode(z.clone()));
-
-        results.push(json!({
-            "model": name,
-            "params_millions": {
-                "text_encoder": text_params as f64 / 1e6,
-                "unet": unet_params as f64 / 1e6,
-                "vae": vae_params as f64 / 1e6,
-            },
-            "text_encoder_ms": text_ms,
-            "unet_ms_per_call": unet_ms,
-            "vae_decode_ms": vae_ms,
-            "weights_bytes_on_device": weights_bytes,
-            "reserved_bytes_after_runs": reserved_bytes(device),
-        }));
+        let multiple = f * unet.config.downsample_factor();
+        if size == 0 || size % multiple != 0 || batch == 0 {
+            return Err(Error::Invalid(format!("size {size} must be a positive multiple of {multiple}, batch at least 1")));
+        }
+        let latent = size / f;
+        let len = text_encoder.config.max_position_embeddings;
+        let words = [49406, 320, 1125, 539, 320, 2368, 49407];
+        let ids = vec![words.iter().copied().chain(std::iter::repeat(49407)).take(len).collect(); batch];
+        let mut rng = NormalRng::new(0);
+        let sample_shape = [batch, unet.config.in_channels, latent, latent];
+        let context_shape = [batch, len, text_encoder.config.hidden_size];
+        let sample = rng.normals(sample_shape.iter().product());
+        let context = rng.normals(context_shape.iter().product());
+        let latents_shape = [1, vae.config.latent_channels, latent, latent];
+        Ok(Self { name, text_encoder, unet, vae, ids, sample, sample_shape, context, context_shape, latents_shape, device: device.clone() })
     }
-    Ok(json!({
-        "engine": "kiln (burn 0.22, f32)",
-        "device": format!("{device:?}"),
-        "size": args.size,
-        "batch": args.batch,
-        "iters": args.iters,
-        "results": results,
-    }))
+
+    /// One text-encoder call on `batch` prompts.
+    pub fn text_encoder_call(&self) -> Tensor<3> {
+        self.text_encoder.forward(&self.ids)
+    }
+
+    /// One UNet call on `batch` latents (2: one guided step) at [`TIMESTEP`].
+    pub fn unet_call(&self) -> Tensor<4> {
+        let sample = Tensor::<4>::from_data(TensorData::new(self.sample.clone(), self.sample_shape), &self.device);
+        let context = Tensor::<3>::from_data(TensorData::new(self.context.clone(), self.context_shape), &self.device);
+        self.unet.forward(sample, TIMESTEP, &context)
+    }
+
+    /// One VAE decode of one image's latents (the first latents of the sample).
+    pub fn vae_decode(&self) -> Tensor<4> {
+        let n = self.latents_shape.iter().product();
+        let latents = Tensor::<4>::from_data(TensorData::new(self.sample[..n].to_vec(), self.latents_shape), &self.device);
+        crate::pipeline::decode_latents(&self.vae, latents, None)
+    }
+}
+
+/// The config of one component (`unet`, `vae`, `text_encoder`) of a [`preset`].
+pub fn config<T: serde::de::DeserializeOwned>(preset: &Value, key: &str) -> Result<T> {
+    serde_json::from_value(preset[key].clone()).map_err(|e| Error::Invalid(format!("preset {key}: {e}")))
 }

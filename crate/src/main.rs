@@ -17,8 +17,13 @@ use kiln::quant::Format;
 use kiln::schedulers::SchedulerKind;
 use kiln::{Error, Result, npy};
 
-mod bench;
-mod download;
+/// The command line's own parts: timing (`kiln bench`) and models given by URL.
+mod cli {
+    pub mod bench;
+    pub mod download;
+}
+
+use cli::{bench, download};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Stable Diffusion on burn + wgpu")]

@@ -11,6 +11,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
+use crate::bench::Components;
 use crate::files::MemoryFiles;
 use crate::pipeline::image_processor::Image8;
 use crate::pipeline::img2img::{self, Img2Img};
@@ -37,6 +38,29 @@ fn start() {
     // SAFETY: called once per instance, before any other export touches a registry.
     unsafe { __wasm_call_ctors() };
     console_error_panic_hook::set_once();
+    if log::set_logger(&ConsoleLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// Sends the engine's log errors and warnings to the console. A kernel the browser refuses to
+/// compile is reported only there (cubecl logs it), and the worker fails the run on it.
+struct ConsoleLog;
+
+impl log::Log for ConsoleLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record) {
+        let text = JsValue::from(record.args().to_string());
+        match record.level() {
+            log::Level::Error => web_sys::console::error_1(&text),
+            _ => web_sys::console::warn_1(&text),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 fn js_err(e: impl std::fmt::Display) -> JsError {
@@ -142,11 +166,23 @@ pub struct Engine {
     run: Option<Run>,
 }
 
+/// The calls of [`Components`] for `scripts/bench-web`, which times them (and counts their
+/// GPU dispatches) in JavaScript, as `kiln bench` times them natively.
+#[wasm_bindgen]
+pub struct Bench {
+    components: Components,
+}
+
 #[wasm_bindgen]
 impl Engine {
-    /// Opens WebGPU through burn. Fails with the adapter's message when there is none.
-    pub async fn create() -> Result<Engine, JsError> {
-        let device = Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU could not be initialised: {e}")))?;
+    /// The engine on `backend`: `webgpu` (burn's wgpu runtime; fails with the adapter's message
+    /// when there is none) or `cpu` (burn's flex backend in this thread).
+    pub async fn create(backend: String) -> Result<Engine, JsError> {
+        let device = match backend.as_str() {
+            "webgpu" => Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU could not be initialised: {e}")))?,
+            "cpu" => Device::flex(),
+            other => return Err(js_err(format!("unknown backend {other:?} (webgpu or cpu)"))),
+        };
         Ok(Engine { device, files: HashMap::new(), uploads: HashMap::new(), pipe: None, run: None })
     }
 
@@ -218,6 +254,18 @@ impl Engine {
         };
         self.pipe = Some(pipe);
         serde_wasm_bindgen::to_value(&info).map_err(js_err)
+    }
+
+    /// The loaded model's components with the inputs of one step at `size`² with `batch`
+    /// latents, for timing; the engine gives the model up.
+    pub fn bench(&mut self, size: usize, batch: usize) -> Result<Bench, JsError> {
+        let pipe = self.pipe.take().ok_or_else(|| js_err("no model is loaded"))?;
+        Ok(Bench { components: Components::from_pipeline(pipe, size, batch).map_err(js_err)? })
+    }
+
+    /// A full-size published architecture (`sd15`, `sd-turbo`) with random weights, for timing.
+    pub fn bench_random(&self, preset: String, size: usize, batch: usize) -> Result<Bench, JsError> {
+        Ok(Bench { components: Components::random(&preset, size, batch, &self.device).map_err(js_err)?.0 })
     }
 
     /// Validates the settings, encodes the prompt (and the images) and prepares the noise.
@@ -322,4 +370,56 @@ impl Engine {
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         }))
     }
+}
+
+#[wasm_bindgen]
+impl Bench {
+    /// Runs `component` (`text_encoder`, `unet` or `vae_decode`) once; resolves when the device
+    /// has finished it (one value read back, as `kiln bench` waits).
+    pub fn call(&self, component: String) -> Result<js_sys::Promise, JsError> {
+        let probe = match component.as_str() {
+            "text_encoder" => self.components.text_encoder_call().flatten::<1>(0, 2),
+            "unet" => self.components.unet_call().flatten::<1>(0, 3),
+            "vae_decode" => self.components.vae_decode().flatten::<1>(0, 3),
+            other => return Err(js_err(format!("no component {other:?}"))),
+        };
+        Ok(read_f32(probe.narrow(0, 0, 1)))
+    }
+
+    /// The timestep of every timed UNet call.
+    pub fn timestep() -> f64 {
+        crate::bench::TIMESTEP
+    }
+
+    /// The UNet call's input latents, flattened (the ONNX Runtime peer's `sample`).
+    pub fn sample(&self) -> Vec<f32> {
+        self.components.sample.clone()
+    }
+
+    pub fn sample_shape(&self) -> Vec<u32> {
+        self.components.sample_shape.iter().map(|&d| d as u32).collect()
+    }
+
+    /// The UNet call's text states, flattened (`encoder_hidden_states`).
+    pub fn context(&self) -> Vec<f32> {
+        self.components.context.clone()
+    }
+
+    pub fn context_shape(&self) -> Vec<u32> {
+        self.components.context_shape.iter().map(|&d| d as u32).collect()
+    }
+
+    /// The UNet call's output values, for the check against ONNX Runtime.
+    pub fn unet_output(&self) -> js_sys::Promise {
+        read_f32(self.components.unet_call().flatten::<1>(0, 3))
+    }
+}
+
+/// Resolves to a tensor's values as a `Float32Array`.
+fn read_f32(tensor: burn::tensor::Tensor<1>) -> js_sys::Promise {
+    wasm_bindgen_futures::future_to_promise(async move {
+        let data = tensor.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
+        let values = data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))?;
+        Ok(js_sys::Float32Array::from(values.as_slice()).into())
+    })
 }

@@ -66,9 +66,13 @@ export const faults = {
   truncate: (n) => (body) => ({ body: body.subarray(0, n), headers: {} }),
 };
 
-/** The app's URL for a model and settings, as a share link would carry them. */
+/**
+ * The app's URL for a model and settings, as a share link would carry them. The page would run
+ * the engine on the CPU here (SwiftShader is a software adapter), so the tests force WebGPU
+ * unless `settings.backend` says otherwise.
+ */
 export function appUrl(app, model, settings = {}) {
-  return `${app.url}/?${new URLSearchParams({ model, ...settings })}`;
+  return `${app.url}/?${new URLSearchParams({ model, backend: "webgpu", ...settings })}`;
 }
 
 /** Sets the generation controls by their accessible names; absent settings are left as they are. */

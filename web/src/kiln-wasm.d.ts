@@ -4,7 +4,7 @@ declare module "kiln-wasm" {
   export default function init(options: { module_or_path: URL }): Promise<unknown>;
 
   export class Engine {
-    static create(): Promise<Engine>;
+    static create(backend: "webgpu" | "cpu"): Promise<Engine>;
     set_file(path: string, bytes: Uint8Array): void;
     add_tensor(stem: string, name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array): void;
     add_stored(stem: string, name: string, format: string, shape: Uint32Array, bytes: Uint8Array): void;

@@ -1,8 +1,9 @@
 // The page: controls, share links, input images, progress and errors. The engine, the
 // downloads and the GPU all live in the worker; this thread only renders and relays.
+import { chooseBackend, type Backend } from "./backend";
 import { modelStatus, removeModel } from "./cache";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
-import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ToWorker } from "./protocol";
+import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
 import type { Precision } from "./model";
 import {
   MODES,
@@ -71,18 +72,14 @@ const ui = {
   save: $<HTMLAnchorElement>("save"),
   useResult: $<HTMLButtonElement>("use-result"),
   pageError: $("page-error"),
+  backend: $("backend"),
 };
 
 const CUSTOM = "custom";
 
-const NO_WEBGPU =
-  "Kiln needs WebGPU, and this browser does not provide it{why}.\n" +
-  "WebGPU works in Chrome and Edge 113+ (Windows, macOS, ChromeOS), Chrome 121+ on Android, " +
-  "Safari 26+ (macOS, iOS, iPadOS) and Firefox 141+ on Windows. On Linux, Chrome needs " +
-  "chrome://flags/#enable-unsafe-webgpu (and on some GPUs #enable-vulkan). " +
-  "If it is enabled, chrome://gpu tells whether WebGPU is blocked for this GPU or driver.";
-
 let settings: Settings = fromQuery(location.search);
+/** Chosen once, as the page starts. */
+let backend: Backend | null = null;
 let worker: Worker | null = null;
 /** The model the worker was last asked for, and the one it holds. */
 let workerModel: string | null = null;
@@ -145,6 +142,7 @@ function readControls(): Settings {
     strength: number(ui.strength, settings.strength),
     maskBlur: number(ui.maskBlur, settings.maskBlur),
     noiseLevel: number(ui.noiseLevel, settings.noiseLevel),
+    backend: settings.backend,
   };
 }
 
@@ -254,7 +252,7 @@ async function warmUp(): Promise<void> {
     busy = true;
     ui.remove.disabled = true;
     setStatus("Loading the model from the cache…");
-    send({ type: "load", base: settings.model, precision: settings.precision });
+    send({ type: "load", ...modelRef() });
   }
 }
 
@@ -268,6 +266,10 @@ async function remove(): Promise<void> {
 }
 
 // ---- the worker ----
+
+function modelRef(): ModelRef {
+  return { base: settings.model, precision: settings.precision, backend: backend!.kind };
+}
 
 function send(msg: Exclude<ToWorker, { type: "cancel" }>): void {
   // One model on the GPU at a time: another model gets a fresh worker (and device).
@@ -386,7 +388,7 @@ function generate(): void {
     request.mask_blur = settings.maskBlur;
   }
   if (mode === "upscale") request.noise_level = settings.noiseLevel;
-  send({ type: "generate", base: settings.model, precision: settings.precision, request });
+  send({ type: "generate", ...modelRef(), request });
 }
 
 /** The worker is idle again; `status` is the new progress line. */
@@ -507,33 +509,6 @@ function duration(seconds: number): string {
 
 // ---- start ----
 
-/**
- * The limits the engine's kernels rely on: WebGPU's defaults, which every full ("core")
- * adapter meets but a compatibility-mode one may not. Weight tables larger than one
- * binding stay on the host, so no model needs more.
- */
-const REQUIRED_LIMITS = {
-  maxBufferSize: 256 << 20,
-  maxStorageBufferBindingSize: 128 << 20,
-  maxStorageBuffersPerShaderStage: 8,
-  maxComputeWorkgroupStorageSize: 16384,
-  maxComputeInvocationsPerWorkgroup: 256,
-  maxComputeWorkgroupSizeX: 256,
-  maxComputeWorkgroupSizeY: 256,
-} as const;
-
-async function webgpuProblem(): Promise<string | null> {
-  if (!navigator.gpu) return NO_WEBGPU.replace("{why}", " (navigator.gpu is missing)");
-  const adapter = await navigator.gpu.requestAdapter().catch(() => null);
-  if (!adapter) return NO_WEBGPU.replace("{why}", " (it found no usable GPU adapter)");
-  const short = Object.entries(REQUIRED_LIMITS).filter(([name, needed]) => adapter.limits[name as keyof typeof REQUIRED_LIMITS] < needed);
-  if (short.length === 0) return null;
-  return (
-    "This GPU's WebGPU limits are too small for Kiln:\n" +
-    short.map(([name, needed]) => `${name} is ${adapter.limits[name as keyof typeof REQUIRED_LIMITS]}, and Kiln needs ${needed}`).join("\n")
-  );
-}
-
 function wire(): void {
   ui.model.replaceChildren(...PRESETS.map((p) => new Option(p.label, p.id)), new Option("Custom URL (diffusers repo or Kiln package)…", CUSTOM));
   ui.form.addEventListener("submit", (e) => {
@@ -624,15 +599,17 @@ async function main(): Promise<void> {
   publish();
   // The app shell (not the model) is cached by the service worker for offline use.
   void navigator.serviceWorker?.register("./sw.js").catch(() => {});
-  const problem = await webgpuProblem();
-  if (problem) {
-    ui.pageError.textContent = problem;
+  const chosen = await chooseBackend(settings.backend);
+  if ("problem" in chosen) {
+    ui.pageError.textContent = chosen.problem;
     ui.pageError.hidden = false;
     ui.generate.disabled = true;
     setStatus("");
     await showCache();
     return;
   }
+  backend = chosen;
+  ui.backend.textContent = `Backend: ${chosen.label}`;
   setStatus("");
   await warmUp();
 }

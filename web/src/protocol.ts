@@ -1,4 +1,5 @@
 // Messages between the page (main.ts) and the engine's worker (worker.ts).
+import type { Backend } from "./backend";
 import type { Precision } from "./model";
 import type { Mode } from "./settings";
 
@@ -53,10 +54,14 @@ export interface DownloadProgress {
   rate: number;
 }
 
-export type ToWorker =
-  | { type: "load"; base: string; precision: Precision }
-  | { type: "generate"; base: string; precision: Precision; request: GenerateRequest }
-  | { type: "cancel" };
+/** Which model the worker should hold, and where its engine runs. */
+export interface ModelRef {
+  base: string;
+  precision: Precision;
+  backend: Backend["kind"];
+}
+
+export type ToWorker = ({ type: "load" } & ModelRef) | ({ type: "generate"; request: GenerateRequest } & ModelRef) | { type: "cancel" };
 
 /**
  * - download: a file failed (network, 404, corrupt); nothing bad was kept, a retry continues.

@@ -1,6 +1,7 @@
 // The model and every generation setting live in the page's query string, so the address
 // bar is always a share link: opening it restores the same model and settings (not the
 // input image or mask, which never leave the device).
+import { BACKEND_CHOICES, type BackendChoice } from "./backend";
 import { PRECISIONS, type Precision } from "./model";
 
 export interface Preset {
@@ -58,6 +59,8 @@ export interface Settings {
   maskBlur: number;
   /** Upscaling: noise added to the image first. */
   noiseLevel: number;
+  /** Where the engine runs; "auto" unless the address forces one. */
+  backend: BackendChoice;
 }
 
 /** A model URL without trailing slashes, so one repo has one cache key. */
@@ -100,6 +103,7 @@ export function fromQuery(search: string): Settings {
     strength: strength !== null && strength > 0 && strength <= 1 ? strength : defaultStrength(mode),
     maskBlur: Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), MAX_MASK_BLUR),
     noiseLevel: int(q.get("noise_level"), 0, MAX_NOISE_LEVEL) ?? DEFAULT_NOISE_LEVEL,
+    backend: BACKEND_CHOICES.find((b) => b === q.get("backend")) ?? "auto",
   };
 }
 
@@ -118,6 +122,7 @@ export function toQuery(s: Settings): string {
   if (s.mode === "img2img" || s.mode === "inpaint") q.set("strength", String(s.strength));
   if (s.mode === "inpaint" && s.maskBlur) q.set("mask_blur", String(s.maskBlur));
   if (s.mode === "upscale") q.set("noise_level", String(s.noiseLevel));
+  if (s.backend !== "auto") q.set("backend", s.backend);
   return "?" + q.toString();
 }
 

@@ -19,8 +19,8 @@ import {
   type PackageManifest,
   type PlannedFile,
 } from "./cache";
-import type { ErrorKind, FileProgress, FromWorker, GenerateRequest, ToWorker } from "./protocol";
-import { WEIGHT_STEMS, type Precision } from "./model";
+import type { ErrorKind, FileProgress, FromWorker, GenerateRequest, ModelRef, ToWorker } from "./protocol";
+import { WEIGHT_STEMS } from "./model";
 
 const scope = self as unknown as DedicatedWorkerGlobalScope;
 
@@ -73,21 +73,32 @@ scope.onmessage = (event: MessageEvent<ToWorker>) => {
   tasks = tasks.then(() => (asked === epoch ? run(msg) : undefined));
 };
 
+/**
+ * Set when the browser refused a GPU kernel: every result computed since may be wrong, so the
+ * run in progress fails instead of showing an image.
+ */
+let kernelFailure: string | null = null;
+
 // console_error_panic_hook prints a Rust panic through console.error just before the
 // module traps: report the crash right there, with the panic's own message, whether the
-// trap then lands in a task's catch or in an engine future.
+// trap then lands in a task's catch or in an engine future. A kernel the browser refused to
+// compile (the engine logs it, naming the kernel) is a crash too.
 const consoleError = console.error;
 console.error = (...args: unknown[]) => {
   consoleError.apply(console, args);
   const text = args.map(String).join(" ");
   if (text.includes("panicked at")) post({ type: "error", kind: "crash", message: text.split("\n\nStack:")[0] });
+  else if (text.includes("compilation failed for kernel")) {
+    kernelFailure = text.split("\n")[0];
+    post({ type: "error", kind: "crash", message: kernelFailure });
+  }
 };
 scope.onunhandledrejection = (event) => post({ type: "error", kind: "crash", message: describe(event.reason) });
 
 async function run(msg: Exclude<ToWorker, { type: "cancel" }>): Promise<void> {
   const abort = (current = new AbortController());
   try {
-    await ensureModel(msg.base, msg.precision, abort.signal);
+    await ensureModel(msg, abort.signal);
     if (msg.type === "generate") await generate(msg.request, abort.signal);
   } catch (e) {
     if (abort.signal.aborted) post({ type: "cancelled" });
@@ -113,18 +124,18 @@ function describe(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
-async function createEngine(): Promise<Engine> {
+async function createEngine(backend: ModelRef["backend"]): Promise<Engine> {
   await init({ module_or_path: new URL("./kiln_bg.wasm", import.meta.url) });
   try {
-    return await Engine.create();
+    return await Engine.create(backend);
   } catch (e) {
     throw failure("webgpu", e);
   }
 }
 
-async function ensureModel(base: string, precision: Precision, signal: AbortSignal): Promise<void> {
+async function ensureModel({ base, precision, backend }: ModelRef, signal: AbortSignal): Promise<void> {
   if (loaded === `${base}#${precision}`) return;
-  engine ??= await createEngine();
+  engine ??= await createEngine(backend);
   loaded = null;
   const plan = await planModel(base, precision, signal);
   const needed = plan.files.filter((f) => !f.absent);
@@ -260,9 +271,11 @@ async function generate(request: GenerateRequest, signal: AbortSignal): Promise<
       }
       const done = running.step();
       await running.wait();
+      if (kernelFailure) throw new Error(kernelFailure);
       post({ type: "step", done, total: started.total });
     }
     const png = await running.finish();
+    if (kernelFailure) throw new Error(kernelFailure);
     post({ type: "image", png }, [png.buffer]);
   } catch (e) {
     // Past `start`, a failure is the GPU's or the engine's, and leaves its state unknown.

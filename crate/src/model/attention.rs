@@ -1,42 +1,10 @@
 //! diffusers' `Attention`, `FeedForward` (GEGLU) and `BasicTransformerBlock`.
 use burn::tensor::Tensor;
-use burn::tensor::activation::gelu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
 use super::nn::{GroupNorm, LayerNorm, Linear};
 use crate::error::Result;
+use crate::kernels::{self, LinearEpilogue};
 use crate::weights::Weights;
-
-/// Bytes of attention scores computed at once. burn's wgpu attention without autotune
-/// materializes the `[B, heads, N, M]` score matrix (2 GiB for guided SD at 512²), so longer
-/// queries run in slices of rows, each attending to all keys.
-pub const MAX_SCORE_BYTES: usize = 32 << 20;
-
-/// Scaled dot-product attention over `[B, N, heads * d]` projections, scale `d^-0.5`.
-pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
-    sliced_attention(q, k, v, heads, causal, MAX_SCORE_BYTES)
-}
-
-/// [`multi_head_attention`] with at most `max_score_bytes` of f32 scores per slice of query
-/// rows. Rows are independent, so slicing changes nothing but memory (causal attention, for
-/// CLIP's 77 tokens, never needs it and runs whole).
-pub fn sliced_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool, max_score_bytes: usize) -> Tensor<3> {
-    let [b, n, inner] = q.dims();
-    let m = k.dims()[1];
-    let d = inner / heads;
-    let split = |t: Tensor<3>, len: usize| t.reshape([b, len, heads, d]).swap_dims(1, 2);
-    let (q, k, v) = (split(q, n), split(k, m), split(v, m));
-    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
-    let rows = (max_score_bytes / (4 * b * heads * m)).max(1);
-    let out = if causal || rows >= n {
-        attention(q, k, v, None, None, options)
-    } else {
-        let slices = (0..n).step_by(rows).map(|start| attention(q.clone().narrow(2, start, rows.min(n - start)), k.clone(), v.clone(), None, None, options)).collect();
-        Tensor::cat(slices, 2)
-    };
-    out.swap_dims(1, 2).reshape([b, n, inner])
-}
 
 /// `Attention`: q from the input, k/v from `context` (cross-attention) or the input itself.
 /// With `group_norm` set it is the VAE's spatial self-attention with a residual connection.
@@ -78,13 +46,14 @@ impl Attention {
         })
     }
 
-    /// `x`: `[B, N, C]`; `context`: `[B, M, C_ctx]` for cross-attention.
-    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+    /// `x`: `[B, N, C]`; `context`: `[B, M, C_ctx]` for cross-attention; `residual` (shaped
+    /// like the output) is added by the output projection.
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>, residual: Option<Tensor<3>>) -> Tensor<3> {
         let context = context.unwrap_or_else(|| x.clone());
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
         let v = self.to_v.forward(context);
-        self.to_out.forward(multi_head_attention(q, k, v, self.heads, false))
+        self.to_out.forward_with(kernels::attention(q, k, v, self.heads, false), LinearEpilogue { residual, geglu: false })
     }
 
     /// Spatial self-attention over `[B, C, H, W]` with the residual added back.
@@ -95,7 +64,7 @@ impl Attention {
             None => x.clone(),
         };
         let tokens = normed.reshape([b, c, h * w]).swap_dims(1, 2);
-        let out = self.forward(tokens, None).swap_dims(1, 2).reshape([b, c, h, w]);
+        let out = self.forward(tokens, None, None).swap_dims(1, 2).reshape([b, c, h, w]);
         out + x
     }
 }
@@ -115,11 +84,10 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mut halves = self.proj_in.forward(x).chunk(2, 2);
-        let gate = halves.pop().expect("two halves");
-        let hidden = halves.pop().expect("two halves");
-        self.proj_out.forward(hidden * gelu(gate))
+    /// The GELU gating runs in the first projection's pass; `residual` is added by the second.
+    pub fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        let hidden = self.proj_in.forward_with(x, LinearEpilogue { residual: None, geglu: true });
+        self.proj_out.forward_with(hidden, LinearEpilogue { residual: Some(residual), geglu: false })
     }
 }
 
@@ -151,26 +119,8 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
         let attn1_context = self.only_cross_attention.then(|| context.clone());
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), attn1_context) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::tensor::{Device, Distribution};
-
-    #[test]
-    fn sliced_attention_equals_whole() {
-        let device = Device::flex();
-        let [q, k, v] = [[2, 70, 32], [2, 50, 32], [2, 50, 32]].map(|s| Tensor::<3>::random(s, Distribution::Normal(0.0, 1.0), &device));
-        let whole = sliced_attention(q.clone(), k.clone(), v.clone(), 4, false, usize::MAX);
-        // 4 bytes × B 2 × heads 4 × M 50 × 8 rows: slices of 8 rows, the last of 6.
-        let sliced = sliced_attention(q, k, v, 4, false, 4 * 2 * 4 * 50 * 8);
-        let (a, b) = (whole.into_data().try_to_vec::<f32>().unwrap(), sliced.into_data().try_to_vec::<f32>().unwrap());
-        let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(max <= 1e-6, "sliced differs by {max}");
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), attn1_context, Some(x));
+        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context), Some(x));
+        self.ff.forward(self.norm3.forward(x.clone()), x)
     }
 }

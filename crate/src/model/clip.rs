@@ -4,9 +4,9 @@ use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
 
-use super::attention::multi_head_attention;
 use super::nn::{LayerNorm, Linear};
 use crate::error::{Error, Result};
+use crate::kernels::{self, LinearEpilogue};
 use crate::weights::Weights;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -82,10 +82,10 @@ impl EncoderLayer {
 
     fn forward(&self, x: Tensor<3>, heads: usize, act: Activation) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
-        let attended = multi_head_attention(self.q_proj.forward(h.clone()), self.k_proj.forward(h.clone()), self.v_proj.forward(h), heads, true);
-        let x = x + self.out_proj.forward(attended);
+        let attended = kernels::attention(self.q_proj.forward(h.clone()), self.k_proj.forward(h.clone()), self.v_proj.forward(h), heads, true);
+        let x = self.out_proj.forward_with(attended, LinearEpilogue { residual: Some(x), geglu: false });
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
-        x + self.fc2.forward(act.apply(h))
+        self.fc2.forward_with(act.apply(h), LinearEpilogue { residual: Some(x), geglu: false })
     }
 }
 

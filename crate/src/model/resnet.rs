@@ -5,6 +5,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use super::nn::{Conv2d, GroupNorm, Linear};
+use crate::kernels::Conv2dEpilogue;
 use crate::error::Result;
 use crate::weights::Weights;
 
@@ -46,19 +47,19 @@ impl ResnetBlock2D {
         })
     }
 
-    /// `temb` is the UNet's time embedding `[B, T]` (before SiLU), `None` in the VAE.
+    /// `temb` is the UNet's time embedding `[B, T]` (before SiLU), `None` in the VAE. The time
+    /// shift and the shortcut are added by the convolutions as they write.
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let [b, c] = [h.dims()[0], h.dims()[1]];
-            h = h + proj.forward(silu(temb.clone())).reshape([b, c, 1, 1]);
-        }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let channel_add = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(silu(temb.clone()))),
+            _ => None,
+        };
+        let h = self.conv1.forward_with(self.norm1.forward_silu(x.clone()), Conv2dEpilogue { channel_add, residual: None });
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,
         };
-        let out = shortcut + h;
+        let out = self.conv2.forward_with(self.norm2.forward_silu(h), Conv2dEpilogue { channel_add: None, residual: Some(shortcut) });
         if self.output_scale_factor == 1.0 { out } else { out / self.output_scale_factor }
     }
 }

@@ -4,6 +4,7 @@ use burn::tensor::Tensor;
 use super::attention::BasicTransformerBlock;
 use super::nn::{Conv2d, GroupNorm, Linear};
 use crate::error::Result;
+use crate::kernels::Conv2dEpilogue;
 use crate::weights::Weights;
 
 /// SD 1.x projects in and out with 1x1 convs, SD 2.x with linears (`use_linear_projection`).
@@ -51,7 +52,7 @@ impl Transformer2DModel {
     }
 
     pub fn forward(&self, x: Tensor<4>, context: Tensor<3>) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
+        let [b, _, h, w] = x.dims();
         let to_tokens = |t: Tensor<4>| {
             let ch = t.dims()[1];
             t.reshape([b, ch, h * w]).swap_dims(1, 2)
@@ -68,11 +69,9 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context.clone());
         }
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_image(tokens)),
-            Projection::Linear(linear) => to_image(linear.forward(tokens)),
-        };
-        debug_assert_eq!(out.dims()[1], c);
-        out + x
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward_with(to_image(tokens), Conv2dEpilogue { channel_add: None, residual: Some(x) }),
+            Projection::Linear(linear) => to_image(linear.forward(tokens)) + x,
+        }
     }
 }

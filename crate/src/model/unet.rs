@@ -1,7 +1,6 @@
 //! diffusers' `UNet2DConditionModel` as SD 1.x / 2.x / Turbo, the inpainting checkpoints and the
 //! x4 upscaler use it, sized entirely by `unet/config.json`.
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 use serde::Deserialize;
 
 use super::config::PerBlock;
@@ -265,6 +264,6 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             x = block.forward(x, &temb, context, &mut skips);
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }

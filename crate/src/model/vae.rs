@@ -1,6 +1,5 @@
 //! diffusers' `AutoencoderKL`: the encoder maps images to a latent Gaussian, the decoder maps latents back.
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 use serde::Deserialize;
 
 use super::attention::Attention;
@@ -176,7 +175,7 @@ impl Encoder {
             }
         }
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }
 
@@ -217,7 +216,7 @@ impl Decoder {
                 x = up.forward(x);
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }
 

@@ -141,6 +141,15 @@ impl StableDiffusion {
         Self::assemble(&loaded.files, &|stem| loaded.weights.get(stem).cloned().ok_or_else(|| missing(stem)), device)
     }
 
+    /// The text encoder, built from its weights for one use (see the field's comment).
+    pub fn text_encoder(&self) -> Result<ClipTextModel> {
+        ClipTextModel::load(&self.text_encoder, self.clip_config.clone())
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Width and height must be multiples of this: the VAE's factor times the UNet's down-sampling.
     pub fn size_multiple(&self) -> usize {
         self.vae.config.scale_factor() * self.unet.config.downsample_factor()
@@ -177,7 +186,7 @@ impl StableDiffusion {
         };
         let cond = tokenize("prompt", prompt)?;
         let ids = if guided { vec![tokenize("negative prompt", negative)?, cond] } else { vec![cond] };
-        let context = ClipTextModel::load(&self.text_encoder, self.clip_config.clone())?.forward(&ids);
+        let context = self.text_encoder()?.forward(&ids);
         self.device.memory_cleanup();
         *last = Some((key, context.clone(), warnings.clone()));
         Ok((context, warnings))

@@ -1,0 +1,109 @@
+// The page side of scripts/bench-web: Kiln's engine and ONNX Runtime Web timed in the same
+// browser, on the same inputs. scripts/web/bench.mjs bundles it, serves it and drives it.
+import init, { Bench, Engine } from "kiln-wasm";
+import * as ort from "onnxruntime-web/webgpu";
+import { headerLength, parseHeader } from "../../web/src/safetensors";
+
+/** GPU work counted around each call: compute dispatches and queue submits. */
+const counts = { dispatches: 0, submits: 0 };
+const count = (proto: object, method: string, key: keyof typeof counts) => {
+  const target = proto as Record<string, (...args: unknown[]) => unknown>;
+  const original = target[method];
+  target[method] = function (this: unknown, ...args: unknown[]) {
+    counts[key]++;
+    return original.apply(this, args);
+  };
+};
+if (typeof GPUComputePassEncoder !== "undefined") {
+  count(GPUComputePassEncoder.prototype, "dispatchWorkgroups", "dispatches");
+  count(GPUQueue.prototype, "submit", "submits");
+}
+
+/** Mean milliseconds of `iters` calls after one warm-up, and the GPU work of the last one. */
+async function time(iters: number, call: () => Promise<unknown>) {
+  await call();
+  const start = performance.now();
+  for (let i = 0; i < iters; i++) await call();
+  const ms = (performance.now() - start) / iters;
+  counts.dispatches = counts.submits = 0;
+  await call();
+  return { ms, dispatches: counts.dispatches, submits: counts.submits };
+}
+
+/** A pipeline folder served at `base`, uploaded as the app's worker does. */
+async function loadFolder(engine: Engine, base: string): Promise<void> {
+  const configs = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"];
+  const tokenizer = ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"].map((f) => `tokenizer/${f}`);
+  for (const path of [...configs, ...tokenizer]) {
+    const response = await fetch(`${base}/${path}`);
+    if (response.ok) engine.set_file(path, new Uint8Array(await response.arrayBuffer()));
+  }
+  for (const stem of ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"]) {
+    const bytes = new Uint8Array(await (await fetch(`${base}/${stem}.safetensors`)).arrayBuffer());
+    const header = parseHeader(bytes.subarray(8, 8 + headerLength(bytes)));
+    for (const t of header.tensors) {
+      if (Engine.is_weight_dtype(t.dtype)) engine.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), bytes.subarray(t.begin, t.end));
+    }
+  }
+  engine.finish_load(base);
+}
+
+interface KilnOptions {
+  /** A folder URL, or a preset name (`sd15`, `sd-turbo`) for random weights. */
+  model: string;
+  backend: "webgpu" | "cpu";
+  size: number;
+  batch: number;
+  iters: number;
+}
+
+/** Kiln's three calls; also the UNet call's inputs and output, for the peer to check against. */
+async function kiln({ model, backend, size, batch, iters }: KilnOptions) {
+  await init({ module_or_path: new URL("./kiln_bg.wasm", location.href) });
+  const engine = await Engine.create(backend);
+  let bench: Bench;
+  if (model.includes("/")) {
+    await loadFolder(engine, model);
+    bench = engine.bench(size, batch);
+  } else {
+    bench = engine.bench_random(model, size, batch);
+  }
+  const unet = await time(iters, () => bench.call("unet"));
+  return {
+    text_encoder_ms: (await time(iters, () => bench.call("text_encoder"))).ms,
+    unet_ms_per_call: unet.ms,
+    dispatches_per_unet_call: unet.dispatches,
+    submits_per_unet_call: unet.submits,
+    vae_decode_ms: (await time(iters, () => bench.call("vae_decode"))).ms,
+    inputs: { sample: bench.sample(), sampleShape: bench.sample_shape(), context: bench.context(), contextShape: bench.context_shape(), timestep: Bench.timestep() },
+    output: await bench.unet_output(),
+  };
+}
+
+interface OrtOptions {
+  onnx: string;
+  provider: "webgpu" | "wasm";
+  iters: number;
+  inputs: Awaited<ReturnType<typeof kiln>>["inputs"];
+}
+
+/** ONNX Runtime Web's UNet call on the same inputs, one thread on its wasm provider. */
+async function onnxRuntime({ onnx, provider, iters, inputs }: OrtOptions) {
+  ort.env.wasm.numThreads = 1;
+  const session = await ort.InferenceSession.create(onnx, { executionProviders: [provider] });
+  const feeds = {
+    sample: new ort.Tensor("float32", Float32Array.from(inputs.sample), Array.from(inputs.sampleShape)),
+    timestep: new ort.Tensor("float32", Float32Array.from([inputs.timestep]), [1]),
+    encoder_hidden_states: new ort.Tensor("float32", Float32Array.from(inputs.context), Array.from(inputs.contextShape)),
+  };
+  let output: Float32Array = new Float32Array();
+  const call = async () => {
+    const result = await session.run(feeds);
+    output = (await result.out.getData()) as Float32Array;
+  };
+  const timed = await time(iters, call);
+  await session.release();
+  return { unet_ms_per_call: timed.ms, dispatches_per_unet_call: provider === "webgpu" ? timed.dispatches : 0, output };
+}
+
+Object.assign(self, { kiln, onnxRuntime, benchReady: true });

@@ -1,0 +1,122 @@
+// scripts/bench-web's driver: Kiln in headless Chromium (WebGPU on whatever adapter the browser
+// has), Kiln natively (`kiln bench`), and ONNX Runtime Web on the same UNet, all in one run.
+// Prints one JSON object, then a short table.
+//
+//   node scripts/web/bench.mjs [--models sd1-tiny,sd15,sd-turbo] [--size 64] [--batch 2] [--iters 3]
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdirSync } from "node:fs";
+import { mkdtemp } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { build } from "esbuild";
+import { chromium } from "playwright-core";
+import { serve } from "./server.mjs";
+
+const { values: opts } = parseArgs({
+  options: {
+    models: { type: "string", default: "sd1-tiny,sd15,sd-turbo" },
+    size: { type: "string", default: "64" },
+    batch: { type: "string", default: "2" },
+    iters: { type: "string", default: "3" },
+  },
+});
+const [size, batch, iters] = [opts.size, opts.batch, opts.iters].map(Number);
+const models = opts.models.split(",");
+const target = resolve(process.env.CARGO_TARGET_DIR ?? "target");
+const pkg = join(target, "web-pkg");
+const FIXTURES = "tests/fixtures";
+/** Models with weights on disk; the others are presets with random weights. */
+const isFolder = (m) => existsSync(join(FIXTURES, m, "model_index.json"));
+
+// The page: the bench entry bundled beside the engine's wasm, and ONNX Runtime Web's files.
+const root = await mkdtemp(join(tmpdir(), "kiln-bench-"));
+await build({
+  entryPoints: { bench: "scripts/web/bench-page.ts" },
+  outdir: root,
+  bundle: true,
+  format: "esm",
+  target: "es2022",
+  alias: { "kiln-wasm": join(pkg, "kiln.js") },
+  logLevel: "warning",
+});
+execFileSync("cp", [join(pkg, "kiln_bg.wasm"), "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.wasm", "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.mjs", "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs", "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm", root]);
+execFileSync("sh", ["-c", `echo '<!doctype html><script type="module" src="./bench.js"></script>' > ${root}/index.html`]);
+const page = await serve({ root });
+const hub = await serve({ root: FIXTURES, cors: true });
+const onnxDir = join(target, "bench");
+mkdirSync(onnxDir, { recursive: true });
+const onnxServer = await serve({ root: onnxDir, cors: true });
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--enable-unsafe-webgpu"],
+});
+
+/** Runs `fn(arg)` in a fresh page (one engine per page: the wasm module holds one device). */
+async function inPage(fn, arg) {
+  const tab = await browser.newPage();
+  tab.on("pageerror", (e) => console.error(`[page] ${e.message}`));
+  await tab.goto(`${page.url}/`);
+  await tab.waitForFunction(() => self.benchReady);
+  const adapter = await tab.evaluate(async () => {
+    const a = await navigator.gpu?.requestAdapter();
+    return a ? `${a.info.vendor} ${a.info.architecture} ${a.info.description}`.trim() || "unknown" : "none";
+  });
+  try {
+    return { adapter, ...(await tab.evaluate(fn, arg)) };
+  } finally {
+    await tab.close();
+  }
+}
+
+function native(model) {
+  const arg = isFolder(model) ? join(FIXTURES, model) : model;
+  const out = execFileSync("cargo", ["run", "--quiet", "--release", "--bin", "kiln", "--", "bench", "--model", arg, "--size", `${size}`, "--batch", `${batch}`, "--iters", `${iters}`], { encoding: "utf8" });
+  const report = JSON.parse(out);
+  return { device: report.device, ...report.results[0] };
+}
+
+/** The UNet of a fixture as ONNX, exported from the same weights file Kiln loads. */
+function onnxFor(model) {
+  const file = join(onnxDir, `${model}-unet-${size}.onnx`);
+  if (!existsSync(file)) execFileSync("python3", ["scripts/export_onnx.py", "--model", join(FIXTURES, model), "--size", `${size}`, "--batch", `${batch}`, "--out", file], { stdio: "inherit" });
+  return file;
+}
+
+const maxDiff = (a, b) => Object.values(a).reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
+const results = [];
+for (const model of models) {
+  const entry = { model, native: native(model) };
+  const modelArg = isFolder(model) ? `${hub.url}/${model}` : model;
+  const { inputs, output, ...browserFigures } = await inPage((o) => self.kiln(o), { model: modelArg, backend: "webgpu", size, batch, iters });
+  entry.browser = browserFigures;
+  entry.browser_over_native = browserFigures.unet_ms_per_call / entry.native.unet_ms_per_call;
+  if (isFolder(model)) {
+    // The page's CPU path (wasm). A full-size model's f32 weights would not fit wasm32's 4 GiB.
+    const { inputs: _, output: cpuOutput, ...cpu } = await inPage((o) => self.kiln(o), { model: modelArg, backend: "cpu", size, batch, iters });
+    entry.browser_cpu = { ...cpu, max_abs_diff_vs_webgpu: maxDiff(output, cpuOutput) };
+    const onnx = onnxFor(model);
+    const url = `${onnxServer.url}/${onnx.slice(onnxDir.length + 1)}`;
+    entry.onnxruntime_web = {};
+    for (const provider of ["webgpu", "wasm"]) {
+      const { output: theirs, ...figures } = await inPage((o) => self.onnxRuntime(o), { onnx: url, provider, iters, inputs });
+      entry.onnxruntime_web[provider] = { ...figures, max_abs_diff_vs_kiln: maxDiff(output, theirs) };
+    }
+    entry.kiln_over_onnxruntime_webgpu = browserFigures.unet_ms_per_call / entry.onnxruntime_web.webgpu.unet_ms_per_call;
+    entry.kiln_cpu_over_onnxruntime_wasm = cpu.unet_ms_per_call / entry.onnxruntime_web.wasm.unet_ms_per_call;
+  }
+  results.push(entry);
+}
+const report = { size, batch, iters, chromium: browser.version(), results };
+await browser.close();
+await Promise.all([page.close(), hub.close(), onnxServer.close()]);
+
+console.log(JSON.stringify(report, null, 1));
+const ms = (v) => (v === undefined ? "–" : v.toFixed(1));
+console.log(`\nms per UNet call (batch ${batch}, ${size}²) | Kiln page WebGPU | ORT-web WebGPU | Kiln page CPU | ORT-web wasm | Kiln native | dispatches (Kiln / ORT)`);
+for (const r of results) {
+  const o = r.onnxruntime_web;
+  const cells = [r.browser.unet_ms_per_call, o?.webgpu.unet_ms_per_call, r.browser_cpu?.unet_ms_per_call, o?.wasm.unet_ms_per_call, r.native.unet_ms_per_call].map(ms);
+  console.log(`${r.model} | ${cells.join(" | ")} | ${r.browser.dispatches_per_unet_call} / ${o?.webgpu.dispatches_per_unet_call ?? "–"}`);
+}
