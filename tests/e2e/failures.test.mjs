@@ -1,7 +1,9 @@
 // A crashed worker and a lost GPU device each produce a message, not a hang, and the page
-// recovers without a reload: a fresh worker reloads the model from the cache.
+// recovers without a reload: a fresh worker reloads the model from the cache. A GPU kernel the
+// browser refuses to compile stops the run with its name, never with an image.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
+import { serve } from "../../scripts/web/server.mjs";
 import { appUrl, echoConsole, errorText, generate, launch, startServers } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a blue sphere", seed: "3", steps: "1", guidance: "0", width: "64", height: "64" };
@@ -33,4 +35,27 @@ test("a lost GPU device is reported and the model reloads from the cache", async
   assert.match(await errorText(page), /The GPU device was lost/);
   await page.locator("#status").filter({ hasText: /^Model ready\.$/ }).waitFor({ timeout: 120_000 });
   assert.ok((await generate(page)).length > 0);
+});
+
+test("a kernel the browser refuses is reported by name, and no image is shown", async () => {
+  // A browser whose shader compiler rejects the convolution kernel: its WGSL gets a bad line.
+  const prelude = `{
+    const create = GPUDevice.prototype.createShaderModule;
+    GPUDevice.prototype.createShaderModule = function (d) {
+      return create.call(this, d.label?.startsWith("conv_tile") ? { ...d, code: d.code + "\\nnot wgsl" } : d);
+    };
+  }\n`;
+  const app = await serve({ root: "dist", intercept: (path, body) => (path === "/worker.js" ? { body: Buffer.concat([Buffer.from(prelude), body]) } : null) });
+  const context = await browser.newContext();
+  try {
+    const broken = await context.newPage();
+    echoConsole(broken, "refused kernel");
+    await broken.goto(appUrl(app, `${servers.hub.url}/sd1-tiny`, SETTINGS));
+    await broken.getByRole("button", { name: "Generate", exact: true }).click();
+    assert.match(await errorText(broken), /conv_tile/);
+    assert.ok(await broken.getByRole("img", { name: "Generated image" }).isHidden());
+  } finally {
+    await context.close();
+    await app.close();
+  }
 });

@@ -78,6 +78,14 @@ scope.onmessage = (event: MessageEvent<ToWorker>) => {
  * run in progress fails instead of showing an image.
  */
 let kernelFailure: string | null = null;
+/** A crash was reported: the page replaces this worker, and what fails after is its echo. */
+let crashed = false;
+
+function crash(message: string): void {
+  if (crashed) return;
+  crashed = true;
+  post({ type: "error", kind: "crash", message });
+}
 
 // console_error_panic_hook prints a Rust panic through console.error just before the
 // module traps: report the crash right there, with the panic's own message, whether the
@@ -87,13 +95,18 @@ const consoleError = console.error;
 console.error = (...args: unknown[]) => {
   consoleError.apply(console, args);
   const text = args.map(String).join(" ");
-  if (text.includes("panicked at")) post({ type: "error", kind: "crash", message: text.split("\n\nStack:")[0] });
-  else if (text.includes("compilation failed for kernel")) {
-    kernelFailure = text.split("\n")[0];
-    post({ type: "error", kind: "crash", message: kernelFailure });
-  }
+  if (text.includes("compilation failed for kernel")) {
+    kernelFailure ??= text.split("\n")[0];
+    crash(kernelFailure);
+  } else if (text.includes("panicked at")) crash(text.split("\n\nStack:")[0]);
 };
-scope.onunhandledrejection = (event) => post({ type: "error", kind: "crash", message: describe(event.reason) });
+scope.onunhandledrejection = (event) => crash(describe(event.reason));
+// A trap inside a GPU callback is uncaught here; reported once, by this worker, it does not
+// also reach the page, where it would replace the panic's message with "unreachable".
+scope.addEventListener("error", (event: ErrorEvent) => {
+  event.preventDefault();
+  crash(event.message);
+});
 
 async function run(msg: Exclude<ToWorker, { type: "cancel" }>): Promise<void> {
   const abort = (current = new AbortController());
@@ -104,7 +117,9 @@ async function run(msg: Exclude<ToWorker, { type: "cancel" }>): Promise<void> {
     if (abort.signal.aborted) post({ type: "cancelled" });
     else {
       epoch++;
-      post({ type: "error", kind: kindOf(e), message: describe(e) });
+      const kind = kindOf(e);
+      if (kind === "crash") crash(describe(e));
+      else post({ type: "error", kind, message: describe(e) });
     }
   } finally {
     current = null;
