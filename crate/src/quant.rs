@@ -9,8 +9,9 @@
 //!
 //! That layout is also what burn's `QFloat` tensors hold (values packed in `u32` words, then
 //! the scales), so a quantized weight goes to the GPU as it is stored and stays quantized
-//! there; f16 weights stay f16 where the adapter computes in f16. Each layer widens its own
-//! weight to f32 for the call ([`to_f32`]).
+//! there; f16 weights stay f16 where the adapter computes in f16, and the engine's kernels
+//! widen each value as they load it. A quantized weight is dequantized for its layer's call
+//! ([`for_kernel`]).
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use half::f16;
@@ -205,6 +206,12 @@ pub fn matrix(format: Format, bytes: &[u8], [rows, cols]: [usize; 2], device: &D
 /// A [`matrix`] in f32, for one call: quantized ones dequantized, f16 ones widened.
 pub fn to_f32(matrix: Tensor<2>) -> Tensor<2> {
     matrix.dequantize().cast(FloatDType::F32)
+}
+
+/// A [`matrix`] as the engine's kernels read it, for one call: quantized ones dequantized,
+/// f16 and f32 ones as they are.
+pub fn for_kernel(matrix: Tensor<2>) -> Tensor<2> {
+    matrix.dequantize()
 }
 
 #[cfg(test)]

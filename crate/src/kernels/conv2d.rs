@@ -6,7 +6,8 @@
 //! registers: 16 multiply-adds for every 8 values read, and no barrier.
 use burn::backend::Dispatch;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{FloatDType, Shape, Tensor};
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use super::{KilnKernels, contiguous, elementwise, on_gpu};
@@ -23,11 +24,12 @@ pub struct Conv2dEpilogue {
     pub residual: Option<Tensor<4>>,
 }
 
-/// The convolution of `x` with `weight` (`[C_out, C_in·k·k]`, f32), `stride` and `(begin, end)`
-/// padding on both axes, plus `bias` and the epilogue's terms.
+/// The convolution of `x` with `weight` (`[C_out, C_in·k·k]`, f32 or f16, read as it is:
+/// each value is widened as the kernel loads it), `stride` and `(begin, end)` padding on both
+/// axes, plus `bias` and the epilogue's terms.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<2>, bias: Tensor<1>, kernel: usize, stride: usize, padding: (usize, usize), epilogue: Conv2dEpilogue) -> Tensor<4> {
     if !on_gpu(&x.device()) {
-        return reference(x, weight, bias, kernel, stride, padding, epilogue);
+        return reference(x, weight.cast(FloatDType::F32), bias, kernel, stride, padding, epilogue);
     }
     let terms = Terms { channel_add: epilogue.channel_add.is_some(), residual: epilogue.residual.is_some() };
     let stand_in = || bias.clone().into_dispatch();
@@ -94,6 +96,7 @@ pub(super) fn launch(
     let client = x.client.clone();
     let items = n * c_out.div_ceil(TILE) * h_out * w_out.div_ceil(TILE);
     let (count, dim) = elementwise(&client, items);
+    let weight_type = dtype_to_storage_type(weight.dtype);
     // SAFETY: reads are bounds-checked against the padding and the tile's edges; writes cover
     // only in-range channels and pixels of `out`.
     unsafe {
@@ -112,6 +115,7 @@ pub(super) fn launch(
             stride,
             terms.channel_add,
             terms.residual,
+            weight_type,
         );
     }
     out
@@ -123,9 +127,9 @@ mod shader {
 
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    pub fn conv_tile(
+    pub fn conv_tile<W: Float>(
         x: &Tensor<f32>,
-        weight: &Tensor<f32>,
+        weight: &Tensor<W>,
         bias: &Tensor<f32>,
         channel_add: &Tensor<f32>,
         residual: &Tensor<f32>,
@@ -135,6 +139,7 @@ mod shader {
         #[comptime] stride: usize,
         #[comptime] has_channel_add: bool,
         #[comptime] has_residual: bool,
+        #[define(W)] _weight: ElemType,
     ) {
         let c_in = x.shape(1);
         let (h_in, w_in) = (x.shape(2), x.shape(3));
@@ -185,7 +190,7 @@ mod shader {
                         for t in 0..4usize {
                             // A channel past the last reads the last row; its sums are never written.
                             let co = min(co0 + t, c_out - 1);
-                            let w = weight[co * row + tap];
+                            let w = f32::cast_from(weight[co * row + tap]);
                             #[unroll]
                             for p in 0..4usize {
                                 acc[t * 4 + p] += w * inputs[p];
@@ -239,6 +244,14 @@ mod tests {
             let base = reference(x.clone(), weight.clone(), bias.clone(), kernel, stride, padding, Conv2dEpilogue::default());
             let diff = max_diff(plain(Conv2dEpilogue::default()), base.clone());
             assert!(diff < 1e-4, "k{kernel} s{stride} {padding:?}: {diff}");
+            if device.supports_dtype(burn::tensor::DType::F16) {
+                // An f16 weight is read as it is: the same as widening it first.
+                let half = weight.clone().cast(FloatDType::F16);
+                let ours = conv2d(x.clone(), half.clone(), bias.clone(), kernel, stride, padding, Conv2dEpilogue::default());
+                let widened = reference(x.clone(), half.cast(FloatDType::F32), bias.clone(), kernel, stride, padding, Conv2dEpilogue::default());
+                let diff = max_diff(ours, widened);
+                assert!(diff < 1e-4, "f16 k{kernel} s{stride}: {diff}");
+            }
             let (channel_add, residual) = (random([2, c_out], &device), random(base.dims(), &device));
             let with = |channel_add, residual| Conv2dEpilogue { channel_add: Some(channel_add), residual: Some(residual) };
             let ours = plain(with(channel_add.clone(), residual.clone()));

@@ -5,7 +5,8 @@
 //! Each work item accumulates 4 rows × 4 output columns in registers (both halves for GEGLU).
 use burn::backend::Dispatch;
 use burn::tensor::activation::gelu;
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{FloatDType, Shape, Tensor};
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use super::{KilnKernels, contiguous, elementwise, on_gpu};
@@ -19,16 +20,18 @@ pub struct LinearEpilogue<const D: usize> {
     pub geglu: bool,
 }
 
-/// `x · weightᵀ + bias` over the last axis of `x`; `weight` is `[out, in]` in f32.
+/// `x · weightᵀ + bias` over the last axis of `x`; `weight` is `[out, in]`, f32 or f16 (read
+/// as it is and widened as the kernel loads it).
 pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>, epilogue: LinearEpilogue<D>) -> Tensor<D> {
     if !on_gpu(&x.device()) {
-        return reference(x, weight, bias, epilogue);
+        return reference(x, weight.cast(FloatDType::F32), bias, epilogue);
     }
     let terms = Terms { bias: bias.is_some(), residual: epilogue.residual.is_some(), geglu: epilogue.geglu };
-    let stand_in = || weight.clone().into_dispatch();
+    // Absent terms' arguments: an f32 tensor the kernel never reads.
+    let stand_in = || x.clone().flatten::<1>(0, D - 1).into_dispatch();
     Tensor::from_dispatch(<Dispatch as KilnKernels>::linear(
-        x.into_dispatch(),
-        weight.clone().into_dispatch(),
+        x.clone().into_dispatch(),
+        weight.into_dispatch(),
         bias.map_or_else(stand_in, Tensor::into_dispatch),
         epilogue.residual.map_or_else(stand_in, Tensor::into_dispatch),
         terms,
@@ -72,6 +75,7 @@ pub(super) fn launch(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, residu
     let out = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
     let client = x.client.clone();
     let (count, dim) = elementwise(&client, rows.div_ceil(4) * columns.div_ceil(4));
+    let weight_type = dtype_to_storage_type(weight.dtype);
     // SAFETY: rows and columns past the edges are clamped on read and skipped on write.
     unsafe {
         shader::linear_tile::launch_unchecked(
@@ -88,6 +92,7 @@ pub(super) fn launch(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, residu
             terms.bias,
             terms.residual,
             terms.geglu,
+            weight_type,
         );
     }
     out
@@ -99,9 +104,9 @@ mod shader {
 
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_tile(
+    pub fn linear_tile<W: Float>(
         x: &Tensor<f32>,
-        weight: &Tensor<f32>,
+        weight: &Tensor<W>,
         bias: &Tensor<f32>,
         residual: &Tensor<f32>,
         out: &mut Tensor<f32>,
@@ -110,6 +115,7 @@ mod shader {
         #[comptime] has_bias: bool,
         #[comptime] has_residual: bool,
         #[comptime] geglu: bool,
+        #[define(W)] _weight: ElemType,
     ) {
         let column_tiles = (columns + 3) / 4;
         let n0 = (ABSOLUTE_POS % column_tiles) * 4;
@@ -136,7 +142,7 @@ mod shader {
                 #[unroll]
                 for c in 0..4usize {
                     let n = min(n0 + c, columns - 1) + half * columns;
-                    let w = weight[n * k_len + k];
+                    let w = f32::cast_from(weight[n * k_len + k]);
                     #[unroll]
                     for r in 0..4usize {
                         acc[half * 16 + r * 4 + c] += xs[r] * w;
@@ -195,8 +201,15 @@ mod tests {
             let ours = linear(x.clone(), weight.clone(), Some(bias.clone()), with(Some(residual.clone())));
             let diff = max_diff(ours, reference(x.clone(), weight.clone(), Some(bias.clone()), with(Some(residual))));
             assert!(diff < 1e-4, "geglu {geglu}: {diff}");
-            let diff = max_diff(linear(x.clone(), weight.clone(), None, with(None)), reference(x.clone(), weight, None, with(None)));
+            let diff = max_diff(linear(x.clone(), weight.clone(), None, with(None)), reference(x.clone(), weight.clone(), None, with(None)));
             assert!(diff < 1e-4, "no bias, geglu {geglu}: {diff}");
+            if device.supports_dtype(burn::tensor::DType::F16) {
+                // An f16 weight is read as it is: the same as widening it first.
+                let half = weight.cast(FloatDType::F16);
+                let ours = linear(x.clone(), half.clone(), Some(bias.clone()), with(None));
+                let diff = max_diff(ours, reference(x.clone(), half.cast(FloatDType::F32), Some(bias), with(None)));
+                assert!(diff < 1e-4, "f16, geglu {geglu}: {diff}");
+            }
         }
     }
 }

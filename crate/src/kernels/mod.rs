@@ -56,7 +56,7 @@ pub trait KilnKernels: Backend {
         pad_end: usize,
     ) -> FloatTensor<Self>;
 
-    /// Absent terms are switched off by their flag and stood in for by `weight`.
+    /// Absent terms are switched off by their flag and stood in for by `x`.
     #[fusion(dtype = x, shape = linear::output_shape(x, weight, terms))]
     fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, residual: FloatTensor<Self>, terms: linear::Terms) -> FloatTensor<Self>;
 

@@ -8,9 +8,10 @@ use crate::kernels::{self, Conv2dEpilogue, LinearEpilogue};
 use crate::quant;
 use crate::weights::Weights;
 
-/// `torch.nn.Linear`, its weight kept as PyTorch lays it out (`[out, in]`). A quantized (or
-/// f16) weight stays so and is widened to f32 for each call: burn's matmul that dequantizes
-/// inside the kernel took seconds per call on lavapipe, dequantize-then-matmul milliseconds.
+/// `torch.nn.Linear`, its weight kept as PyTorch lays it out (`[out, in]`). An f16 weight stays
+/// f16 and the kernel widens each value as it loads it; a quantized one is dequantized for
+/// each call (burn's matmul that dequantizes inside the kernel took seconds per call on
+/// lavapipe, dequantize-then-multiply milliseconds).
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
@@ -28,13 +29,13 @@ impl Linear {
     }
 
     pub fn forward_with<const D: usize>(&self, x: Tensor<D>, epilogue: LinearEpilogue<D>) -> Tensor<D> {
-        kernels::linear(x, quant::to_f32(self.weight.clone()), self.bias.clone(), epilogue)
+        kernels::linear(x, quant::for_kernel(self.weight.clone()), self.bias.clone(), epilogue)
     }
 }
 
 /// `torch.nn.Conv2d` with square kernels. The weight is kept as the matrix
-/// `[out, in·k·k]` the kernel reads, quantized (or f16) when stored so, and widened for each
-/// call: only one layer's weight is ever in f32 at a time.
+/// `[out, in·k·k]` the kernel reads, in f16 or quantized when stored so; a quantized one is
+/// dequantized for each call, so only one layer's weight is ever in f32 at a time.
 pub struct Conv2d {
     pub weight: Tensor<2>,
     pub bias: Tensor<1>,
@@ -62,7 +63,7 @@ impl Conv2d {
     }
 
     pub fn forward_with(&self, x: Tensor<4>, epilogue: Conv2dEpilogue) -> Tensor<4> {
-        kernels::conv2d(x, quant::to_f32(self.weight.clone()), self.bias.clone(), self.kernel, self.stride, self.padding, epilogue)
+        kernels::conv2d(x, quant::for_kernel(self.weight.clone()), self.bias.clone(), self.kernel, self.stride, self.padding, epilogue)
     }
 }
 
