@@ -6,6 +6,9 @@ pub enum Error {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+
     #[error("{path}: malformed JSON config: {msg}")]
     Config { path: PathBuf, msg: String },
 
@@ -27,6 +30,11 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// NaN or Inf where a number must be (damaged weights or inputs, an overflow); the text
+    /// says where it appeared. Never shown as a black picture.
+    #[error("non-finite values (NaN or Inf) {0}")]
+    NonFinite(String),
+
     /// A request the model cannot serve (bad size, bad latents shape, ...).
     #[error("{0}")]
     Invalid(String),
@@ -37,5 +45,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+
+    pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Write { path: path.into(), source }
     }
 }

@@ -3,16 +3,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::{self, Img2Img};
 use kiln::pipeline::inpaint::{self, Inpaint};
-use kiln::pipeline::png::{self, GenerationParams};
 use kiln::pipeline::tiles::TileSize;
 use kiln::pipeline::upscale::{self, Upscale};
-use kiln::pipeline::{Denoising, Request, StableDiffusion};
+use kiln::pipeline::{Job, Mode, Request, StableDiffusion};
 use kiln::quant::Format;
 use kiln::schedulers::SchedulerKind;
 use kiln::{Error, Result, npy};
@@ -21,8 +20,10 @@ use kiln::{Error, Result, npy};
 mod cli {
     pub mod bench;
     pub mod download;
+    pub mod output;
 }
 
+use cli::output::Output;
 use cli::{bench, download};
 
 #[derive(Parser)]
@@ -249,17 +250,13 @@ fn pack(model: &Path, out: &Path, format: &str) -> Result<()> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let (width, height) = (args.width, args.height);
-    run(args.common, false, Vec::new(), |pipe, mut request| {
-        request.width = width;
-        request.height = height;
-        pipe.start(request)
-    })
+    run(args.common, Mode::TextToImage, Size { width, height })
 }
 
 fn img2img(args: Img2ImgArgs) -> Result<()> {
     let strength = args.strength.unwrap_or(img2img::DEFAULT_STRENGTH);
-    let input = Img2Img { image: read_image(&args.init_image)?, strength, encode_noise: None };
-    run(args.common, true, input.parameters(), |pipe, request| pipe.start_img2img(request, input))
+    let image = read_image(&args.init_image)?;
+    run(args.common, Mode::ImageToImage(Img2Img { image, strength, encode_noise: None }), Size::default())
 }
 
 fn inpaint(args: InpaintArgs) -> Result<()> {
@@ -271,13 +268,20 @@ fn inpaint(args: InpaintArgs) -> Result<()> {
         image_noise: None,
         masked_image_noise: None,
     };
-    run(args.common, true, input.parameters(), |pipe, request| pipe.start_inpaint(request, input))
+    run(args.common, Mode::Inpaint(input), Size::default())
 }
 
 fn upscale(args: UpscaleArgs) -> Result<()> {
     let tiles = Some(TileSize { size: args.tile, overlap: args.tile_overlap });
     let input = Upscale { image: read_image(&args.image)?, noise_level: args.noise_level, tiles, low_res_noise: None };
-    run(args.common, true, input.parameters(), |pipe, request| pipe.start_upscale(request, input))
+    run(args.common, Mode::Upscale(input), Size::default())
+}
+
+/// Text-to-image's requested size (the editing modes take their image's).
+#[derive(Default)]
+struct Size {
+    width: Option<usize>,
+    height: Option<usize>,
 }
 
 fn read_image(path: &Path) -> Result<Image8> {
@@ -285,13 +289,12 @@ fn read_image(path: &Path) -> Result<Image8> {
     Image8::decode_png(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// Loads the model, starts the run with `start`, reports progress and writes the PNG with its
-/// parameters (`extra`: the mode's own). Without `--seed` a random one is drawn, except for
-/// text-to-image from a latents file, where the seed only feeds ancestral steps.
-fn run(args: CommonArgs, always_seeded: bool, extra: Vec<(&str, String)>, start: impl FnOnce(&StableDiffusion, Request) -> Result<Denoising>) -> Result<()> {
+/// Translates the common arguments, the mode and its size into a [`Job`], runs it with progress on stderr and writes its PNG. Without `--seed` a random
+/// one is drawn, except for text-to-image from a latents file, where nothing needs one.
+fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
+    let out = Output::claim(&args.out)?;
     let kind = args.scheduler.as_deref().map(SchedulerKind::from_name).transpose()?;
     let latents = args.latents.as_deref().map(npy::read).transpose()?;
-    let seed = args.seed.or_else(|| (always_seeded || latents.is_none()).then(random_seed));
 
     let started = Instant::now();
     let device = args.backend.device();
@@ -302,47 +305,44 @@ fn run(args: CommonArgs, always_seeded: bool, extra: Vec<(&str, String)>, start:
     };
     let pipe = StableDiffusion::open(&model, format, &device)?;
     eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
+
+    let needs_seed = !matches!(mode, Mode::TextToImage) || latents.is_none();
+    let seed = args.seed.or_else(|| needs_seed.then(random_seed));
     if let Some(seed) = seed {
         eprintln!("seed {seed}");
     }
-
     let request = Request {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
         steps: args.steps,
         guidance: args.guidance,
         scheduler: kind,
-        seed: seed.unwrap_or(0),
+        width: size.width,
+        height: size.height,
+        seed,
         latents,
-        ..Default::default()
+        step_noise: None,
     };
-    let mut run = start(&pipe, request)?;
-    for warning in &run.warnings {
+    let mut run = pipe.run(Job { request, mode })?;
+    for warning in run.warnings() {
         eprintln!("warning: {warning}");
     }
     let loop_start = Instant::now();
     while !run.finished() {
         run.step(&pipe)?;
+        let probe = run.probe();
+        probe.check(&read_back(probe.tensor.clone())?)?;
         eprintln!("step {}/{} ({:.1}s)", run.done(), run.total(), loop_start.elapsed().as_secs_f64());
     }
-    let image = run.decode(&pipe);
-    let values = image.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("reading the image back failed: {e:?}")))?;
-    let rgb = png::to_rgb8(&values, run.width, run.height);
-    let params = GenerationParams {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
-        steps: run.steps,
-        sampler: run.kind.a1111_name().to_string(),
-        cfg_scale: run.guidance(),
-        seed,
-        width: run.width,
-        height: run.height,
-        model: pipe.name.clone(),
-    };
-    let bytes = png::encode(&rgb, run.width, run.height, &params.a1111_text(&extra))?;
-    std::fs::write(&args.out, bytes).map_err(|e| Error::io(&args.out, e))?;
-    eprintln!("wrote {} ({}x{}) in {:.1}s", args.out.display(), run.width, run.height, started.elapsed().as_secs_f64());
+    let png = run.png(&read_back(run.decode(&pipe))?)?;
+    out.commit(&png)?;
+    let (width, height) = run.size();
+    eprintln!("wrote {} ({width}x{height}) in {:.1}s", args.out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn read_back(values: Tensor<1>) -> Result<Vec<f32>> {
+    values.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("reading the GPU's result back failed: {e:?}")))
 }
 
 /// A seed from the clock, as A1111's "-1" does; it is printed and stored in the PNG.

@@ -67,7 +67,7 @@ pub fn write(path: &Path, array: &Array) -> Result<()> {
     for v in &array.values {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    std::fs::write(path, out).map_err(|e| Error::write(path, e))
 }
 
 #[cfg(test)]

@@ -155,7 +155,7 @@ impl ShardWriter {
     fn close(&mut self) -> Result<()> {
         let path = format!("shard-{:05}.bin", self.shards.len());
         let full = self.dir.join(&path);
-        std::fs::write(&full, &self.current).map_err(|e| Error::io(&full, e))?;
+        std::fs::write(&full, &self.current).map_err(|e| Error::write(&full, e))?;
         self.shards.push(ShardEntry { path, length: self.current.len(), sha256: sha256_hex(&self.current) });
         self.current.clear();
         Ok(())
@@ -167,7 +167,7 @@ pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manife
     if files.read("model_index.json")?.is_none() {
         return Err(Error::Invalid(format!("{} is not a diffusers pipeline: model_index.json is missing", files.name())));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::write(out, e))?;
     let mut embedded = BTreeMap::new();
     for path in TEXT_FILES {
         if files.read(path)?.is_some() {
@@ -200,9 +200,9 @@ pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manife
         tensors,
     };
     let path = out.join(MANIFEST);
-    let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+    let mut file = std::fs::File::create(&path).map_err(|e| Error::write(&path, e))?;
     serde_json::to_writer_pretty(&mut file, &manifest).map_err(|e| Error::Invalid(e.to_string()))?;
-    file.write_all(b"\n").map_err(|e| Error::io(&path, e))?;
+    file.write_all(b"\n").map_err(|e| Error::write(&path, e))?;
     Ok(manifest)
 }
 

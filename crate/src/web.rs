@@ -7,7 +7,7 @@
 //! an input image needs them (`weights::on_demand`).
 use std::collections::HashMap;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
@@ -16,9 +16,8 @@ use crate::files::MemoryFiles;
 use crate::pipeline::image_processor::Image8;
 use crate::pipeline::img2img::{self, Img2Img};
 use crate::pipeline::inpaint::{self, Inpaint};
-use crate::pipeline::png::{self, GenerationParams};
 use crate::pipeline::upscale::{self, Upscale};
-use crate::pipeline::{Denoising, Request, StableDiffusion};
+use crate::pipeline::{Job, Mode, Request, Run, StableDiffusion};
 use crate::schedulers::SchedulerKind;
 use crate::quant::Format;
 use crate::weights::{Uploaded, Weights, safetensors_values};
@@ -71,7 +70,7 @@ fn js_err(e: impl std::fmt::Display) -> JsError {
 #[derive(Deserialize)]
 struct WebRequest {
     #[serde(default)]
-    mode: Mode,
+    mode: WebMode,
     prompt: String,
     #[serde(default)]
     negative_prompt: String,
@@ -90,10 +89,50 @@ struct WebRequest {
     noise_level: Option<usize>,
 }
 
-/// Which pipeline [`Engine::start`] runs.
+impl WebRequest {
+    fn into_job(self) -> Result<Job, JsError> {
+        let mode = match self.mode {
+            WebMode::Txt2img => Mode::TextToImage,
+            WebMode::Img2img => Mode::ImageToImage(Img2Img {
+                image: WebImage::required(self.image, "init image")?,
+                strength: self.strength.unwrap_or(img2img::DEFAULT_STRENGTH),
+                encode_noise: None,
+            }),
+            WebMode::Inpaint => Mode::Inpaint(Inpaint {
+                image: WebImage::required(self.image, "init image")?,
+                mask: WebImage::required(self.mask, "mask")?,
+                mask_blur: self.mask_blur,
+                strength: self.strength.unwrap_or(inpaint::DEFAULT_STRENGTH),
+                image_noise: None,
+                masked_image_noise: None,
+            }),
+            WebMode::Upscale => Mode::Upscale(Upscale {
+                image: WebImage::required(self.image, "image")?,
+                noise_level: self.noise_level.unwrap_or(upscale::DEFAULT_NOISE_LEVEL),
+                tiles: Some(upscale::DEFAULT_TILES),
+                low_res_noise: None,
+            }),
+        };
+        let request = Request {
+            prompt: self.prompt,
+            negative_prompt: self.negative_prompt,
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler.as_deref().map(SchedulerKind::from_name).transpose().map_err(js_err)?,
+            width: self.width,
+            height: self.height,
+            seed: Some(self.seed),
+            latents: None,
+            step_noise: None,
+        };
+        Ok(Job { request, mode })
+    }
+}
+
+/// Which pipeline [`Engine::start`] runs, as the page names it.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-enum Mode {
+enum WebMode {
     #[default]
     Txt2img,
     Img2img,
@@ -148,13 +187,6 @@ struct Started {
     width: usize,
     height: usize,
     warnings: Vec<String>,
-}
-
-struct Run {
-    denoising: Denoising,
-    params: GenerationParams,
-    /// The mode's own parameters (A1111's `Denoising strength` and the like).
-    extra: Vec<(&'static str, String)>,
 }
 
 #[wasm_bindgen]
@@ -270,83 +302,35 @@ impl Engine {
 
     /// Validates the settings, encodes the prompt (and the images) and prepares the noise.
     pub fn start(&mut self, request: JsValue) -> Result<JsValue, JsError> {
+        self.run = None;
         let pipe = self.pipe.as_ref().ok_or_else(|| js_err("no model is loaded"))?;
         let req: WebRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
-        let scheduler = req.scheduler.as_deref().map(SchedulerKind::from_name).transpose().map_err(js_err)?;
-        let request = Request {
-            prompt: req.prompt.clone(),
-            negative_prompt: req.negative_prompt.clone(),
-            steps: req.steps,
-            guidance: req.guidance,
-            scheduler,
-            width: req.width,
-            height: req.height,
-            seed: req.seed,
-            latents: None,
-            step_noise: None,
-        };
-        let (denoising, extra) = match req.mode {
-            Mode::Txt2img => (pipe.start(request), Vec::new()),
-            Mode::Img2img => {
-                let strength = req.strength.unwrap_or(img2img::DEFAULT_STRENGTH);
-                let input = Img2Img { image: WebImage::required(req.image, "init image")?, strength, encode_noise: None };
-                let extra = input.parameters();
-                (pipe.start_img2img(request, input), extra)
-            }
-            Mode::Inpaint => {
-                let input = Inpaint {
-                    image: WebImage::required(req.image, "init image")?,
-                    mask: WebImage::required(req.mask, "mask")?,
-                    mask_blur: req.mask_blur,
-                    strength: req.strength.unwrap_or(inpaint::DEFAULT_STRENGTH),
-                    image_noise: None,
-                    masked_image_noise: None,
-                };
-                let extra = input.parameters();
-                (pipe.start_inpaint(request, input), extra)
-            }
-            Mode::Upscale => {
-                let noise_level = req.noise_level.unwrap_or(upscale::DEFAULT_NOISE_LEVEL);
-                let input = Upscale { image: WebImage::required(req.image, "image")?, noise_level, tiles: Some(upscale::DEFAULT_TILES), low_res_noise: None };
-                let extra = input.parameters();
-                (pipe.start_upscale(request, input), extra)
-            }
-        };
-        let denoising = denoising.map_err(js_err)?;
-        let params = GenerationParams {
-            prompt: req.prompt,
-            negative_prompt: req.negative_prompt,
-            steps: denoising.steps,
-            sampler: denoising.kind.a1111_name().into(),
-            cfg_scale: denoising.guidance(),
-            seed: Some(req.seed),
-            width: denoising.width,
-            height: denoising.height,
-            model: pipe.name.clone(),
-        };
-        let started = Started { total: denoising.total(), width: denoising.width, height: denoising.height, warnings: denoising.warnings.clone() };
-        self.run = Some(Run { denoising, params, extra });
+        let run = pipe.run(req.into_job()?).map_err(js_err)?;
+        let (width, height) = run.size();
+        let started = Started { total: run.total(), width, height, warnings: run.warnings().to_vec() };
+        self.run = Some(run);
         serde_wasm_bindgen::to_value(&started).map_err(js_err)
     }
 
     /// Queues one denoising step; returns how many are done.
     pub fn step(&mut self) -> Result<usize, JsError> {
         let (Some(pipe), Some(run)) = (self.pipe.as_ref(), self.run.as_mut()) else { return Err(js_err("nothing is being generated")) };
-        run.denoising.step(pipe).map_err(js_err)?;
-        Ok(run.denoising.done())
+        run.step(pipe).map_err(js_err)?;
+        Ok(run.done())
     }
 
     pub fn finished(&self) -> bool {
-        self.run.as_ref().is_none_or(|r| r.denoising.finished())
+        self.run.as_ref().is_none_or(Run::finished)
     }
 
-    /// Resolves once the GPU has caught up with the queued steps (a 4-byte readback), so
-    /// progress is real and a cancel lands within one step.
+    /// Resolves once the GPU has caught up with the queued steps (an 8-byte readback), so
+    /// progress is real and a cancel lands within one step; rejects on NaN or Inf.
     pub fn wait(&self) -> js_sys::Promise {
-        let probe = self.run.as_ref().map(|r| r.denoising.latents().flatten::<1>(0, 3).narrow(0, 0, 1));
+        let probe = self.run.as_ref().map(Run::probe);
         wasm_bindgen_futures::future_to_promise(async move {
             if let Some(probe) = probe {
-                probe.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
+                let values = read_back(probe.tensor.clone()).await?;
+                probe.check(&values).map_err(|e| JsValue::from(js_err(e)))?;
             }
             Ok(JsValue::UNDEFINED)
         })
@@ -360,13 +344,10 @@ impl Engine {
     /// Decodes the image and resolves to PNG bytes carrying the generation parameters.
     pub fn finish(&mut self) -> Result<js_sys::Promise, JsError> {
         let (Some(pipe), Some(run)) = (self.pipe.as_ref(), self.run.take()) else { return Err(js_err("nothing is being generated")) };
-        let image = run.denoising.decode(pipe);
-        let (params, extra) = (run.params, run.extra);
+        let image = run.decode(pipe);
         Ok(wasm_bindgen_futures::future_to_promise(async move {
-            let data = image.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
-            let values = data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))?;
-            let rgb = png::to_rgb8(&values, params.width, params.height);
-            let bytes = png::encode(&rgb, params.width, params.height, &params.a1111_text(&extra)).map_err(|e| JsValue::from(js_err(e)))?;
+            let values = read_back(image).await?;
+            let bytes = run.png(&values).map_err(|e| JsValue::from(js_err(e)))?;
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         }))
     }
@@ -416,10 +397,12 @@ impl Bench {
 }
 
 /// Resolves to a tensor's values as a `Float32Array`.
-fn read_f32(tensor: burn::tensor::Tensor<1>) -> js_sys::Promise {
-    wasm_bindgen_futures::future_to_promise(async move {
-        let data = tensor.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
-        let values = data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))?;
-        Ok(js_sys::Float32Array::from(values.as_slice()).into())
-    })
+fn read_f32(tensor: Tensor<1>) -> js_sys::Promise {
+    wasm_bindgen_futures::future_to_promise(async move { Ok(js_sys::Float32Array::from(read_back(tensor).await?.as_slice()).into()) })
+}
+
+/// A tensor's values on the host, once the device has computed them.
+async fn read_back(tensor: Tensor<1>) -> Result<Vec<f32>, JsValue> {
+    let data = tensor.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
+    data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))
 }

@@ -279,9 +279,11 @@ impl Weights {
     }
 }
 
-/// The files a weight file `stem` may be published as, in order of preference.
+/// The files a weight file `stem` may be published as, in order of preference: the fp16
+/// variant first (half the download, and what the engine keeps on a GPU with shader-f16), so
+/// the page and the CLI take the same file from a repo that has both.
 pub fn weight_file_names(stem: &str) -> [String; 2] {
-    [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")]
+    [format!("{stem}.fp16.safetensors"), format!("{stem}.safetensors")]
 }
 
 /// The path and bytes of the first of [`weight_file_names`] that `files` has.
@@ -291,7 +293,8 @@ fn read_weight_file(files: &dyn ModelFiles, stem: &str) -> Result<(String, Vec<u
             return Ok((path, bytes));
         }
     }
-    Err(Error::Invalid(format!("{}: neither {stem}.safetensors nor {stem}.fp16.safetensors exists", files.name())))
+    let [preferred, other] = weight_file_names(stem);
+    Err(Error::Invalid(format!("{}: neither {preferred} nor {other} exists", files.name())))
 }
 
 /// Little-endian F32/F16/BF16 bytes as f32; `None` for other dtypes.

@@ -222,6 +222,52 @@ fn unreadable_inputs_are_reported() {
     fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--latents", latents.to_str().unwrap(), "--out", out], "not a .npy file");
 }
 
+/// NaN or Inf anywhere (given latents, any component's weights) fails the run with a message
+/// that says where, and no picture is written; an unwritable `--out` fails before any work.
+#[test]
+fn non_finite_values_are_reported_not_drawn() {
+    let dir = temp_dir("non-finite");
+    let out = dir.join("x.png");
+    let out_arg = out.to_str().unwrap();
+    let generate = |model: &str, extra: &[&str], needle: &str| {
+        fails_with(&[&["generate", "--model", model, "--prompt", "x", "--steps", "1", "--out", out_arg][..], extra].concat(), needle);
+        assert!(!out.exists(), "no image is written when {needle:?}");
+        assert!(!dir.join(".x.png.partial").exists(), "no partial file is left");
+    };
+    let latents = dir.join("nan.npy");
+    let mut values = vec![0.5f32; 4 * 4 * 4];
+    values[7] = f32::NAN;
+    kiln::npy::write(&latents, &kiln::npy::Array { shape: vec![1, 4, 4, 4], values }).unwrap();
+    generate(&fixture("sd1-tiny"), &["--latents", latents.to_str().unwrap()], "non-finite values (NaN or Inf) in the given initial latents");
+
+    for (file, tensor, needle) in [
+        ("text_encoder/model.safetensors", "text_model.final_layer_norm.bias", "in the text encoder's output"),
+        ("unet/diffusion_pytorch_model.safetensors", "conv_out.bias", "in the latents after UNet step 1/1"),
+        ("vae/diffusion_pytorch_model.safetensors", "decoder.conv_out.bias", "in the VAE's decoded image"),
+    ] {
+        let model = dir.join(format!("poisoned-{}", tensor.replace('.', "-")));
+        copy_dir(&common::fixtures().join("sd1-tiny"), &model);
+        poison(&model.join(file), tensor);
+        generate(model.to_str().unwrap(), &[], needle);
+    }
+
+    let started = std::time::Instant::now();
+    let missing = dir.join("no/such/dir/x.png");
+    fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--out", missing.to_str().unwrap()], "cannot write");
+    assert!(started.elapsed().as_secs() < 5, "a bad --out is refused before the model loads");
+}
+
+/// Sets the first value of the f32 tensor `name` in a safetensors file to NaN.
+fn poison(file: &std::path::Path, name: &str) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = tensors.tensor(name).unwrap();
+    assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+    let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+    bytes[offset..offset + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(file, bytes).unwrap();
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -236,7 +282,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// Serves `root` over HTTP on a free local port (one request per connection, 404 for what is
-/// missing); returns the base URL and the count of requests so far.
+/// missing; a file `P.fault` holding `truncate` or `stall` makes `P` fail so); returns the
+/// base URL and the count of requests so far.
 fn serve(root: PathBuf) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -256,7 +303,20 @@ fn serve(root: PathBuf) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsiz
             }
             let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
             let mut stream = reader.into_inner();
+            let fault = std::fs::read_to_string(root.join(format!("{path}.fault"))).unwrap_or_default();
             let response = match std::fs::read(root.join(&path)) {
+                // Half the file and a closed connection, with no length to tell it is short.
+                Ok(body) if fault == "truncate" => [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec(), body[..body.len() / 2].to_vec()].concat(),
+                // Half the file, then silence on an open connection.
+                Ok(body) if fault == "stall" => {
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                    stream.write_all(&[head, body[..body.len() / 2].to_vec()].concat()).ok();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(std::time::Duration::from_secs(60));
+                        drop(stream);
+                    });
+                    continue;
+                }
                 Ok(body) => [format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).into_bytes(), body].concat(),
                 Err(_) => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
             };
@@ -308,8 +368,9 @@ fn packages_generate_from_a_folder_and_a_url() {
     assert!(cached.is_empty(), "damaged shard cached: {cached:?}");
 }
 
-/// A diffusers repo by URL: an error page where a config should be is refused and not cached;
-/// once every file is cached, later runs ask the host nothing.
+/// A diffusers repo by URL: an error page where a config should be, a weight file cut short
+/// and a stalled host are refused and not cached; once every file is cached, later runs ask
+/// the host nothing.
 #[test]
 fn repos_by_url_are_checked_and_fetched_once() {
     let dir = temp_dir("repo-url");
@@ -332,6 +393,23 @@ fn repos_by_url_are_checked_and_fetched_once() {
     assert!(!walk(&cache).iter().any(|p| p.ends_with("unet/config.json")), "the error page was cached");
 
     std::fs::copy(common::fixtures().join("sd1-tiny/unet/config.json"), served.join("unet/config.json")).unwrap();
+
+    // A weight file cut short without a length, then one that stalls: refused, named, not kept.
+    let weights = "unet/diffusion_pytorch_model.safetensors";
+    let fault = served.join(format!("{weights}.fault"));
+    for (kind, needle) in [("truncate", "the host cut it short"), ("stall", "the host sent nothing for 1 s")] {
+        std::fs::write(&fault, kind).unwrap();
+        let failed = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["generate", "--model", &url, "--prompt", "x", "--steps", "1", "--out", out.to_str().unwrap()])
+            .env("XDG_CACHE_HOME", &cache)
+            .env("KILN_STALL_SECONDS", "1")
+            .output()
+            .expect("kiln runs");
+        assert_eq!(failed.status.code(), Some(2), "{kind}: {}", stderr(&failed));
+        assert!(stderr(&failed).contains(weights) && stderr(&failed).contains(needle), "{kind}: {}", stderr(&failed));
+        assert!(!walk(&cache).iter().any(|p| p.ends_with(weights)), "{kind}: the partial weights were cached");
+    }
+    std::fs::remove_file(&fault).unwrap();
     assert!(run().status.success());
     let asked = requests.load(std::sync::atomic::Ordering::SeqCst);
     let again = run();

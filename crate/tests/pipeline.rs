@@ -40,7 +40,7 @@ fn seeded_latents_are_identical_across_runs_and_backends() {
     let model = common::fixtures().join("sd1-tiny");
     let latents_on = |device: &Device, seed: u64| -> Vec<f32> {
         let pipe = StableDiffusion::open(&model, None, device).expect("fixture loads");
-        let run = pipe.start(Request { prompt: "a seed".into(), seed, steps: Some(1), ..Default::default() }).expect("start");
+        let run = pipe.start(Request { prompt: "a seed".into(), seed: Some(seed), steps: Some(1), ..Default::default() }).expect("start");
         run.latents().into_data().try_to_vec::<f32>().expect("values")
     };
     let first = latents_on(&common::wgpu(), 1234);

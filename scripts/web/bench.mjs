@@ -2,7 +2,10 @@
 // has), Kiln natively (`kiln bench`), and ONNX Runtime Web on the same UNet, all in one run.
 // Prints one JSON object, then a short table.
 //
-//   node scripts/web/bench.mjs [--models sd1-tiny,sd15,sd-turbo] [--size 64] [--batch 2] [--iters 3]
+//   node scripts/web/bench.mjs [--models sd1-tiny,sd15,sd-turbo] [--size 64] [--batch 2] [--iters 3] [--profile]
+//
+// --profile also records a CPU profile (Chrome DevTools Protocol) of the page while Kiln's
+// WebGPU figures are taken, and reports the functions with the most time of their own.
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync } from "node:fs";
 import { mkdtemp } from "node:fs/promises";
@@ -19,6 +22,7 @@ const { values: opts } = parseArgs({
     size: { type: "string", default: "64" },
     batch: { type: "string", default: "2" },
     iters: { type: "string", default: "3" },
+    profile: { type: "boolean", default: false },
   },
 });
 const [size, batch, iters] = [opts.size, opts.batch, opts.iters].map(Number);
@@ -53,8 +57,22 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--enable-unsafe-webgpu"],
 });
 
-/** Runs `fn(arg)` in a fresh page (one engine per page: the wasm module holds one device). */
-async function inPage(fn, arg) {
+/** Self time per function in a CDP profile: the top `n`, as shares of all samples. */
+function topFunctions(profile, n = 12) {
+  const byNode = new Map(profile.nodes.map((node) => [node.id, node]));
+  const self = new Map();
+  profile.samples.forEach((id, i) => {
+    const { functionName, url } = byNode.get(id).callFrame;
+    const name = `${functionName || "(anonymous)"}${url ? ` ${url.split("/").pop()}` : ""}`;
+    self.set(name, (self.get(name) ?? 0) + (profile.timeDeltas[i] ?? 0));
+  });
+  const total = [...self.values()].reduce((a, b) => a + b, 0);
+  return [...self].sort((a, b) => b[1] - a[1]).slice(0, n).map(([name, us]) => ({ name, share: +(us / total).toFixed(3), ms: +(us / 1000).toFixed(1) }));
+}
+
+/** Runs `fn(arg)` in a fresh page (one engine per page: the wasm module holds one device),
+ * under the CPU profiler when `profiled`. */
+async function inPage(fn, arg, profiled = false) {
   const tab = await browser.newPage();
   tab.on("pageerror", (e) => console.error(`[page] ${e.message}`));
   await tab.goto(`${page.url}/`);
@@ -63,8 +81,12 @@ async function inPage(fn, arg) {
     const a = await navigator.gpu?.requestAdapter();
     return a ? `${a.info.vendor} ${a.info.architecture} ${a.info.description}`.trim() || "unknown" : "none";
   });
+  const cdp = profiled ? await tab.context().newCDPSession(tab) : null;
+  if (cdp) await Promise.all([cdp.send("Profiler.enable"), cdp.send("Profiler.setSamplingInterval", { interval: 200 })]).then(() => cdp.send("Profiler.start"));
   try {
-    return { adapter, ...(await tab.evaluate(fn, arg)) };
+    const figures = await tab.evaluate(fn, arg);
+    if (cdp) figures.profile_top_self_time = topFunctions((await cdp.send("Profiler.stop")).profile);
+    return { adapter, ...figures };
   } finally {
     await tab.close();
   }
@@ -89,7 +111,7 @@ const results = [];
 for (const model of models) {
   const entry = { model, native: native(model) };
   const modelArg = isFolder(model) ? `${hub.url}/${model}` : model;
-  const { inputs, output, ...browserFigures } = await inPage((o) => self.kiln(o), { model: modelArg, backend: "webgpu", size, batch, iters });
+  const { inputs, output, ...browserFigures } = await inPage((o) => self.kiln(o), { model: modelArg, backend: "webgpu", size, batch, iters }, opts.profile);
   entry.browser = browserFigures;
   entry.browser_over_native = browserFigures.unet_ms_per_call / entry.native.unet_ms_per_call;
   if (isFolder(model)) {
@@ -114,9 +136,9 @@ await Promise.all([page.close(), hub.close(), onnxServer.close()]);
 
 console.log(JSON.stringify(report, null, 1));
 const ms = (v) => (v === undefined ? "–" : v.toFixed(1));
-console.log(`\nms per UNet call (batch ${batch}, ${size}²) | Kiln page WebGPU | ORT-web WebGPU | Kiln page CPU | ORT-web wasm | Kiln native | dispatches (Kiln / ORT)`);
+console.log(`\nms per UNet call (batch ${batch}, ${size}²) | Kiln page WebGPU | ORT-web WebGPU | Kiln page CPU | ORT-web wasm | Kiln native | dispatches (Kiln / ORT) | Kiln submits`);
 for (const r of results) {
   const o = r.onnxruntime_web;
   const cells = [r.browser.unet_ms_per_call, o?.webgpu.unet_ms_per_call, r.browser_cpu?.unet_ms_per_call, o?.wasm.unet_ms_per_call, r.native.unet_ms_per_call].map(ms);
-  console.log(`${r.model} | ${cells.join(" | ")} | ${r.browser.dispatches_per_unet_call} / ${o?.webgpu.dispatches_per_unet_call ?? "–"}`);
+  console.log(`${r.model} | ${cells.join(" | ")} | ${r.browser.dispatches_per_unet_call} / ${o?.webgpu.dispatches_per_unet_call ?? "–"} | ${r.browser.submits_per_unet_call}`);
 }

@@ -2,9 +2,15 @@
 //! repo (`…/resolve/main` on the Hugging Face hub, or any static host with the same layout).
 //! Files land in a cache folder under their repo paths, each streamed to `*.part` and renamed
 //! only when complete and checked (package shards: their SHA-256; JSON files: that they parse),
-//! so an interrupted download or an error page is never mistaken for a finished file. Once
-//! every file is there, a marker says so and later runs need no network at all.
+//! so an interrupted download or an error page is never mistaken for a finished file; weight
+//! files must be as long as their safetensors header says, which catches a body cut short by a
+//! host that sent no length. A host that stops sending is given up on after [`stall_limit`].
+//! Once every file is there, a marker says so and later runs need no network at all.
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use kiln::package::{self, Manifest, TEXT_FILES, WEIGHT_STEMS};
 use kiln::weights::weight_file_names;
@@ -25,9 +31,18 @@ fn cache_dir(url: &str) -> PathBuf {
     dir
 }
 
+/// How long a host may send nothing (to connect, to answer, in the middle of a body) before
+/// the download fails: 30 s, or `KILN_STALL_SECONDS` (the tests' stalled host).
+fn stall_limit() -> Duration {
+    let seconds = std::env::var("KILN_STALL_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    Duration::from_secs(seconds)
+}
+
 /// The body of `url`, `None` on 404.
 fn get(url: &str) -> Result<Option<ureq::Body>> {
-    match ureq::get(url).call() {
+    let limit = Some(stall_limit());
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_connect(limit).timeout_recv_response(limit).build().into();
+    match agent.get(url).call() {
         Ok(response) => Ok(Some(response.into_body())),
         Err(ureq::Error::StatusCode(404)) => Ok(None),
         Err(e) => Err(Error::Invalid(format!("{url}: {e}"))),
@@ -35,7 +50,7 @@ fn get(url: &str) -> Result<Option<ureq::Body>> {
 }
 
 /// Downloads `base/path` into `dir/path` unless it is there, streaming it to disk; a path
-/// ending in `.json` must parse, and `check` vets the file's bytes (when given) before they
+/// ending in `.json` must parse, one ending in `.safetensors` must be whole, and `check` vets the file's bytes (when given) before they
 /// count as cached. Returns whether the file exists upstream.
 fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Result<()>>) -> Result<bool> {
     let target = dir.join(path);
@@ -46,19 +61,19 @@ fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Res
     let Some(body) = get(&url)? else { return Ok(false) };
     eprintln!("downloading {url}");
     let parent = target.parent().expect("a file path");
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    std::fs::create_dir_all(parent).map_err(|e| Error::write(parent, e))?;
     let part = target.with_extension("part");
-    let mut file = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
-    // The reader fails when the connection closes before the stated length.
-    std::io::copy(&mut body.into_reader(), &mut file).map_err(|e| Error::Invalid(format!("{url}: {e}")))?;
-    file.sync_all().map_err(|e| Error::io(&part, e))?;
-    let is_json = path.ends_with(".json");
+    let file = std::fs::File::create(&part).map_err(|e| Error::write(&part, e))?;
+    copy_watched(body, file, &url)?;
     let vetted = || -> Result<()> {
-        if !is_json && check.is_none() {
+        if path.ends_with(".safetensors") {
+            return check_length(&part);
+        }
+        if !path.ends_with(".json") && check.is_none() {
             return Ok(());
         }
         let bytes = std::fs::read(&part).map_err(|e| Error::io(&part, e))?;
-        if is_json {
+        if path.ends_with(".json") {
             serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| Error::Invalid(format!("not JSON ({e}); the host answered with something else")))?;
         }
         check.map_or(Ok(()), |check| check(&bytes))
@@ -67,8 +82,65 @@ fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Res
         let _ = std::fs::remove_file(&part);
         return Err(Error::Invalid(format!("{url}: {e}")));
     }
-    std::fs::rename(&part, &target).map_err(|e| Error::io(&target, e))?;
+    std::fs::rename(&part, &target).map_err(|e| Error::write(&target, e))?;
     Ok(true)
+}
+
+/// Streams `body` into `file` on a thread of its own, failing when no byte has arrived for
+/// [`stall_limit`] (a blocked read cannot be interrupted; the command exits soon after).
+fn copy_watched(body: ureq::Body, mut file: std::fs::File, url: &str) -> Result<()> {
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let copy = std::thread::spawn(move || -> std::io::Result<()> {
+        // The reader fails when the connection closes before a stated length.
+        let (mut reader, mut buffer) = (body.into_reader(), vec![0u8; 1 << 16]);
+        loop {
+            let n = reader.read(&mut buffer)?;
+            if n == 0 {
+                return file.sync_all();
+            }
+            file.write_all(&buffer[..n])?;
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    });
+    let limit = stall_limit();
+    let (mut seen, mut since) = (0, Instant::now());
+    while !copy.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = received.load(Ordering::Relaxed);
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        } else if since.elapsed() > limit {
+            return Err(Error::Invalid(format!(
+                "{url}: the host sent nothing for {} s after {seen} bytes; check the connection and run again (the download resumes from the start of this file)",
+                limit.as_secs()
+            )));
+        }
+    }
+    copy.join().expect("the copy does not panic").map_err(|e| Error::Invalid(format!("{url}: {e}")))
+}
+
+/// A safetensors file must be exactly as long as its header says (8 bytes of length, the
+/// header, then the data up to its last tensor's end).
+fn check_length(path: &Path) -> Result<()> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let bad = |why: String| Error::Invalid(format!("not a complete safetensors file: {why}"));
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|_| bad(format!("only {size} bytes")))?;
+    let n = u64::from_le_bytes(n);
+    if n > size.saturating_sub(8) {
+        return Err(bad(format!("its header claims {n} bytes, the file has {size}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not JSON ({e})")))?;
+    let data_end = header.values().filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0);
+    let expected = 8 + n + data_end;
+    if size != expected {
+        return Err(bad(format!("{size} bytes arrived of the {expected} its header describes; the host cut it short")));
+    }
+    Ok(())
 }
 
 /// Written once every file of the model is cached, so later runs ask the host nothing.
@@ -93,12 +165,12 @@ pub fn model(url: &str) -> Result<PathBuf> {
             fetch(base, &dir, path, None)?;
         }
         for stem in WEIGHT_STEMS {
-            let [full, half] = weight_file_names(stem);
-            if !fetch(base, &dir, &full, None)? && !fetch(base, &dir, &half, None)? {
-                return Err(Error::Invalid(format!("{base}: neither {full} nor {half} exists")));
+            let [preferred, other] = weight_file_names(stem);
+            if !fetch(base, &dir, &preferred, None)? && !fetch(base, &dir, &other, None)? {
+                return Err(Error::Invalid(format!("{base}: neither {preferred} nor {other} exists")));
             }
         }
     }
-    std::fs::write(dir.join(COMPLETE), b"").map_err(|e| Error::io(&dir.join(COMPLETE), e))?;
+    std::fs::write(dir.join(COMPLETE), b"").map_err(|e| Error::write(&dir.join(COMPLETE), e))?;
     Ok(dir)
 }

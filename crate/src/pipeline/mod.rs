@@ -5,10 +5,13 @@
 pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
+pub mod job;
 pub mod png;
 pub mod rng;
 pub mod tiles;
 pub mod upscale;
+
+pub use job::{Job, Mode, Probe, Run};
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -66,7 +69,9 @@ pub struct Request {
     pub scheduler: Option<SchedulerKind>,
     pub width: Option<usize>,
     pub height: Option<usize>,
-    pub seed: u64,
+    /// Seeds every noise draw; `None` only when `latents` are given and nothing else is drawn
+    /// (the PNG then records no seed; draws that happen anyway use 0).
+    pub seed: Option<u64>,
     /// Initial noise `[1, C, H/f, W/f]`, unscaled standard normal, instead of the seed's;
     /// its shape sets the size when width or height is not given.
     pub latents: Option<crate::npy::Array>,
@@ -260,7 +265,7 @@ impl StableDiffusion {
         // diffusers guides only above 1; SD-Turbo and LCM run at 0 or 1 with one UNet pass.
         let guided = guidance > 1.0;
         let (context, warnings) = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
-        Ok(Setup { scheduler, kind, steps, guidance, guided, context, warnings, rng: NormalRng::new(req.seed), device: self.device.clone() })
+        Ok(Setup { scheduler, kind, steps, guidance, guided, context, warnings, rng: NormalRng::new(req.seed.unwrap_or(0)), device: self.device.clone() })
     }
 
     /// Encodes `image` `[1, 3, H, W]` in [-1, 1] to scaled latents as diffusers'
@@ -311,6 +316,7 @@ impl Setup {
     /// the seed's next ones. `what` names them in errors.
     fn normals(&mut self, given: Option<crate::npy::Array>, shape: [usize; 4], what: &str) -> Result<Tensor<4>> {
         let values = match given {
+            Some(given) if given.values.iter().any(|v| !v.is_finite()) => return Err(Error::NonFinite(format!("in the given {what}"))),
             Some(given) if given.shape == shape => given.values,
             Some(given) => return Err(Error::Invalid(format!("{what} have shape {:?}; this image needs {shape:?}", given.shape))),
             None => self.rng.normals(shape.iter().product()),
@@ -472,7 +478,8 @@ impl Denoising {
         self.latents.clone()
     }
 
-    /// Decodes the latents to an image `[1, 3, H, W]` in [0, 1], still on the device.
+    /// Decodes the latents to an image `[1, 3, H, W]` mapped to [0, 1] (not yet clamped, so
+    /// NaN and Inf stay visible), still on the device.
     pub fn decode(&self, pipe: &StableDiffusion) -> Tensor<4> {
         decode_latents(&pipe.vae, self.latents.clone(), self.conditioning.tiles.as_ref())
     }
@@ -491,7 +498,8 @@ pub fn predict(unet: &UNet2DConditionModel, input: Tensor<4>, t: f64, context: &
     uncond.clone() + (cond - uncond).mul_scalar(guidance)
 }
 
-/// Scaled latents to an image `[1, 3, H, W]` in [0, 1]: decoded in `tiles` (the upscaler's), else
+/// Scaled latents to an image `[1, 3, H, W]` mapped to [0, 1], unclamped ([`png::to_rgb8`]
+/// clamps): decoded in `tiles` (the upscaler's), else
 /// in windows when the image is too large to decode at once, else whole.
 pub fn decode_latents(vae: &AutoencoderKL, latents: Tensor<4>, tiles: Option<&tiles::Tiles>) -> Tensor<4> {
     let latents = latents.div_scalar(vae.config.scaling_factor);
@@ -501,5 +509,5 @@ pub fn decode_latents(vae: &AutoencoderKL, latents: Tensor<4>, tiles: Option<&ti
         Some(tiles) => tiles.decode(latents, vae.config.scale_factor(), |window| vae.decode(window)),
         None => vae.decode(latents),
     };
-    (image.div_scalar(2.0).add_scalar(0.5)).clamp(0.0, 1.0)
+    image.div_scalar(2.0).add_scalar(0.5)
 }

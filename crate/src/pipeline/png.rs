@@ -42,14 +42,14 @@ fn quote(value: &str) -> String {
     if value.contains([',', ':', '\n']) { serde_json::Value::from(value).to_string() } else { value.to_owned() }
 }
 
-/// `[3, H, W]` values already mapped to [0, 1] → interleaved RGB bytes, rounding half
-/// to even like numpy's `(x * 255).round()`.
+/// `[3, H, W]` values mapped to [0, 1] → interleaved RGB bytes, clamped and rounded half to
+/// even as diffusers' `(x.clamp(0, 1) * 255).round()`.
 pub fn to_rgb8(chw: &[f32], width: usize, height: usize) -> Vec<u8> {
     let plane = width * height;
     let mut out = Vec::with_capacity(plane * 3);
     for i in 0..plane {
         for c in 0..3 {
-            out.push((chw[c * plane + i] * 255.0).round_ties_even() as u8);
+            out.push((chw[c * plane + i].clamp(0.0, 1.0) * 255.0).round_ties_even() as u8);
         }
     }
     out

@@ -125,7 +125,7 @@ pub fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
         scheduler: Some(SchedulerKind::from_name(&case.scheduler).expect("scheduler name")),
         width: Some(case.width),
         height: Some(case.height),
-        seed: 0,
+        seed: Some(0),
         latents: Some(npy::read(&dir.join(&case.latents)).expect("latents")),
         step_noise,
     };

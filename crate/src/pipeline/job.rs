@@ -1,0 +1,142 @@
+//! The one path from a request to a PNG, which the CLI and the browser both translate into:
+//! a [`Job`] says what to run, a [`Run`] steps it, reports progress and finishes into the
+//! PNG with its `parameters` text. Cancelling is dropping the run.
+use burn::tensor::Tensor;
+
+use super::img2img::Img2Img;
+use super::inpaint::Inpaint;
+use super::png::{self, GenerationParams};
+use super::upscale::Upscale;
+use super::{Denoising, Request, StableDiffusion};
+use crate::error::{Error, Result};
+
+/// Which pipeline runs, with the inputs it adds to the [`Request`].
+pub enum Mode {
+    TextToImage,
+    ImageToImage(Img2Img),
+    Inpaint(Inpaint),
+    Upscale(Upscale),
+}
+
+/// What to run.
+pub struct Job {
+    pub request: Request,
+    pub mode: Mode,
+}
+
+/// A job in progress: [`Run::step`] until [`Run::finished`], then [`Run::decode`] and, once
+/// the caller has the pixels on the host, [`Run::png`].
+pub struct Run {
+    denoising: Denoising,
+    params: GenerationParams,
+    /// The mode's own settings for the PNG (A1111's `Denoising strength` and the like).
+    extra: Vec<(&'static str, String)>,
+}
+
+impl StableDiffusion {
+    /// Validates the job, encodes its prompt (and images) and prepares the noise.
+    pub fn run(&self, job: Job) -> Result<Run> {
+        let Job { request, mode } = job;
+        let (prompt, negative_prompt, seed) = (request.prompt.clone(), request.negative_prompt.clone(), request.seed);
+        let (denoising, extra) = match mode {
+            Mode::TextToImage => (self.start(request)?, Vec::new()),
+            Mode::ImageToImage(input) => {
+                let extra = input.parameters();
+                (self.start_img2img(request, input)?, extra)
+            }
+            Mode::Inpaint(input) => {
+                let extra = input.parameters();
+                (self.start_inpaint(request, input)?, extra)
+            }
+            Mode::Upscale(input) => {
+                let extra = input.parameters();
+                (self.start_upscale(request, input)?, extra)
+            }
+        };
+        let params = GenerationParams {
+            prompt,
+            negative_prompt,
+            steps: denoising.steps,
+            sampler: denoising.kind.a1111_name().to_string(),
+            cfg_scale: denoising.guidance(),
+            seed,
+            width: denoising.width,
+            height: denoising.height,
+            model: self.name.clone(),
+        };
+        Ok(Run { denoising, params, extra })
+    }
+}
+
+impl Run {
+    /// Runs one UNet call and scheduler update (none once finished); nothing is read back.
+    pub fn step(&mut self, pipe: &StableDiffusion) -> Result<()> {
+        self.denoising.step(pipe)
+    }
+
+    /// UNet calls made so far.
+    pub fn done(&self) -> usize {
+        self.denoising.done()
+    }
+
+    /// UNet calls in total (PNDM makes one more than the step count).
+    pub fn total(&self) -> usize {
+        self.denoising.total()
+    }
+
+    pub fn finished(&self) -> bool {
+        self.denoising.finished()
+    }
+
+    /// Messages for the user (e.g. a truncated prompt).
+    pub fn warnings(&self) -> &[String] {
+        &self.denoising.warnings
+    }
+
+    /// The image's width and height.
+    pub fn size(&self) -> (usize, usize) {
+        (self.params.width, self.params.height)
+    }
+
+    /// The sums of the latents and of the text states, to read back after a step: waiting for
+    /// these 8 bytes makes progress real and lets a cancel land within a step, and any NaN or
+    /// Inf in either makes its sum non-finite ([`Probe::check`]).
+    pub fn probe(&self) -> Probe {
+        let d = &self.denoising;
+        Probe { tensor: Tensor::cat(vec![d.latents.clone().sum(), d.context.clone().sum()], 0), done: self.done(), total: self.total() }
+    }
+
+    /// Decodes the latents into `[3·H·W]` values in [0, 1], still on the device; read them
+    /// back and give them to [`Run::png`].
+    pub fn decode(&self, pipe: &StableDiffusion) -> Tensor<1> {
+        self.denoising.decode(pipe).flatten::<1>(0, 3)
+    }
+
+    /// The PNG of the decoded `values`, its `parameters` text saying how it was made.
+    pub fn png(&self, values: &[f32]) -> Result<Vec<u8>> {
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite("in the VAE's decoded image".into()));
+        }
+        let (width, height) = self.size();
+        let rgb = png::to_rgb8(values, width, height);
+        png::encode(&rgb, width, height, &self.params.a1111_text(&self.extra))
+    }
+}
+
+/// What [`Run::probe`] gives: a tensor to read back, and the step it follows.
+pub struct Probe {
+    pub tensor: Tensor<1>,
+    done: usize,
+    total: usize,
+}
+
+impl Probe {
+    /// Fails when the `values` read back from [`Probe::tensor`] are not finite, naming where.
+    pub fn check(&self, values: &[f32]) -> Result<()> {
+        match values {
+            [_, context] if !context.is_finite() => Err(Error::NonFinite("in the text encoder's output".into())),
+            [latents, _] if !latents.is_finite() => Err(Error::NonFinite(format!("in the latents after UNet step {}/{}", self.done, self.total))),
+            _ => Ok(()),
+        }
+    }
+}
