@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::{self, Img2Img};
+use kiln::pipeline::infotext::{self, Infotext};
 use kiln::pipeline::inpaint::{self, Inpaint};
 use kiln::pipeline::tiles::TileSize;
 use kiln::pipeline::upscale::{self, Upscale};
@@ -74,6 +75,14 @@ enum Command {
         /// f32, f16, q8 or q4 (per-block symmetric; norms, biases, embeddings and the outermost convolutions stay f16).
         #[arg(long, default_value = "q8")]
         format: String,
+    },
+    /// Print the generation parameters a PNG carries (made by Kiln or Automatic1111).
+    Info {
+        file: PathBuf,
+        /// One JSON object: `prompt`, `negative_prompt`, and every settings field under its own
+        /// name (`Steps`, `Sampler`, `CFG scale`, `Seed`, `Size`, …), values as strings as written.
+        #[arg(long)]
+        json: bool,
     },
     /// Time full-size SD 1.5 / SD-Turbo with random weights (no download); prints JSON.
     Bench {
@@ -208,6 +217,7 @@ fn main() -> ExitCode {
         Command::Inpaint(args) => inpaint(args),
         Command::Upscale(args) => upscale(args),
         Command::Pack { model, out, format } => pack(&model, &out, &format),
+        Command::Info { file, json } => info(&file, json),
         Command::Bench { model, size, batch, iters, backend, formats, steps, outputs } => {
             let report = if formats.is_empty() {
                 bench::run(&backend.device(), &bench::BenchArgs { models: vec![model], size, batch, iters })
@@ -229,6 +239,28 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn info(file: &Path, json: bool) -> Result<()> {
+    let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+    let text = infotext::read_png(&bytes)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", file.display())))?
+        .ok_or_else(|| Error::Invalid(format!("{}: the PNG has no `parameters` text (Kiln and Automatic1111 write one)", file.display())))?;
+    let info = Infotext::parse(&text);
+    if json {
+        let mut object = serde_json::Map::new();
+        object.insert("prompt".into(), info.prompt.into());
+        object.insert("negative_prompt".into(), info.negative_prompt.into());
+        object.extend(info.fields.into_iter().map(|(k, v)| (k, v.into())));
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        println!("Prompt: {}", info.prompt);
+        println!("Negative prompt: {}", info.negative_prompt);
+        for (name, value) in info.fields {
+            println!("{name}: {value}");
+        }
+    }
+    Ok(())
 }
 
 fn pack(model: &Path, out: &Path, format: &str) -> Result<()> {

@@ -268,6 +268,30 @@ fn poison(file: &std::path::Path, name: &str) {
     std::fs::write(file, bytes).unwrap();
 }
 
+/// `kiln info` prints a PNG's parameters; `--json` gives one object with every field as written.
+#[test]
+fn info_reads_a1111_parameters() {
+    let dir = temp_dir("info");
+    let file = dir.join("a1111.png");
+    let text = "a castle, (detailed:1.2)\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x768, \
+                Model hash: abc123, Denoising strength: 0.75, Lora hashes: \"detail: 0a1b, style: 2c3d\"";
+    std::fs::write(&file, kiln::pipeline::png::encode(&[0; 3], 1, 1, text).unwrap()).unwrap();
+    let out = kiln(&["info", file.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let expected = serde_json::json!({
+        "prompt": "a castle, (detailed:1.2)", "negative_prompt": "blurry", "Steps": "20", "Sampler": "DPM++ 2M Karras",
+        "CFG scale": "7", "Seed": "1234", "Size": "512x768", "Model hash": "abc123", "Denoising strength": "0.75",
+        "Lora hashes": "detail: 0a1b, style: 2c3d",
+    });
+    assert_eq!(json, expected);
+    let plain = kiln(&["info", file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("Sampler: DPM++ 2M Karras\n"));
+
+    fails_with(&["info", &fixture("editing/init.png"), "--json"], "no `parameters` text");
+    fails_with(&["info", dir.join("missing.png").to_str().unwrap()], "cannot read");
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -17,7 +17,7 @@ pub struct Image8 {
 }
 
 /// The largest input image read (a photo to be scaled down may exceed what the GPU holds).
-const MAX_PIXELS: u64 = 64_000_000;
+pub(super) const MAX_PIXELS: u64 = 64_000_000;
 
 impl Image8 {
     /// Decodes a PNG of any colour type. Palettes are expanded, 16-bit samples keep their high

@@ -4,6 +4,7 @@
 //! the same [`Denoising`] loop.
 pub mod image_processor;
 pub mod img2img;
+pub mod infotext;
 pub mod inpaint;
 pub mod job;
 pub mod png;
