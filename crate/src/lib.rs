@@ -6,6 +6,7 @@ pub mod bench;
 pub mod error;
 pub mod files;
 pub mod kernels;
+pub mod layout;
 pub mod model;
 pub mod npy;
 pub mod package;

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::files::{MemoryFiles, ModelFiles};
+use crate::layout::{WEIGHT_STEMS, text_files};
 use crate::quant::{BLOCK, Format};
 use crate::weights::{Uploaded, Weights, for_each_tensor};
 
@@ -26,24 +27,6 @@ pub const MANIFEST: &str = "manifest.json";
 pub const VERSION: u32 = 1;
 /// Shard length: small enough for one fetch and one IndexedDB record.
 pub const SHARD_SIZE: usize = 64 << 20;
-
-/// The text files of a pipeline the engine reads (those a repo has are embedded).
-pub const TEXT_FILES: [&str; 11] = [
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "unet/config.json",
-    "vae/config.json",
-    "low_res_scheduler/scheduler_config.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-];
-
-/// The weight files of a pipeline, without extension.
-pub const WEIGHT_STEMS: [&str; 3] = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
@@ -169,7 +152,7 @@ pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manife
     }
     std::fs::create_dir_all(out).map_err(|e| Error::write(out, e))?;
     let mut embedded = BTreeMap::new();
-    for path in TEXT_FILES {
+    for path in text_files() {
         if files.read(path)?.is_some() {
             embedded.insert(path.to_owned(), files.require_text(path)?);
         }

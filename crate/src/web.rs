@@ -62,6 +62,13 @@ impl log::Log for ConsoleLog {
     fn flush(&self) {}
 }
 
+/// The engine's facts about a model's files and the settings' defaults and limits
+/// ([`crate::layout::Layout`]): the page's only source of them.
+#[wasm_bindgen]
+pub fn layout() -> Result<JsValue, JsError> {
+    serde_wasm_bindgen::to_value(&crate::layout::Layout::get()).map_err(js_err)
+}
+
 fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
@@ -178,7 +185,6 @@ struct ModelInfo {
     size_multiple: usize,
     /// `None` when the model's own scheduler is not one the engine has.
     default_scheduler: Option<String>,
-    schedulers: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -282,7 +288,6 @@ impl Engine {
             default_size: pipe.default_size(),
             size_multiple: pipe.size_multiple(),
             default_scheduler: pipe.default_scheduler().ok().map(|k| k.name().to_string()),
-            schedulers: SchedulerKind::ALL.iter().map(|k| k.name()).collect(),
         };
         self.pipe = Some(pipe);
         serde_wasm_bindgen::to_value(&info).map_err(js_err)

@@ -30,7 +30,7 @@ fn loaded_packages_equal_the_dequantized_originals() {
     let device = Device::flex();
     let source = Folder(common::fixtures().join("sd1-tiny"));
     let mut originals = HashMap::new();
-    for stem in package::WEIGHT_STEMS {
+    for stem in kiln::layout::WEIGHT_STEMS {
         weights::for_each_tensor(&source, stem, |name, _, _, values| {
             originals.insert((stem.to_owned(), name.to_owned()), values);
             Ok(())

@@ -55,7 +55,7 @@ fn seeded_latents_are_identical_across_runs_and_backends() {
 fn inconsistent_configs_are_refused_at_load() {
     let dir = common::fixtures().join("sd1-tiny");
     // The fixture's files as the engine reads them (those it has).
-    let paths = kiln::package::TEXT_FILES.map(String::from).into_iter().chain(kiln::package::WEIGHT_STEMS.map(|s| format!("{s}.safetensors")));
+    let paths = kiln::layout::text_files().map(String::from).chain(kiln::layout::WEIGHT_STEMS.map(|s| format!("{s}.safetensors")));
     let files: std::collections::HashMap<String, Vec<u8>> = paths.filter_map(|path| Some((path.clone(), std::fs::read(dir.join(&path)).ok()?))).collect();
     let cases = [
         ("vae/config.json", "norm_num_groups", 5, "do not split into norm_num_groups=5"),

@@ -2,6 +2,7 @@
 // browser, on the same inputs. scripts/web/bench.mjs bundles it, serves it and drives it.
 import init, { Bench, Engine } from "kiln-wasm";
 import * as ort from "onnxruntime-web/webgpu";
+import { LAYOUT } from "../../web/src/model";
 import { headerLength, parseHeader } from "../../web/src/safetensors";
 
 /** GPU work counted around each call: compute dispatches and queue submits. */
@@ -32,14 +33,14 @@ async function time(iters: number, call: () => Promise<unknown>) {
 
 /** A pipeline folder served at `base`, uploaded as the app's worker does. */
 async function loadFolder(engine: Engine, base: string): Promise<void> {
-  const configs = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"];
-  const tokenizer = ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"].map((f) => `tokenizer/${f}`);
-  for (const path of [...configs, ...tokenizer]) {
+  for (const path of [...LAYOUT.required_files, ...LAYOUT.optional_files]) {
     const response = await fetch(`${base}/${path}`);
     if (response.ok) engine.set_file(path, new Uint8Array(await response.arrayBuffer()));
   }
-  for (const stem of ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"]) {
-    const bytes = new Uint8Array(await (await fetch(`${base}/${stem}.safetensors`)).arrayBuffer());
+  for (const { stem, files } of LAYOUT.weight_files) {
+    let response;
+    for (const file of files) if ((response = await fetch(`${base}/${file}`)).ok) break;
+    const bytes = new Uint8Array(await response!.arrayBuffer());
     const header = parseHeader(bytes.subarray(8, 8 + headerLength(bytes)));
     for (const t of header.tensors) {
       if (Engine.is_weight_dtype(t.dtype)) engine.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), bytes.subarray(t.begin, t.end));

@@ -14,6 +14,7 @@ import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { build } from "esbuild";
 import { chromium } from "playwright-core";
+import { writeLayout } from "./layout.mjs";
 import { serve } from "./server.mjs";
 
 const { values: opts } = parseArgs({
@@ -41,7 +42,7 @@ await build({
   bundle: true,
   format: "esm",
   target: "es2022",
-  alias: { "kiln-wasm": join(pkg, "kiln.js") },
+  alias: { "kiln-wasm": join(pkg, "kiln.js"), "kiln-layout": await writeLayout(pkg) },
   logLevel: "warning",
 });
 execFileSync("cp", [join(pkg, "kiln_bg.wasm"), "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.wasm", "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.mjs", "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs", "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm", root]);
@@ -94,7 +95,9 @@ async function inPage(fn, arg, profiled = false) {
 
 function native(model) {
   const arg = isFolder(model) ? join(FIXTURES, model) : model;
-  const out = execFileSync("cargo", ["run", "--quiet", "--release", "--bin", "kiln", "--", "bench", "--model", arg, "--size", `${size}`, "--batch", `${batch}`, "--iters", `${iters}`], { encoding: "utf8" });
+  // KILN_BIN names a built binary; else `cargo run --release`.
+  const [cmd, prefix] = process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--release", "--bin", "kiln", "--"]];
+  const out = execFileSync(cmd, [...prefix, "bench", "--model", arg, "--size", `${size}`, "--batch", `${batch}`, "--iters", `${iters}`], { encoding: "utf8" });
   const report = JSON.parse(out);
   return { device: report.device, ...report.results[0] };
 }

@@ -7,6 +7,7 @@ import { createHash } from "node:crypto";
 import { cp, readFile, readdir, rm, writeFile } from "node:fs/promises";
 import { join, relative, resolve } from "node:path";
 import { gzipSync } from "node:zlib";
+import { writeLayout } from "./layout.mjs";
 
 const pkg = resolve(process.argv[2] ?? "target/web-pkg");
 const dist = resolve("dist");
@@ -22,7 +23,7 @@ await build({
   target: "es2022",
   minify: true,
   sourcemap: "linked",
-  alias: { "kiln-wasm": join(pkg, "kiln.js") },
+  alias: { "kiln-wasm": join(pkg, "kiln.js"), "kiln-layout": await writeLayout(pkg) },
   logLevel: "warning",
 });
 

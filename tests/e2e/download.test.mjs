@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { statSync } from "node:fs";
 import { after, before, test } from "node:test";
-import { appUrl, cachedFiles, echoConsole, errorText, faults, generate, launch, startServers } from "./harness.mjs";
+import { appUrl, cachedFiles, echoConsole, errorText, faults, generate, launch, pixelDiff, startServers } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a red cube", seed: "1", steps: "1", guidance: "0", width: "64", height: "64" };
 const TEXT_ENCODER = "text_encoder/model.safetensors";
@@ -114,4 +114,38 @@ test("a truncated file kept converted (q8) is reported, discarded, and fetched a
   assert.ok(png.length > 0);
   assert.ok((await cachedFiles(page, model)).some((f) => f.path === `${UNET}#q8` && f.complete), "the retried UNet is stored converted");
   await context.close();
+});
+
+test("a cached file that lost a stored chunk is fetched again, and the image is the same", async () => {
+  const { app, hub } = servers;
+  const model = `${hub.url}/sd1-tiny`;
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    echoConsole(page, "evicted");
+    await page.goto(appUrl(app, model, SETTINGS));
+    const before = await generate(page);
+    // As eviction or damaged storage would leave it: the record says complete, a chunk is gone.
+    await page.evaluate(async (key) => {
+      const db = await new Promise((resolve, reject) => {
+        const open = indexedDB.open("kiln");
+        open.onsuccess = () => resolve(open.result);
+        open.onerror = () => reject(open.error);
+      });
+      await new Promise((resolve, reject) => {
+        const tx = db.transaction("chunks", "readwrite");
+        tx.objectStore("chunks").delete([key, 1]);
+        tx.oncomplete = resolve;
+        tx.onerror = () => reject(tx.error);
+      });
+      db.close();
+    }, `${model}/${UNET}`);
+    const fetched = gets(hub.log, `/sd1-tiny/${UNET}`).length;
+    await page.reload();
+    const after = await generate(page);
+    assert.equal(gets(hub.log, `/sd1-tiny/${UNET}`).length, fetched + 1, "the damaged file is downloaded again");
+    assert.equal(pixelDiff(after, before).max, 0, "the same image as before the damage");
+  } finally {
+    await context.close();
+  }
 });

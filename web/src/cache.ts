@@ -12,7 +12,7 @@
 // bytes are stored, under `${path}#${precision}`; the original file is never stored whole.
 import { headerLength, parseHeader, type Header, type TensorEntry } from "./safetensors";
 import { Sha256, type Sha256State } from "./sha256";
-import { CONFIG_FILES, PRECISIONS, TOKENIZER_FILES, UPSCALER_FILES, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
+import { LAYOUT, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
 
 /** Bytes per stored chunk: a resumed download repeats at most this much. */
 const CHUNK = 4 << 20;
@@ -132,6 +132,19 @@ async function recordsOf(base: string): Promise<FileRecord[]> {
   const range = IDBKeyRange.bound(`${base}/`, `${base}/\uffff`);
   const records: FileRecord[] = await result((await db()).transaction("files").objectStore("files").getAll(range));
   return records.filter((r) => r.base === base);
+}
+
+/**
+ * Discards the model's verified files whose chunks are not all stored (evicted or damaged
+ * storage), so the next plan fetches them again; returns their paths.
+ */
+export async function discardDamaged(base: string): Promise<string[]> {
+  const records = (await recordsOf(base)).filter((r) => r.complete && !r.absent);
+  const store = (await db()).transaction("chunks").objectStore("chunks");
+  const counts = await Promise.all(records.map((r) => result(store.count(chunkRange(r.key)))));
+  const damaged = records.filter((r, i) => counts[i] !== (r.converted ? r.converted.chunks : Math.ceil(r.received / r.chunkSize)));
+  for (const r of damaged) await discard(r.key);
+  return damaged.map((r) => r.path);
 }
 
 /** The cache key of `path` of a model, kept converted to `convert` when given. */
@@ -262,11 +275,11 @@ export async function planModel(base: string, precision: Precision, signal: Abor
     }
     throw new NotFound(`${base} has neither ${variants.join(" nor ")}`);
   };
-  const files = await Promise.all([...CONFIG_FILES.map((p) => plan(p)), ...[...TOKENIZER_FILES, ...UPSCALER_FILES].map(optional), ...WEIGHT_STEMS.map(weight)]);
+  const files = await Promise.all([...LAYOUT.required_files.map((p) => plan(p)), ...LAYOUT.optional_files.map(optional), ...WEIGHT_STEMS.map(weight)]);
   return { manifest: null, precision, files };
 }
 
-const MANIFEST = "manifest.json";
+const MANIFEST = LAYOUT.manifest;
 
 /** The manifest, checked as `kiln` checks it (crate/src/package.rs) before any of it is used. */
 function parseManifest(bytes: Uint8Array, base: string): PackageManifest {
@@ -341,8 +354,8 @@ export async function modelStatus(base: string): Promise<CacheStatus> {
     return { bytes, package: true, precisions: manifest.shards.every((s) => done.has(s.path)) ? [manifest.format] : [] };
   }
   const complete = new Set(records.filter((r) => r.complete).map((r) => r.path));
-  const small = [...CONFIG_FILES, ...TOKENIZER_FILES].every((p) => complete.has(p));
-  const precisions = PRECISIONS.filter((p) => {
+  const small = [...LAYOUT.required_files, ...LAYOUT.optional_files].every((p) => complete.has(p));
+  const precisions = LAYOUT.precisions.filter((p) => {
     const key = (v: string) => (p === "original" ? v : `${v}#${p}`);
     return small && WEIGHT_STEMS.every((s) => weightVariants(s).some((v) => done.has(key(v))));
   });

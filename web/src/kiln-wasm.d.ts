@@ -20,3 +20,21 @@ declare module "kiln-wasm" {
     finish(): Promise<Uint8Array>;
   }
 }
+
+// The engine's `layout()` (crate/src/layout.rs), as JSON: scripts/web/bundle.mjs writes it
+// from the built wasm module and bundles it under this name.
+declare module "kiln-layout" {
+  const layout: {
+    required_files: string[];
+    optional_files: string[];
+    weight_files: { stem: string; files: string[] }[];
+    manifest: string;
+    precisions: string[];
+    schedulers: string[];
+    default_strength: { img2img: number; inpaint: number };
+    default_noise_level: number;
+    max_noise_level: number;
+    max_mask_blur: number;
+  };
+  export default layout;
+}

@@ -4,11 +4,10 @@ import { chooseBackend, type Backend } from "./backend";
 import { modelStatus, removeModel } from "./cache";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
 import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
-import type { Precision } from "./model";
+import { LAYOUT, type Precision } from "./model";
 import {
   MODES,
   PRESETS,
-  SCHEDULERS,
   defaultStrength,
   fromQuery,
   modelDefaults,
@@ -197,7 +196,7 @@ function publish(): void {
 }
 
 function fillSchedulers(info: ModelInfo | null, selected: string): void {
-  const names = info?.schedulers ?? SCHEDULERS;
+  const names = LAYOUT.schedulers;
   const label = !info ? "Model default" : info.default_scheduler ? `Model default (${info.default_scheduler})` : "Model default (not supported: choose one)";
   const options = [new Option(label, "")];
   for (const name of names) options.push(new Option(name, name));
@@ -509,8 +508,14 @@ function duration(seconds: number): string {
 
 // ---- start ----
 
+/** How the Precision control names the engine's precisions. */
+const PRECISION_LABELS: Record<string, string> = { original: "As published", q8: "q8 (about half the size of f16)", q4: "q4 (about a quarter)" };
+
 function wire(): void {
   ui.model.replaceChildren(...PRESETS.map((p) => new Option(p.label, p.id)), new Option("Custom URL (diffusers repo or Kiln package)…", CUSTOM));
+  ui.precision.replaceChildren(...LAYOUT.precisions.map((p) => new Option(PRECISION_LABELS[p] ?? p, p)));
+  ui.noiseLevel.max = String(LAYOUT.max_noise_level);
+  ui.maskBlur.max = String(LAYOUT.max_mask_blur);
   ui.form.addEventListener("submit", (e) => {
     e.preventDefault();
     generate();

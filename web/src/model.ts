@@ -1,40 +1,19 @@
-// What the engine needs from a diffusers-layout repo, by path inside the repo.
+// The engine's facts about a model's files and the settings' defaults and limits
+// (crate/src/layout.rs), read from the wasm module when the page is bundled; nothing here
+// restates them.
+import layout from "kiln-layout";
 
-/** Configs every model has, handed to the engine whole. */
-export const CONFIG_FILES = [
-  "model_index.json",
-  "scheduler/scheduler_config.json",
-  "text_encoder/config.json",
-  "unet/config.json",
-  "vae/config.json",
-];
+export const LAYOUT = layout;
 
-/**
- * Tokenizer files, each of which a repo may lack: it has vocab.json + merges.txt or
- * tokenizer.json, with or without the two configs. The engine says what is missing.
- */
-export const TOKENIZER_FILES = [
-  "tokenizer/vocab.json",
-  "tokenizer/merges.txt",
-  "tokenizer/tokenizer.json",
-  "tokenizer/tokenizer_config.json",
-  "tokenizer/special_tokens_map.json",
-];
+/** How a repo's weights are kept in the cache and on the GPU: one of `LAYOUT.precisions`. */
+export type Precision = string;
 
-/** The x4 upscaler's extra config (how its input image is noised); other pipelines lack it. */
-export const UPSCALER_FILES = ["low_res_scheduler/scheduler_config.json"];
-
-/** Weight files without extension: the engine's name for each (`Engine.add_tensor`'s stem). */
-export const WEIGHT_STEMS = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
-
-/** A stem's file names, preferred first: the half-precision variant is half the download. */
+/** A weight file stem's file names, preferred first. */
 export function weightVariants(stem: string): string[] {
-  return [`${stem}.fp16.safetensors`, `${stem}.safetensors`];
+  const entry = LAYOUT.weight_files.find((w) => w.stem === stem);
+  if (!entry) throw new Error(`no weight file ${stem}`);
+  return entry.files;
 }
 
-/**
- * How a repo's weights are kept in the cache and on the GPU: as published, or converted as
- * they download (docs/packages.md). q8 and q4 stay quantized on the GPU too.
- */
-export const PRECISIONS = ["original", "f16", "q8", "q4"] as const;
-export type Precision = (typeof PRECISIONS)[number];
+/** The stems of a pipeline's weight files (`Engine.add_tensor`'s names). */
+export const WEIGHT_STEMS = LAYOUT.weight_files.map((w) => w.stem);

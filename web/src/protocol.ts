@@ -31,7 +31,6 @@ export interface ModelInfo {
   size_multiple: number;
   /** null when the model's own scheduler is not one the engine has: the user must pick one. */
   default_scheduler: string | null;
-  schedulers: string[];
   precision: Precision;
 }
 

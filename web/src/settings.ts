@@ -2,7 +2,7 @@
 // bar is always a share link: opening it restores the same model and settings (not the
 // input image or mask, which never leave the device).
 import { BACKEND_CHOICES, type BackendChoice } from "./backend";
-import { PRECISIONS, type Precision } from "./model";
+import { LAYOUT, type Precision } from "./model";
 
 export interface Preset {
   id: string;
@@ -18,22 +18,13 @@ export const PRESETS: Preset[] = [
   { id: "sd21-base", label: "Stable Diffusion 2.1 base", url: "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main", steps: 25, guidance: 7.5 },
 ];
 
-/** The engine's schedulers, offered until a loaded model's own list replaces them. */
-export const SCHEDULERS = ["ddim", "pndm", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm"];
-
 export type Mode = "txt2img" | "img2img" | "inpaint" | "upscale";
 export const MODES: Mode[] = ["txt2img", "img2img", "inpaint", "upscale"];
 
 /** diffusers' default strength: image-to-image keeps some of the image, inpainting starts the masked region from noise. */
 export function defaultStrength(mode: Mode): number {
-  return mode === "inpaint" ? 1 : 0.8;
+  return mode === "inpaint" ? LAYOUT.default_strength.inpaint : LAYOUT.default_strength.img2img;
 }
-
-/** diffusers' default noise level for the x4 upscaler. */
-const DEFAULT_NOISE_LEVEL = 20;
-/** The ranges the page's controls allow (index.html): the x4 upscaler's noise levels, and a mask blur in pixels. */
-const MAX_NOISE_LEVEL = 350;
-const MAX_MASK_BLUR = 64;
 
 /** Steps and guidance for a model that is not a preset. */
 const CUSTOM_DEFAULTS = { steps: 25, guidance: 7.5 };
@@ -90,7 +81,7 @@ export function fromQuery(search: string): Settings {
   const strength = num(q.get("strength"));
   return {
     model,
-    precision: PRECISIONS.find((p) => p === precision) ?? "original",
+    precision: LAYOUT.precisions.find((p) => p === precision) ?? "original",
     mode,
     prompt: q.get("prompt") ?? "",
     negativePrompt: q.get("negative") ?? "",
@@ -101,8 +92,8 @@ export function fromQuery(search: string): Settings {
     width: int(q.get("width"), 8, 4096),
     height: int(q.get("height"), 8, 4096),
     strength: strength !== null && strength > 0 && strength <= 1 ? strength : defaultStrength(mode),
-    maskBlur: Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), MAX_MASK_BLUR),
-    noiseLevel: int(q.get("noise_level"), 0, MAX_NOISE_LEVEL) ?? DEFAULT_NOISE_LEVEL,
+    maskBlur: Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), LAYOUT.max_mask_blur),
+    noiseLevel: int(q.get("noise_level"), 0, LAYOUT.max_noise_level) ?? LAYOUT.default_noise_level,
     backend: BACKEND_CHOICES.find((b) => b === q.get("backend")) ?? "auto",
   };
 }

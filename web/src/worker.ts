@@ -10,6 +10,7 @@ import {
   StorageShort,
   StoredFile,
   checkSpace,
+  discardDamaged,
   download,
   downloadConverted,
   openStored,
@@ -152,6 +153,8 @@ async function ensureModel({ base, precision, backend }: ModelRef, signal: Abort
   if (loaded === `${base}#${precision}`) return;
   engine ??= await createEngine(backend);
   loaded = null;
+  const damaged = await discardDamaged(base);
+  if (damaged.length) console.warn(`Kiln: ${damaged.join(", ")} lost stored chunks and will be downloaded again`);
   const plan = await planModel(base, precision, signal);
   const needed = plan.files.filter((f) => !f.absent);
   if (needed.some((f) => !f.complete)) {

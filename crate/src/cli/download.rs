@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln::package::{self, Manifest, TEXT_FILES, WEIGHT_STEMS};
+use kiln::layout::{WEIGHT_STEMS, text_files};
+use kiln::package::{self, Manifest};
 use kiln::weights::weight_file_names;
 use kiln::{Error, Result};
 
@@ -161,7 +162,7 @@ pub fn model(url: &str) -> Result<PathBuf> {
             fetch(base, &dir, &shard.path, Some(&|bytes| package::verify_shard(shard, bytes)))?;
         }
     } else {
-        for path in TEXT_FILES {
+        for path in text_files() {
             fetch(base, &dir, path, None)?;
         }
         for stem in WEIGHT_STEMS {

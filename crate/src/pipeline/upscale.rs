@@ -20,6 +20,8 @@ use crate::schedulers::{ForwardNoise, SchedulerConfig};
 pub const DEFAULT_STEPS: usize = 75;
 pub const DEFAULT_GUIDANCE: f64 = 9.0;
 pub const DEFAULT_NOISE_LEVEL: usize = 20;
+/// diffusers' `max_noise_level` when `model_index.json` does not give one.
+pub const DEFAULT_MAX_NOISE_LEVEL: usize = 350;
 /// Tiles that keep a 512² input (2048² out) within a browser's memory.
 pub const DEFAULT_TILES: TileSize = TileSize { size: 128, overlap: 32 };
 
@@ -33,7 +35,7 @@ impl UpscalerConfig {
     pub(super) fn load(files: &dyn ModelFiles, max_noise_level: Option<usize>) -> Result<Self> {
         let config = SchedulerConfig::from_json(&files.require_text("low_res_scheduler/scheduler_config.json")?)?;
         let low_res_noise = ForwardNoise::from_config(&config)?;
-        let max_noise_level = max_noise_level.unwrap_or(350);
+        let max_noise_level = max_noise_level.unwrap_or(DEFAULT_MAX_NOISE_LEVEL);
         if max_noise_level >= low_res_noise.levels() {
             return Err(Error::Invalid(format!(
                 "{}: max_noise_level {max_noise_level} is beyond the low_res_scheduler's {} timesteps",

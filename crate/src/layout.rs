@@ -1,0 +1,83 @@
+//! What a model's files are and how a request may be set: the facts the CLI, the engine and
+//! the page share, written once. The page gets them from the wasm module (`layout()` in
+//! `web.rs`, read into the bundle at build time by `scripts/web/bundle.mjs`).
+use serde::Serialize;
+
+use crate::package::MANIFEST;
+use crate::pipeline::{img2img, inpaint, upscale};
+use crate::quant::Format;
+use crate::schedulers::SchedulerKind;
+use crate::weights::weight_file_names;
+
+/// The text files every pipeline has, by repo path.
+pub const REQUIRED_FILES: [&str; 5] = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"];
+
+/// Text files a pipeline may have: the tokenizer's (vocab.json + merges.txt or tokenizer.json,
+/// with or without its configs; the engine says what is missing) and the x4 upscaler's
+/// low-resolution scheduler.
+pub const OPTIONAL_FILES: [&str; 6] = [
+    "low_res_scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+];
+
+/// The weight files of a pipeline, without extension (the names the engine uploads them under).
+pub const WEIGHT_STEMS: [&str; 3] = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
+
+/// Every text file the engine reads, required ones first.
+pub fn text_files() -> impl Iterator<Item = &'static str> {
+    REQUIRED_FILES.into_iter().chain(OPTIONAL_FILES)
+}
+
+/// The facts the page needs, in one object.
+#[derive(Serialize)]
+pub struct Layout {
+    pub required_files: &'static [&'static str],
+    pub optional_files: &'static [&'static str],
+    /// Each weight file's names, preferred first.
+    pub weight_files: Vec<WeightFile>,
+    /// A Kiln package's manifest, by which a package is told from a diffusers repo.
+    pub manifest: &'static str,
+    /// How a repo's weights may be kept: `original` (as published), or converted.
+    pub precisions: Vec<&'static str>,
+    pub schedulers: Vec<&'static str>,
+    pub default_strength: Strengths,
+    pub default_noise_level: usize,
+    /// The x4 upscaler's highest noise level unless its `model_index.json` says otherwise.
+    pub max_noise_level: usize,
+    pub max_mask_blur: f32,
+}
+
+#[derive(Serialize)]
+pub struct WeightFile {
+    pub stem: &'static str,
+    pub files: [String; 2],
+}
+
+/// diffusers' default strength per editing mode.
+#[derive(Serialize)]
+pub struct Strengths {
+    pub img2img: f64,
+    pub inpaint: f64,
+}
+
+impl Layout {
+    pub fn get() -> Self {
+        Layout {
+            required_files: &REQUIRED_FILES,
+            optional_files: &OPTIONAL_FILES,
+            weight_files: WEIGHT_STEMS.map(|stem| WeightFile { stem, files: weight_file_names(stem) }).into(),
+            manifest: MANIFEST,
+            // Converting to f32 would only widen f16 weights, which the GPU does anyway.
+            precisions: std::iter::once("original").chain(Format::ALL.into_iter().filter(|&f| f != Format::F32).map(Format::name)).collect(),
+            schedulers: SchedulerKind::ALL.iter().map(|k| k.name()).collect(),
+            default_strength: Strengths { img2img: img2img::DEFAULT_STRENGTH, inpaint: inpaint::DEFAULT_STRENGTH },
+            default_noise_level: upscale::DEFAULT_NOISE_LEVEL,
+            max_noise_level: upscale::DEFAULT_MAX_NOISE_LEVEL,
+            max_mask_blur: inpaint::MAX_MASK_BLUR,
+        }
+    }
+}
