@@ -251,7 +251,9 @@ fn info(file: &Path, json: bool) -> Result<()> {
         let mut object = serde_json::Map::new();
         object.insert("prompt".into(), info.prompt.into());
         object.insert("negative_prompt".into(), info.negative_prompt.into());
-        object.extend(info.fields.into_iter().map(|(k, v)| (k, v.into())));
+        for (name, value) in info.fields {
+            object.entry(name).or_insert(value.into());
+        }
         println!("{}", serde_json::Value::Object(object));
     } else {
         println!("Prompt: {}", info.prompt);
@@ -321,8 +323,10 @@ fn read_image(path: &Path) -> Result<Image8> {
     Image8::decode_png(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// Translates the common arguments, the mode and its size into a [`Job`], runs it with progress on stderr and writes its PNG. Without `--seed` a random
-/// one is drawn, except for text-to-image from a latents file, where nothing needs one.
+/// Translates the common arguments, the mode and its size into a [`Job`], runs it with
+/// progress on stderr and writes its PNG. Without `--seed` a random one is drawn, except for
+/// text-to-image from a latents file, where the seed only feeds ancestral steps (then seeded
+/// with 0, and the PNG records no seed).
 fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
     let out = Output::claim(&args.out)?;
     let kind = args.scheduler.as_deref().map(SchedulerKind::from_name).transpose()?;

@@ -160,7 +160,7 @@ pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manife
     let mut writer = ShardWriter { dir: out.to_owned(), current: Vec::new(), shards: Vec::new() };
     let mut tensors = Vec::new();
     for stem in WEIGHT_STEMS {
-        for_each_tensor(files, stem, |name, source_dtype, shape, values| {
+        for_each_tensor(files, stem, format, |name, source_dtype, shape, values| {
             let stored = format.for_tensor(name, shape);
             let encoded = stored.encode(&values);
             let (shard, offset) = writer.append(&encoded)?;

@@ -111,7 +111,7 @@ impl Uploaded {
     /// Every tensor of the published weight file `stem`, each converted to `format` once, or
     /// with `None` kept in its published precision ([`Format::published`]).
     pub fn from_file(files: &dyn ModelFiles, stem: &str, format: Option<Format>, device: &Device) -> Result<Self> {
-        let (path, bytes) = read_weight_file(files, stem)?;
+        let (path, bytes) = read_weight_file(files, stem, format)?;
         let mut up = Self::new(stem, files.label(&path));
         let label = up.label.clone();
         each_entry(&label, &bytes, |name, dtype, shape, values| {
@@ -134,9 +134,10 @@ pub fn is_weight_dtype(dtype: &str) -> bool {
 }
 
 /// Calls `f` with the name, source dtype, shape and f32 values of every weight (see
-/// [`is_weight_dtype`]) of the published weight file `stem`, in name order.
-pub fn for_each_tensor(files: &dyn ModelFiles, stem: &str, f: impl FnMut(&str, &str, &[usize], Vec<f32>) -> Result<()>) -> Result<()> {
-    let (path, bytes) = read_weight_file(files, stem)?;
+/// [`is_weight_dtype`]) of the published weight file `stem`, in name order; `target` is the
+/// format they are going to ([`weight_file_names`] says which file that reads).
+pub fn for_each_tensor(files: &dyn ModelFiles, stem: &str, target: Format, f: impl FnMut(&str, &str, &[usize], Vec<f32>) -> Result<()>) -> Result<()> {
+    let (path, bytes) = read_weight_file(files, stem, Some(target))?;
     each_entry(&files.label(&path), &bytes, f)
 }
 
@@ -286,14 +287,19 @@ pub fn weight_file_names(stem: &str) -> [String; 2] {
     [format!("{stem}.fp16.safetensors"), format!("{stem}.safetensors")]
 }
 
-/// The path and bytes of the first of [`weight_file_names`] that `files` has.
-fn read_weight_file(files: &dyn ModelFiles, stem: &str) -> Result<(String, Vec<u8>)> {
-    for path in weight_file_names(stem) {
-        if let Some(bytes) = files.read(&path)? {
-            return Ok((path, bytes));
+/// The path and bytes of the first of [`weight_file_names`] that `files` has; converting to
+/// f32 asks for full precision, so it takes the full file first.
+fn read_weight_file(files: &dyn ModelFiles, stem: &str, target: Option<Format>) -> Result<(String, Vec<u8>)> {
+    let mut names = weight_file_names(stem);
+    if target == Some(Format::F32) {
+        names.reverse();
+    }
+    for path in &names {
+        if let Some(bytes) = files.read(path)? {
+            return Ok((path.clone(), bytes));
         }
     }
-    let [preferred, other] = weight_file_names(stem);
+    let [preferred, other] = names;
     Err(Error::Invalid(format!("{}: neither {preferred} nor {other} exists", files.name())))
 }
 
@@ -386,13 +392,18 @@ mod tests {
     }
 
     #[test]
-    fn prefers_full_precision_and_falls_back_to_fp16() {
+    fn prefers_fp16_and_falls_back_to_the_full_file() {
         let one = |dtype: Dtype, data: Vec<u8>| safetensors(&[("x", dtype, vec![1], data)]);
         let (half, full) = (one(Dtype::F16, half::f16::from_f32(2.0).to_le_bytes().to_vec()), one(Dtype::F32, 1.0f32.to_le_bytes().to_vec()));
-        let value = |files: &MemoryFiles| Weights::uploaded(Uploaded::from_file(files, "model", None, &Device::flex()).unwrap(), &Device::flex()).values("x", &[1]).unwrap();
-        assert_eq!(value(&model(&[("model.fp16.safetensors", half.clone())])), vec![2.0]);
-        assert_eq!(value(&model(&[("model.fp16.safetensors", half), ("model.safetensors", full)])), vec![1.0]);
+        let value = |files: &MemoryFiles, format| Weights::uploaded(Uploaded::from_file(files, "model", format, &Device::flex()).unwrap(), &Device::flex()).values("x", &[1]).unwrap();
+        let both = model(&[("model.fp16.safetensors", half.clone()), ("model.safetensors", full.clone())]);
+        assert_eq!(value(&model(&[("model.safetensors", full)]), None), vec![1.0]);
+        assert_eq!(value(&both, None), vec![2.0]);
+        assert_eq!(value(&both, Some(Format::Q8)), vec![2.0]);
+        // Converting to f32 asks for full precision.
+        assert_eq!(value(&both, Some(Format::F32)), vec![1.0]);
+        assert_eq!(value(&model(&[("model.fp16.safetensors", half)]), Some(Format::F32)), vec![2.0]);
         let err = Uploaded::from_file(&model(&[]), "other", None, &Device::flex()).err().unwrap().to_string();
-        assert!(err.contains("neither other.safetensors nor other.fp16.safetensors"), "{err}");
+        assert!(err.contains("neither other.fp16.safetensors nor other.safetensors"), "{err}");
     }
 }

@@ -31,7 +31,7 @@ fn loaded_packages_equal_the_dequantized_originals() {
     let source = Folder(common::fixtures().join("sd1-tiny"));
     let mut originals = HashMap::new();
     for stem in kiln::layout::WEIGHT_STEMS {
-        weights::for_each_tensor(&source, stem, |name, _, _, values| {
+        weights::for_each_tensor(&source, stem, Format::F32, |name, _, _, values| {
             originals.insert((stem.to_owned(), name.to_owned()), values);
             Ok(())
         })

@@ -1,10 +1,14 @@
 // A crashed worker and a lost GPU device each produce a message, not a hang, and the page
 // recovers without a reload: a fresh worker reloads the model from the cache. A GPU kernel the
-// browser refuses to compile stops the run with its name, never with an image.
+// browser refuses to compile stops the run with its name, and NaN in a model's weights with
+// where it appeared, never with an image.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
+import { cpSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { serve } from "../../scripts/web/server.mjs";
-import { appUrl, echoConsole, errorText, generate, launch, startServers } from "./harness.mjs";
+import { appUrl, echoConsole, errorText, generate, launch, startServers, withValue } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a blue sphere", seed: "3", steps: "1", guidance: "0", width: "64", height: "64" };
 
@@ -57,5 +61,25 @@ test("a kernel the browser refuses is reported by name, and no image is shown", 
   } finally {
     await context.close();
     await app.close();
+  }
+});
+
+test("NaN in a model's weights is reported as non-finite, and no image is shown", async () => {
+  const root = mkdtempSync(join(tmpdir(), "kiln-nan-"));
+  const unet = join(root, "sd1-nan/unet/diffusion_pytorch_model.safetensors");
+  cpSync("tests/fixtures/sd1-tiny", join(root, "sd1-nan"), { recursive: true });
+  writeFileSync(unet, withValue(readFileSync(unet), "conv_out.bias", NaN));
+  const host = await serve({ root, cors: true });
+  const context = await browser.newContext();
+  try {
+    const poisoned = await context.newPage();
+    echoConsole(poisoned, "non-finite");
+    await poisoned.goto(appUrl(servers.app, `${host.url}/sd1-nan`, SETTINGS));
+    await poisoned.getByRole("button", { name: "Generate", exact: true }).click();
+    assert.match(await errorText(poisoned), /No image: non-finite values \(NaN or Inf\) in the latents after UNet step 1\/1/);
+    assert.ok(await poisoned.getByRole("img", { name: "Generated image" }).isHidden());
+  } finally {
+    await context.close();
+    await host.close();
   }
 });

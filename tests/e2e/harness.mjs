@@ -158,6 +158,17 @@ export function cachedFiles(page, base) {
   }, base);
 }
 
+/** A copy of an f32 safetensors file with every value of tensor `name` set to `value`. */
+export function withValue(bytes, name, value) {
+  const out = Buffer.from(bytes);
+  const n = Number(out.readBigUInt64LE(0));
+  const entry = JSON.parse(out.subarray(8, 8 + n).toString())[name];
+  assert.equal(entry.dtype, "F32");
+  const [begin, end] = entry.data_offsets;
+  for (let at = 8 + n + begin; at < 8 + n + end; at += 4) out.writeFloatLE(value, at);
+  return out;
+}
+
 /** Logs each page's console errors to the test output, which helps when a test fails. */
 export function echoConsole(page, name) {
   page.on("console", (m) => m.type() === "error" && console.log(`[${name}] ${m.text()}`));

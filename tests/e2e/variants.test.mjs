@@ -6,21 +6,10 @@ import { cpSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { serve } from "../../scripts/web/server.mjs";
-import { appUrl, assertNative, echoConsole, fillSettings, generate, kiln, launch, pixelDiff, startServers } from "./harness.mjs";
+import { appUrl, assertNative, echoConsole, fillSettings, generate, kiln, launch, pixelDiff, startServers, withValue } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a lighthouse at dusk", seed: 42, steps: 2, guidance: 7.5, width: 64, height: 64, scheduler: "euler" };
 const ARGS = ["--prompt", SETTINGS.prompt, "--seed", "42", "--steps", "2", "--guidance", "7.5", "--scheduler", "euler", "--width", "64", "--height", "64"];
-
-/** A copy of an f32 safetensors file with every value of tensor `name` set to `value`. */
-function withValue(bytes, name, value) {
-  const out = Buffer.from(bytes);
-  const n = Number(out.readBigUInt64LE(0));
-  const entry = JSON.parse(out.subarray(8, 8 + n).toString())[name];
-  assert.equal(entry.dtype, "F32");
-  const [begin, end] = entry.data_offsets;
-  for (let at = 8 + n + begin; at < 8 + n + end; at += 4) out.writeFloatLE(value, at);
-  return out;
-}
 
 test("the page and the CLI take the same weight file from a repo with both variants", async () => {
   const root = mkdtempSync(join(tmpdir(), "kiln-variants-"));

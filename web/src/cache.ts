@@ -103,13 +103,19 @@ function result<T>(req: IDBRequest<T>): Promise<T> {
 async function write(fill: (files: IDBObjectStore, chunks: IDBObjectStore) => void): Promise<void> {
   const tx = (await db()).transaction(["files", "chunks"], "readwrite");
   fill(tx.objectStore("files"), tx.objectStore("chunks"));
-  await new Promise<void>((resolve, reject) => {
-    tx.oncomplete = () => resolve();
-    tx.onabort = tx.onerror = () => {
-      const e = tx.error;
-      reject(e?.name === "QuotaExceededError" ? new StorageShort("The browser's storage for this site is full.") : e);
-    };
+  const failed = await new Promise<DOMException | null>((resolve) => {
+    tx.oncomplete = () => resolve(null);
+    tx.onabort = tx.onerror = () => resolve(tx.error ?? new DOMException("the IndexedDB transaction was aborted", "AbortError"));
   });
+  if (failed?.name === "QuotaExceededError") throw new StorageShort(await storageFull());
+  if (failed) throw failed;
+}
+
+/** What to say when a write hit the quota: the numbers, and that nothing stored is lost. */
+async function storageFull(): Promise<string> {
+  const { quota, usage } = (await navigator.storage?.estimate?.()) ?? {};
+  const numbers = quota !== undefined && usage !== undefined ? `: ${gb(usage)} used of the ${gb(quota)} it allows` : "";
+  return `The browser's storage for this site is full${numbers}. Free disk space or remove other cached models, then press Generate: the download continues where it stopped.`;
 }
 
 function chunkRange(key: string): IDBKeyRange {

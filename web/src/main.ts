@@ -333,6 +333,7 @@ const ERROR_TEXT: Record<ErrorKind, (m: string) => string> = {
   storage: (m) => m,
   settings: (m) => `These settings do not work with this model: ${m}`,
   model: (m) => `The model could not be loaded: ${m}`,
+  "non-finite": (m) => `No image: ${m}.\nThe model's weights may be damaged (remove the model and download it again), or these settings overflow it.`,
   webgpu: (m) => `WebGPU could not start: ${m}`,
   "device-lost": (m) => `${m}\nThe engine restarts and reloads the model from the cache.`,
   crash: (m) => `The engine stopped: ${m}\nPress Generate to restart it; the model reloads from the cache.`,

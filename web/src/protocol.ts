@@ -68,7 +68,7 @@ export type ToWorker = ({ type: "load" } & ModelRef) | ({ type: "generate"; requ
  * - webgpu: no usable device.
  * - device-lost / crash: the worker is unusable; the page replaces it.
  */
-export type ErrorKind = "download" | "storage" | "settings" | "model" | "webgpu" | "device-lost" | "crash";
+export type ErrorKind = "download" | "storage" | "settings" | "model" | "non-finite" | "webgpu" | "device-lost" | "crash";
 
 export type FromWorker =
   | { type: "download"; progress: DownloadProgress }

@@ -296,7 +296,10 @@ async function generate(request: GenerateRequest, signal: AbortSignal): Promise<
     if (kernelFailure) throw new Error(kernelFailure);
     post({ type: "image", png }, [png.buffer]);
   } catch (e) {
-    // Past `start`, a failure is the GPU's or the engine's, and leaves its state unknown.
-    throw signal.aborted ? e : failure("crash", e, "Generation failed: ");
+    if (signal.aborted) throw e;
+    // NaN or Inf in the weights or an overflow: the engine is sound, the model or the settings are not.
+    if (describe(e).startsWith("non-finite values")) throw failure("non-finite", e);
+    // Otherwise past `start` a failure is the GPU's or the engine's, and leaves its state unknown.
+    throw failure("crash", e, "Generation failed: ");
   }
 }

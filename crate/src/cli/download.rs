@@ -51,8 +51,9 @@ fn get(url: &str) -> Result<Option<ureq::Body>> {
 }
 
 /// Downloads `base/path` into `dir/path` unless it is there, streaming it to disk; a path
-/// ending in `.json` must parse, one ending in `.safetensors` must be whole, and `check` vets the file's bytes (when given) before they
-/// count as cached. Returns whether the file exists upstream.
+/// ending in `.json` must parse, one ending in `.safetensors` must be whole, and `check` vets
+/// the file's bytes (when given) before they count as cached. Returns whether the file
+/// exists upstream.
 fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Result<()>>) -> Result<bool> {
     let target = dir.join(path);
     if target.exists() {
@@ -68,7 +69,7 @@ fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Res
     copy_watched(body, file, &url)?;
     let vetted = || -> Result<()> {
         if path.ends_with(".safetensors") {
-            return check_length(&part);
+            check_length(&part)?;
         }
         if !path.ends_with(".json") && check.is_none() {
             return Ok(());
@@ -130,7 +131,8 @@ fn check_length(path: &Path) -> Result<()> {
     let mut n = [0u8; 8];
     file.read_exact(&mut n).map_err(|_| bad(format!("only {size} bytes")))?;
     let n = u64::from_le_bytes(n);
-    if n > size.saturating_sub(8) {
+    // The safetensors format caps headers at 100 MB.
+    if n > 100_000_000 || n > size.saturating_sub(8) {
         return Err(bad(format!("its header claims {n} bytes, the file has {size}")));
     }
     let mut header = vec![0u8; n as usize];

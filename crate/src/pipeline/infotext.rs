@@ -23,16 +23,21 @@ impl Infotext {
             lines.push(last);
             fields.clear();
         }
-        let (mut prompt, mut negative_prompt, mut negative) = (Vec::new(), Vec::new(), false);
+        let (mut prompt, mut negative_prompt, mut negative) = (String::new(), String::new(), false);
         for line in lines {
             let mut line = line.trim();
             if let Some(rest) = line.strip_prefix("Negative prompt:") {
                 negative = true;
                 line = rest.trim();
             }
-            if negative { &mut negative_prompt } else { &mut prompt }.push(line);
+            // As A1111 joins them: a line break only once the text has begun.
+            let text = if negative { &mut negative_prompt } else { &mut prompt };
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(line);
         }
-        Infotext { prompt: prompt.join("\n"), negative_prompt: negative_prompt.join("\n"), fields }
+        Infotext { prompt, negative_prompt, fields }
     }
 
     pub fn field(&self, name: &str) -> Option<&str> {
@@ -181,6 +186,8 @@ mod tests {
 
     #[test]
     fn a_text_without_a_settings_line_is_all_prompt() {
+        let info = Infotext::parse("\n\njust a prompt: with a colon\n\nand a second line\nNegative prompt:\nlate");
+        assert_eq!((info.prompt.as_str(), info.negative_prompt.as_str()), ("just a prompt: with a colon\n\nand a second line", "late"));
         let info = Infotext::parse("just a prompt: with a colon\nand a second line");
         assert_eq!(info.prompt, "just a prompt: with a colon\nand a second line");
         assert!(info.fields.is_empty() && info.negative_prompt.is_empty());

@@ -106,8 +106,8 @@ impl Run {
         Probe { tensor: Tensor::cat(vec![d.latents.clone().sum(), d.context.clone().sum()], 0), done: self.done(), total: self.total() }
     }
 
-    /// Decodes the latents into `[3·H·W]` values in [0, 1], still on the device; read them
-    /// back and give them to [`Run::png`].
+    /// Decodes the latents into `[3·H·W]` values mapped to [0, 1] (unclamped), still on the
+    /// device; read them back and give them to [`Run::png`].
     pub fn decode(&self, pipe: &StableDiffusion) -> Tensor<1> {
         self.denoising.decode(pipe).flatten::<1>(0, 3)
     }
