@@ -73,6 +73,16 @@ fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
+/// A failure of a run in progress as a JavaScript `Error`, named `NonFinite` for NaN or Inf
+/// (the model or the settings are at fault, not the engine).
+fn run_error(e: crate::Error) -> JsValue {
+    let error = js_sys::Error::new(&e.to_string());
+    if matches!(e, crate::Error::NonFinite(_)) {
+        error.set_name("NonFinite");
+    }
+    error.into()
+}
+
 /// Settings as the page sends them; absent fields take the model's (or the mode's) defaults.
 #[derive(Deserialize)]
 struct WebRequest {
@@ -335,7 +345,7 @@ impl Engine {
         wasm_bindgen_futures::future_to_promise(async move {
             if let Some(probe) = probe {
                 let values = read_back(probe.tensor.clone()).await?;
-                probe.check(&values).map_err(|e| JsValue::from(js_err(e)))?;
+                probe.check(&values).map_err(run_error)?;
             }
             Ok(JsValue::UNDEFINED)
         })
@@ -352,7 +362,7 @@ impl Engine {
         let image = run.decode(pipe);
         Ok(wasm_bindgen_futures::future_to_promise(async move {
             let values = read_back(image).await?;
-            let bytes = run.png(&values).map_err(|e| JsValue::from(js_err(e)))?;
+            let bytes = run.png(&values).map_err(run_error)?;
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         }))
     }

@@ -298,7 +298,7 @@ async function generate(request: GenerateRequest, signal: AbortSignal): Promise<
   } catch (e) {
     if (signal.aborted) throw e;
     // NaN or Inf in the weights or an overflow: the engine is sound, the model or the settings are not.
-    if (describe(e).startsWith("non-finite values")) throw failure("non-finite", e);
+    if (e instanceof Error && e.name === "NonFinite") throw failure("non-finite", e);
     // Otherwise past `start` a failure is the GPU's or the engine's, and leaves its state unknown.
     throw failure("crash", e, "Generation failed: ");
   }

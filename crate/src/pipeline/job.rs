@@ -31,6 +31,8 @@ pub struct Run {
     params: GenerationParams,
     /// The mode's own settings for the PNG (A1111's `Denoising strength` and the like).
     extra: Vec<(&'static str, String)>,
+    /// The text states' sum, taken once: they do not change while the run steps.
+    context_sum: Tensor<1>,
 }
 
 impl StableDiffusion {
@@ -64,7 +66,8 @@ impl StableDiffusion {
             height: denoising.height,
             model: self.name.clone(),
         };
-        Ok(Run { denoising, params, extra })
+        let context_sum = denoising.context.clone().sum();
+        Ok(Run { denoising, params, extra, context_sum })
     }
 }
 
@@ -102,8 +105,8 @@ impl Run {
     /// these 8 bytes makes progress real and lets a cancel land within a step, and any NaN or
     /// Inf in either makes its sum non-finite ([`Probe::check`]).
     pub fn probe(&self) -> Probe {
-        let d = &self.denoising;
-        Probe { tensor: Tensor::cat(vec![d.latents.clone().sum(), d.context.clone().sum()], 0), done: self.done(), total: self.total() }
+        let tensor = Tensor::cat(vec![self.denoising.latents.clone().sum(), self.context_sum.clone()], 0);
+        Probe { tensor, done: self.done(), total: self.total() }
     }
 
     /// Decodes the latents into `[3·H·W]` values mapped to [0, 1] (unclamped), still on the
