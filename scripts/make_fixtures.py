@@ -5,6 +5,7 @@
 Run from the repository root:
 
     python3 scripts/make_fixtures.py                 # regenerate everything under tests/fixtures
+    python3 scripts/make_fixtures.py --only prompts  # only tests/fixtures/prompts, from the pipelines there
 
 Everything is random-weight, tiny and deterministic (fixed seeds); no real model weights are
 used or downloaded.  Outputs (all under tests/fixtures/):
@@ -20,6 +21,8 @@ used or downloaded.  Outputs (all under tests/fixtures/):
                              VAE, low_res_scheduler); text encoder and tokenizer link into sd1-tiny
   editing/                   img2img / inpainting / upscaling references made by the diffusers
                              pipelines, their input images and every noise draw, + cases.json
+  prompts/                   Automatic1111 prompt syntax: chunk ids and weights for both tokenizers,
+                             and images made with its chunked, weighted text states (cases.json)
 
 Pip packages needed (no GPU, no network beyond PyPI):
   torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow
@@ -40,6 +43,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -1101,12 +1105,199 @@ def make_editing(sd_pipes):
     write_json(os.path.join(EDIT_DIR, "cases.json"), index)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# 9. Prompts as Automatic1111 reads them (emphasis, BREAK, 75-token chunks)
+# ----------------------------------------------------------------------------------------------
+# A small reference written from A1111's documented defaults ("Original" emphasis, comma padding
+# backtrack 20, cond/uncond not padded to each other), used for Kiln's prompt parity tests.
+# Difference kept on purpose (and in Kiln): BREAK is only a chunk break outside brackets.
+
+PROMPTS_DIR = os.path.join(FIXTURES, "prompts")
+EMPHASIS_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+CHUNK = 75
+COMMA_BACKTRACK = 20
+
+
+def reference_pieces(text):
+    """[text, weight] pieces, neighbours of equal weight merged; [None, None] is a BREAK."""
+    pieces, round_open, square_open = [], [], []
+
+    def scale(start, factor):
+        for piece in pieces[start:]:
+            if piece[1] is not None:
+                piece[1] *= factor
+
+    for m in EMPHASIS_TOKEN.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            pieces.append([tok[1:], 1.0])
+        elif tok == "(":
+            round_open.append(len(pieces))
+        elif tok == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            scale(round_open.pop(), 1.1)
+        elif tok == "]" and square_open:
+            scale(square_open.pop(), 1 / 1.1)
+        else:
+            parts = [tok] if round_open or square_open else BREAK_WORD.split(tok)
+            for i, part in enumerate(parts):
+                if i:
+                    pieces.append([None, None])
+                pieces.append([part, 1.0])
+    for start in round_open:
+        scale(start, 1.1)
+    for start in square_open:
+        scale(start, 1 / 1.1)
+    merged = []
+    for piece in pieces:
+        if merged and piece[1] is not None and merged[-1][1] == piece[1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return merged or [["", 1.0]]
+
+
+def reference_chunks(tokenizer, text):
+    """(ids, weights) per 77-token chunk: start, up to 75 tokens, end, padding."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks, state = [], dict(ids=[], weights=[], comma=None)
+
+    def close():
+        ids, weights = state["ids"], state["weights"]
+        pad = CHUNK - len(ids)
+        chunks.append(([tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad,
+                       [1.0] + weights + [1.0] * (pad + 1)))
+        state.update(ids=[], weights=[], comma=None)
+
+    for text_piece, weight in reference_pieces(text):
+        if text_piece is None:
+            close()
+            continue
+        for tok in tokenizer(text_piece, add_special_tokens=False).input_ids:
+            ids = state["ids"]
+            if tok == comma:
+                state["comma"] = len(ids)
+            elif len(ids) == CHUNK and state["comma"] is not None and CHUNK - state["comma"] <= COMMA_BACKTRACK:
+                cut = state["comma"] + 1
+                moved = (ids[cut:], state["weights"][cut:])
+                state["ids"], state["weights"] = ids[:cut], state["weights"][:cut]
+                close()
+                state["ids"], state["weights"] = list(moved[0]), list(moved[1])
+            if len(state["ids"]) == CHUNK:
+                close()
+            state["ids"].append(tok)
+            state["weights"].append(weight)
+    if state["ids"] or not chunks:
+        close()
+    return chunks
+
+
+def reference_states(pipe, text):
+    """Text states [1, 77·chunks, D]: each chunk encoded, weighted, rescaled to its old mean."""
+    states = []
+    for ids, weights in reference_chunks(pipe.tokenizer, text):
+        z = pipe.text_encoder(torch.tensor([ids]))[0]
+        w = torch.tensor(weights, dtype=torch.float32).reshape(1, -1, 1)
+        if (w != 1).any():
+            before = z.mean()
+            z = z * w
+            z = z * (before / z.mean())
+        states.append(z)
+    return torch.cat(states, dim=1)
+
+
+def guided_image(pipe, scheduler, cond, uncond, steps, guidance, latents):
+    """diffusers' text-to-image loop, with the two predictions run apart (their lengths differ)."""
+    scheduler.set_timesteps(steps)
+    x = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        e_uncond = pipe.unet(inp, t, encoder_hidden_states=uncond).sample
+        e_cond = pipe.unet(inp, t, encoder_hidden_states=cond).sample
+        x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
+    image = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+LONG_PLAIN = ", ".join([
+    "a quiet harbour town at dawn", "fishing boats resting on calm water", "gulls circling above the masts",
+    "old stone houses with blue shutters", "a winding road up the hill", "a lighthouse on the far cliff",
+    "soft golden light through thin mist", "nets drying on the pier", "a cat asleep on a wooden crate",
+    "lanterns still glowing in the windows", "a bakery opening its doors", "smoke rising from chimneys",
+    "a church bell tower", "waves breaking gently on the rocks", "children running along the beach",
+    "an old fisherman mending a sail", "painted in the style of an impressionist oil painting",
+    "thick brush strokes", "warm and cool colours in balance", "highly detailed", "wide angle view",
+])
+LONG_EMPHASIS = ("a (quiet harbour town:1.3) at dawn, ((fishing boats)) on calm water, [gulls] above the masts, "
+                 + LONG_PLAIN.split(", ", 3)[3] + ", (dramatic sky:0.8), [[[muted colours]]]")
+PROMPT_IMAGE_CASES = [
+    # name, model, scheduler, prompt, negative prompt, seed
+    ("long-plain", "sd1-tiny", "euler", LONG_PLAIN, "", 3000),
+    ("long-emphasis", "sd1-tiny", "euler", LONG_EMPHASIS, "blurry, (low quality:1.3)", 3001),
+    ("break-paired", "sd2-tiny", "ddim", "a lighthouse on a cliff BREAK (stormy sea:1.4), [calm sky]",
+     "blurry BREAK low quality", 3002),
+    ("emphasis-short", "sd1-tiny", "euler", "a ((red)) car on a [[rainy]] street, (night:0.7)", "", 3003),
+]
+CHUNK_CASE_PROMPTS = [
+    "", "a cat", "BREAK", "a BREAK b", "BREAK BREAK", "(a BREAK b)", "an (important) word",
+    "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "\\(literal\\] (unbalanced", "(x:+.5) [y",
+    LONG_PLAIN, LONG_EMPHASIS, ", ".join(["word"] * 80), " ".join(["word"] * 200),
+    " ".join(["word"] * 70) + ", " + " ".join(["more"] * 30),
+    " ".join(["word"] * 74) + ", next, " + " ".join(["tail"] * 5),
+]
+
+
+def make_prompts(pipes):
+    """Chunk ids and weights for both tokenizers, and images made with A1111's conditioning."""
+    if os.path.isdir(PROMPTS_DIR):
+        shutil.rmtree(PROMPTS_DIR)
+    os.makedirs(PROMPTS_DIR)
+    chunk_cases = []
+    for prompt in CHUNK_CASE_PROMPTS:
+        case = dict(prompt=prompt)
+        for model in ("sd1-tiny", "sd2-tiny"):
+            chunks = reference_chunks(pipes[model].tokenizer, prompt)
+            case[model] = [dict(ids=ids, weights=[f32(w) for w in ws]) for ids, ws in chunks]
+        chunk_cases.append(case)
+    images = []
+    print("prompt syntax references:")
+    for name, model, scheduler_name, prompt, negative, seed in PROMPT_IMAGE_CASES:
+        pipe = pipes[model]
+        lat = np.random.RandomState(seed).standard_normal((1, 4, 8, 8)).astype(np.float32)
+        cond, uncond = reference_states(pipe, prompt), reference_states(pipe, negative)
+        scheduler = convert_scheduler(pipe.scheduler, scheduler_name)
+        image = guided_image(pipe, scheduler, cond, uncond, 4, 7.5, torch.from_numpy(lat))
+        np.save(os.path.join(PROMPTS_DIR, f"{name}.latents.npy"), lat)
+        Image.fromarray(to_uint8(image)[0]).save(os.path.join(PROMPTS_DIR, f"{name}.png"))
+        entry = dict(name=name, model=model, scheduler=scheduler_name, prompt=prompt, negative_prompt=negative,
+                     steps=4, guidance=7.5, latents=f"{name}.latents.npy", image=f"{name}.png",
+                     chunks=[cond.shape[1] // 77, uncond.shape[1] // 77])
+        if name == "long-plain":  # what diffusers makes of it: the first 75 tokens only
+            pipe.scheduler = scheduler
+            truncated = pipe(prompt, negative_prompt=negative, num_inference_steps=4, guidance_scale=7.5,
+                             height=64, width=64, latents=torch.from_numpy(lat), output_type="np").images
+            Image.fromarray(to_uint8(truncated)[0]).save(os.path.join(PROMPTS_DIR, f"{name}.truncated.png"))
+            entry["truncated"] = f"{name}.truncated.png"
+        images.append(entry)
+        print(f"  {name:16s} chunks {entry['chunks']}")
+    write_json(os.path.join(PROMPTS_DIR, "cases.json"), dict(chunks=chunk_cases, images=images))
+
+
 # ----------------------------------------------------------------------------------------------
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.parse_args()
+    ap.add_argument("--only", choices=["prompts"], help="remake one part from the committed pipelines")
+    args = ap.parse_args()
+    if args.only == "prompts":
+        make_prompts({name: load_pipeline(os.path.join(FIXTURES, name), spec) for name, spec in MODELS.items()})
+        return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
           f"numpy {np.__version__}")
@@ -1135,6 +1326,7 @@ def main():
     make_scheduler_arrays()
     make_add_noise_arrays()
     make_editing(pipes)
+    make_prompts(pipes)
 
 
 if __name__ == "__main__":

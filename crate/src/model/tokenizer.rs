@@ -152,15 +152,29 @@ impl ClipTokenizer {
     /// `[bos] + tokens + [eos]`, truncated and padded to `max_length` like diffusers'
     /// `tokenizer(prompt, padding="max_length", truncation=True)`.
     pub fn encode(&self, text: &str) -> Result<Tokens> {
+        let body = self.tokenize(text)?;
+        let kept = body.len().min(self.max_length - 2);
+        Ok(Tokens { ids: self.wrap(&body[..kept]), dropped: body.len() - kept })
+    }
+
+    /// The text's tokens, without start, end or padding, however many there are.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let body = encoding.get_ids();
-        let room = self.max_length - 2;
-        let kept = body.len().min(room);
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// `[bos] + body + [eos]`, padded to `max_length`; `body` holds at most `max_length - 2`.
+    pub fn wrap(&self, body: &[u32]) -> Vec<u32> {
         let mut ids = Vec::with_capacity(self.max_length);
         ids.push(self.bos);
-        ids.extend_from_slice(&body[..kept]);
+        ids.extend_from_slice(body);
         ids.push(self.eos);
         ids.resize(self.max_length, self.pad);
-        Ok(Tokens { ids, dropped: body.len() - kept })
+        ids
+    }
+
+    /// The comma's id (`,</w>`), where A1111 prefers to end a full chunk.
+    pub fn comma(&self) -> Option<u32> {
+        self.inner.token_to_id(",</w>")
     }
 }

@@ -66,7 +66,7 @@ impl StableDiffusion {
             height: denoising.height,
             model: self.name.clone(),
         };
-        let context_sum = denoising.context.clone().sum();
+        let context_sum = denoising.text.sum();
         Ok(Run { denoising, params, extra, context_sum })
     }
 }

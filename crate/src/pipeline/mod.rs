@@ -8,6 +8,7 @@ pub mod infotext;
 pub mod inpaint;
 pub mod job;
 pub mod png;
+pub mod prompt;
 pub mod rng;
 pub mod tiles;
 pub mod upscale;
@@ -50,7 +51,7 @@ pub struct StableDiffusion {
     text_encoder: Weights,
     clip_config: ClipTextConfig,
     /// The last encoding, reused while the prompts stay the same (a new seed, say).
-    last_prompt: Mutex<Option<(PromptKey, Tensor<3>, Vec<String>)>>,
+    last_prompt: Mutex<Option<(PromptKey, TextStates)>>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
@@ -170,32 +171,23 @@ impl StableDiffusion {
         Ok(self.scheduler_config.default_kind()?)
     }
 
-    /// Text states `[B, 77, D]`: `[uncond, cond]` with guidance, else `[cond]`. Returns
-    /// warnings for truncated prompts.
-    fn encode_prompt(&self, prompt: &str, negative: &str, guided: bool) -> Result<(Tensor<3>, Vec<String>)> {
+    /// The prompts' text states, A1111's prompt syntax applied ([`prompt`]); the negative
+    /// prompt's only with guidance.
+    fn encode_prompt(&self, prompt: &str, negative: &str, guided: bool) -> Result<TextStates> {
         let key = (prompt.to_owned(), negative.to_owned(), guided);
         let mut last = self.last_prompt.lock().expect("no panic while encoding");
-        if let Some((_, context, warnings)) = last.as_ref().filter(|(k, ..)| *k == key) {
-            return Ok((context.clone(), warnings.clone()));
+        if let Some((_, states)) = last.as_ref().filter(|(k, _)| *k == key) {
+            return Ok(states.clone());
         }
-        let mut warnings = Vec::new();
-        let mut tokenize = |label: &str, text: &str| -> Result<Vec<u32>> {
-            let tokens = self.tokenizer.encode(text)?;
-            if tokens.dropped > 0 {
-                warnings.push(format!(
-                    "the {label} is longer than CLIP's {} tokens: its last {} tokens were dropped",
-                    self.tokenizer.max_length - 2,
-                    tokens.dropped
-                ));
-            }
-            Ok(tokens.ids)
-        };
-        let cond = tokenize("prompt", prompt)?;
-        let ids = if guided { vec![tokenize("negative prompt", negative)?, cond] } else { vec![cond] };
-        let context = self.text_encoder()?.forward(&ids);
+        let positive = prompt::chunks(&self.tokenizer, prompt)?;
+        let negative = if guided { prompt::chunks(&self.tokenizer, negative)? } else { Vec::new() };
+        let chunks: Vec<_> = negative.iter().chain(&positive).collect();
+        let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
+        let hidden = emphasize(self.text_encoder()?.forward(&ids), &chunks);
         self.device.memory_cleanup();
-        *last = Some((key, context.clone(), warnings.clone()));
-        Ok((context, warnings))
+        let states = TextStates::new(hidden, negative.len(), guided);
+        *last = Some((key, states.clone()));
+        Ok(states)
     }
 
     /// Validates `req`, encodes the prompt and prepares the initial latents.
@@ -265,8 +257,8 @@ impl StableDiffusion {
         let scheduler = schedulers::build(kind, &self.scheduler_config, steps)?;
         // diffusers guides only above 1; SD-Turbo and LCM run at 0 or 1 with one UNet pass.
         let guided = guidance > 1.0;
-        let (context, warnings) = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
-        Ok(Setup { scheduler, kind, steps, guidance, guided, context, warnings, rng: NormalRng::new(req.seed.unwrap_or(0)), device: self.device.clone() })
+        let text = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
+        Ok(Setup { scheduler, kind, steps, guidance, text, warnings: Vec::new(), rng: NormalRng::new(req.seed.unwrap_or(0)), device: self.device.clone() })
     }
 
     /// Encodes `image` `[1, 3, H, W]` in [-1, 1] to scaled latents as diffusers'
@@ -305,8 +297,7 @@ struct Setup {
     kind: SchedulerKind,
     steps: usize,
     guidance: f64,
-    guided: bool,
-    context: Tensor<3>,
+    text: TextStates,
     warnings: Vec<String>,
     rng: NormalRng,
     device: Device,
@@ -336,9 +327,8 @@ impl Setup {
             shape: latents.dims(),
             scheduler: self.scheduler,
             latents,
-            context: self.context,
+            text: self.text,
             guidance: self.guidance,
-            guided: self.guided,
             begin,
             index: begin,
             noise,
@@ -387,9 +377,8 @@ struct MaskBlend {
 pub struct Denoising {
     scheduler: Box<dyn Scheduler>,
     latents: Tensor<4>,
-    context: Tensor<3>,
+    text: TextStates,
     guidance: f64,
-    guided: bool,
     /// The first call's index into the scheduler's timesteps (img2img starts part-way).
     begin: usize,
     /// The next call's index.
@@ -470,8 +459,7 @@ impl Denoising {
 
     /// The UNet's prediction for `input` (latents and extra channels) at timestep `t`.
     fn predict(&self, pipe: &StableDiffusion, input: Tensor<4>, t: f64) -> Tensor<4> {
-        let guidance = self.guided.then_some(self.guidance);
-        predict(&pipe.unet, input, t, &self.context, self.conditioning.class_label, guidance)
+        predict(&pipe.unet, input, t, &self.text, self.conditioning.class_label, self.guidance)
     }
 
     /// The final latents, before VAE scaling.
@@ -486,16 +474,68 @@ impl Denoising {
     }
 }
 
-/// The UNet's prediction for `input` at timestep `t`. With `guidance`, classifier-free guided:
-/// `context` is `[uncond, cond]`, both run as one batch, and the result is
-/// `uncond + guidance × (cond − uncond)`.
-pub fn predict(unet: &UNet2DConditionModel, input: Tensor<4>, t: f64, context: &Tensor<3>, class_label: Option<usize>, guidance: Option<f64>) -> Tensor<4> {
-    let Some(guidance) = guidance else {
-        return unet.forward_with_class(input, t, context, class_label);
+/// The text states the UNet attends to (`[n, 77·k, D]`, k chunks of a prompt).
+#[derive(Clone)]
+pub enum TextStates {
+    /// No guidance: the prompt's.
+    Single(Tensor<3>),
+    /// Guidance, both prompts of one length: `[negative, prompt]`, run as one batch.
+    Paired(Tensor<3>),
+    /// Guidance, lengths that differ: two UNet calls a step (A1111 pads neither to the other).
+    Separate { negative: Tensor<3>, prompt: Tensor<3> },
+}
+
+impl TextStates {
+    /// From the encoder's `[chunks, 77, D]`: the negative prompt's `negatives` chunks first.
+    fn new(hidden: Tensor<3>, negatives: usize, guided: bool) -> Self {
+        let [chunks, len, d] = hidden.dims();
+        let join = |from: usize, n: usize| hidden.clone().narrow(0, from, n).reshape([1, n * len, d]);
+        match (guided, chunks - negatives) {
+            (false, _) => Self::Single(join(0, chunks)),
+            (true, n) if n == negatives => Self::Paired(Tensor::cat(vec![join(0, n), join(n, n)], 0)),
+            (true, n) => Self::Separate { negative: join(0, negatives), prompt: join(negatives, n) },
+        }
+    }
+
+    /// Every value's sum, to check that all are finite.
+    pub fn sum(&self) -> Tensor<1> {
+        match self {
+            Self::Single(states) | Self::Paired(states) => states.clone().sum(),
+            Self::Separate { negative, prompt } => negative.clone().sum() + prompt.clone().sum(),
+        }
+    }
+}
+
+/// A1111's default ("Original") emphasis: each position's states times its weight, then
+/// each chunk rescaled to the mean it had before. Unweighted prompts are left as they are.
+fn emphasize(hidden: Tensor<3>, chunks: &[&prompt::Chunk]) -> Tensor<3> {
+    if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
+        return hidden;
+    }
+    let [n, len, _] = hidden.dims();
+    let weights: Vec<f32> = chunks.iter().flat_map(|c| c.weights.iter().copied()).collect();
+    let weights = Tensor::<3>::from_data(TensorData::new(weights, [n, len, 1]), &hidden.device());
+    let mean = |t: &Tensor<3>| t.clone().mean_dim(2).mean_dim(1);
+    let before = mean(&hidden);
+    let weighted = hidden * weights;
+    let after = mean(&weighted);
+    weighted * (before / after)
+}
+
+/// The UNet's prediction for `input` at timestep `t`; with both prompts' states,
+/// classifier-free guided: `uncond + guidance × (cond − uncond)`.
+pub fn predict(unet: &UNet2DConditionModel, input: Tensor<4>, t: f64, text: &TextStates, class_label: Option<usize>, guidance: f64) -> Tensor<4> {
+    let (uncond, cond) = match text {
+        TextStates::Single(states) => return unet.forward_with_class(input, t, states, class_label),
+        TextStates::Paired(states) => {
+            let mut halves = unet.forward_with_class(Tensor::cat(vec![input.clone(), input], 0), t, states, class_label).chunk(2, 0);
+            let cond = halves.pop().expect("two halves");
+            (halves.pop().expect("two halves"), cond)
+        }
+        TextStates::Separate { negative, prompt } => {
+            (unet.forward_with_class(input.clone(), t, negative, class_label), unet.forward_with_class(input, t, prompt, class_label))
+        }
     };
-    let mut halves = unet.forward_with_class(Tensor::cat(vec![input.clone(), input], 0), t, context, class_label).chunk(2, 0);
-    let cond = halves.pop().expect("two halves");
-    let uncond = halves.pop().expect("two halves");
     uncond.clone() + (cond - uncond).mul_scalar(guidance)
 }
 
