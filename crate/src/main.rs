@@ -143,8 +143,12 @@ struct CommonArgs {
     /// (for generate what diffusers calls `latents=`; for img2img the noise added to the image).
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// The PNG to write; with --count N, OUT-1.png … OUT-N.png.
     #[arg(long)]
     out: PathBuf,
+    /// Images to make one after another, with seeds s, s+1, … (A1111's batch count).
+    #[arg(long, default_value_t = 1)]
+    count: u64,
     #[arg(long, value_enum, default_value = "wgpu")]
     backend: Backend,
 }
@@ -323,12 +327,15 @@ fn read_image(path: &Path) -> Result<Image8> {
     Image8::decode_png(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// Translates the common arguments, the mode and its size into a [`Job`], runs it with
-/// progress on stderr and writes its PNG. Without `--seed` a random one is drawn, except for
-/// text-to-image from a latents file, where the seed only feeds ancestral steps (then seeded
-/// with 0, and the PNG records no seed).
+/// Translates the common arguments, the mode and its size into [`Job`]s (one per `--count`),
+/// runs them with progress on stderr and writes their PNGs. Without `--seed` a random one is
+/// drawn, except for text-to-image from a latents file, where the seed only feeds ancestral
+/// steps (then seeded with 0, and the PNG records no seed).
 fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
-    let out = Output::claim(&args.out)?;
+    if args.count == 0 || (args.count > 1 && args.latents.is_some()) {
+        return Err(Error::Invalid("--count must be at least 1, and more than one image needs seeds, not --latents".into()));
+    }
+    let outs = numbered(&args.out, args.count).iter().map(|path| Ok((Output::claim(path)?, path.clone()))).collect::<Result<Vec<_>>>()?;
     let kind = args.scheduler.as_deref().map(SchedulerKind::from_name).transpose()?;
     let latents = args.latents.as_deref().map(npy::read).transpose()?;
 
@@ -344,9 +351,6 @@ fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
 
     let needs_seed = !matches!(mode, Mode::TextToImage) || latents.is_none();
     let seed = args.seed.or_else(|| needs_seed.then(random_seed));
-    if let Some(seed) = seed {
-        eprintln!("seed {seed}");
-    }
     let request = Request {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -359,22 +363,42 @@ fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
         latents,
         step_noise: None,
     };
-    let mut run = pipe.run(Job { request, mode })?;
+    for ((out, path), i) in outs.into_iter().zip(0..) {
+        let seed = seed.map(|s| s + i);
+        if let Some(seed) = seed {
+            eprintln!("seed {seed}");
+        }
+        let job = Job { request: Request { seed, ..request.clone() }, mode: mode.clone() };
+        make(&pipe, job, out)?;
+        eprintln!("wrote {} in {:.1}s", path.display(), started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// `out` itself for one image, else `STEM-1.EXT` … `STEM-N.EXT` beside it.
+fn numbered(out: &Path, count: u64) -> Vec<PathBuf> {
+    if count == 1 {
+        return vec![out.to_owned()];
+    }
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = out.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    (1..=count).map(|i| out.with_file_name(format!("{stem}-{i}{ext}"))).collect()
+}
+
+/// Runs one job, printing each step, and commits its PNG to `out`.
+fn make(pipe: &StableDiffusion, job: Job, out: Output) -> Result<()> {
+    let mut run = pipe.run(job)?;
     for warning in run.warnings() {
         eprintln!("warning: {warning}");
     }
     let loop_start = Instant::now();
     while !run.finished() {
-        run.step(&pipe)?;
+        run.step(pipe)?;
         let probe = run.probe();
         probe.check(&read_back(probe.tensor.clone())?)?;
         eprintln!("step {}/{} ({:.1}s)", run.done(), run.total(), loop_start.elapsed().as_secs_f64());
     }
-    let png = run.png(&read_back(run.decode(&pipe))?)?;
-    out.commit(&png)?;
-    let (width, height) = run.size();
-    eprintln!("wrote {} ({width}x{height}) in {:.1}s", args.out.display(), started.elapsed().as_secs_f64());
-    Ok(())
+    out.commit(&run.png(&read_back(run.decode(pipe))?)?)
 }
 
 fn read_back(values: Tensor<1>) -> Result<Vec<f32>> {

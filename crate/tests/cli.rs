@@ -99,7 +99,20 @@ fn img2img_writes_image_with_parameters() {
     assert_eq!((w, h), (64, 64));
     assert_eq!(text, "a hill\nSteps: 4, Sampler: Euler, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: sd1-tiny, Denoising strength: 0.5");
     assert_eq!(with_seed("7").0, first, "a seed gives the same image");
-    assert_ne!(with_seed("8").0, first, "another seed gives another image");
+    let (second, ..) = with_seed("8");
+    assert_ne!(second, first, "another seed gives another image");
+
+    // A batch: seeds 7 and 8 into batch-1.png and batch-2.png, the same images as one by one.
+    let batch = out.with_file_name("batch.png");
+    let args = ["img2img", "--model", &model, "--prompt", "a hill", "--init-image", &init, "--strength", "0.5", "--steps", "4", "--scheduler", "euler"];
+    let result = kiln(&[&args[..], &["--seed", "7", "--count", "2", "--out", batch.to_str().unwrap()]].concat());
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(!batch.exists(), "numbered files only");
+    for (n, (expected, seed)) in [(&first, "7"), (&second, "8")].into_iter().enumerate() {
+        let bytes = std::fs::read(out.with_file_name(format!("batch-{}.png", n + 1))).expect("numbered PNG");
+        assert_eq!(&common::read_png(&bytes).0, expected, "image {} of the batch", n + 1);
+        assert!(png_texts(&bytes)[0].1.contains(&format!("Seed: {seed},")), "its own seed");
+    }
 }
 
 #[test]
@@ -186,6 +199,9 @@ fn bad_sizes_are_refused() {
     let out = out.to_str().unwrap();
     fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--width", "100", "--out", out], "width 100 is not a positive multiple of 32");
     fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--height", "72", "--out", out], "height 72");
+    fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "a (cat:1.2.3)", "--out", out], "the emphasis weight \"1.2.3\" in \":1.2.3)\" is not a number");
+    let latents = fixture("editing/img2img-ddim-0.8.latents.npy");
+    fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--count", "2", "--latents", &latents, "--out", out], "needs seeds, not --latents");
     // A size whose image would not fit one GPU buffer is refused before anything runs.
     fails_with(
         &["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--width", "4096", "--height", "4096", "--out", out],

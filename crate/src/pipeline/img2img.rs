@@ -11,6 +11,7 @@ use crate::npy;
 pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 /// What image-to-image adds to a [`Request`] (whose `latents` are the noise added to the image).
+#[derive(Clone)]
 pub struct Img2Img {
     /// The init image; its size is the output's and must suit the model (nothing is resized).
     pub image: Image8,

@@ -17,6 +17,7 @@ pub const MAX_MASK_BLUR: f32 = 64.0;
 pub const DEFAULT_STRENGTH: f64 = 1.0;
 
 /// What inpainting adds to a [`Request`] (whose `latents` are the initial noise).
+#[derive(Clone)]
 pub struct Inpaint {
     /// The image to repaint; its size is the output's and must suit the model.
     pub image: Image8,

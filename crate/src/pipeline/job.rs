@@ -11,6 +11,7 @@ use super::{Denoising, Request, StableDiffusion};
 use crate::error::{Error, Result};
 
 /// Which pipeline runs, with the inputs it adds to the [`Request`].
+#[derive(Clone)]
 pub enum Mode {
     TextToImage,
     ImageToImage(Img2Img),

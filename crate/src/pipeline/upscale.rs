@@ -48,6 +48,7 @@ impl UpscalerConfig {
 }
 
 /// What upscaling adds to a [`Request`] (whose `latents` are the initial noise).
+#[derive(Clone)]
 pub struct Upscale {
     /// The low-resolution image; the output is the VAE factor (4) times its size.
     pub image: Image8,
