@@ -15,6 +15,7 @@ use crate::bench::Components;
 use crate::files::MemoryFiles;
 use crate::pipeline::image_processor::Image8;
 use crate::pipeline::img2img::{self, Img2Img};
+use crate::pipeline::infotext::{self, Infotext};
 use crate::pipeline::inpaint::{self, Inpaint};
 use crate::pipeline::upscale::{self, Upscale};
 use crate::pipeline::{Job, Mode, Request, Run, StableDiffusion};
@@ -339,15 +340,22 @@ impl Engine {
     }
 
     /// Resolves once the GPU has caught up with the queued steps (an 8-byte readback), so
-    /// progress is real and a cancel lands within one step; rejects on NaN or Inf.
-    pub fn wait(&self) -> js_sys::Promise {
-        let probe = self.run.as_ref().map(Run::probe);
+    /// progress is real and a cancel lands within one step; rejects on NaN or Inf. With
+    /// `preview`, resolves to the image as it forms (`{ width, height, rgba }`, one pixel per
+    /// latent pixel) when the model has one, else to `undefined`.
+    pub fn wait(&self, preview: bool) -> js_sys::Promise {
+        let probe = self.run.as_ref().map(|run| run.probe(preview));
         wasm_bindgen_futures::future_to_promise(async move {
-            if let Some(probe) = probe {
-                let values = read_back(probe.tensor.clone()).await?;
-                probe.check(&values).map_err(run_error)?;
-            }
-            Ok(JsValue::UNDEFINED)
+            let Some(probe) = probe else { return Ok(JsValue::UNDEFINED) };
+            let values = read_back(probe.tensor.clone()).await?;
+            probe.check(&values).map_err(run_error)?;
+            Ok(probe.preview(&values).map_or(JsValue::UNDEFINED, |p| {
+                let object = js_sys::Object::new();
+                for (key, value) in [("width", JsValue::from(p.width)), ("height", p.height.into()), ("rgba", js_sys::Uint8ClampedArray::from(p.rgba.as_slice()).into())] {
+                    js_sys::Reflect::set(&object, &key.into(), &value).expect("a plain object takes any key");
+                }
+                object.into()
+            }))
         })
     }
 
@@ -366,6 +374,14 @@ impl Engine {
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         }))
     }
+}
+
+/// The settings a PNG's `parameters` text carries (Kiln's or Automatic1111's), as
+/// `infotext::Settings`; fails when the file is no PNG or carries no such text.
+#[wasm_bindgen]
+pub fn png_info(bytes: &[u8]) -> Result<JsValue, JsError> {
+    let text = infotext::read_png(bytes).map_err(js_err)?.ok_or_else(|| js_err("this PNG carries no generation parameters (Kiln and Automatic1111 write them)"))?;
+    serde_wasm_bindgen::to_value(&Infotext::parse(&text).settings()).map_err(js_err)
 }
 
 #[wasm_bindgen]

@@ -99,6 +99,11 @@ fn img2img_writes_image_with_parameters() {
     assert_eq!((w, h), (64, 64));
     assert_eq!(text, "a hill\nSteps: 4, Sampler: Euler, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: sd1-tiny, Denoising strength: 0.5");
     assert_eq!(with_seed("7").0, first, "a seed gives the same image");
+    // One step at strength 0.5 would run none (SD-Turbo's default): 2 run, and the user is told.
+    let args = ["img2img", "--model", &model, "--prompt", "a hill", "--init-image", &init, "--strength", "0.5", "--steps", "1", "--out", out_str];
+    let result = kiln(&args);
+    assert!(stderr(&result).contains("warning: 1 steps × strength 0.5 would run none, so 2 steps are used"), "{}", stderr(&result));
+    assert!(png_texts(&std::fs::read(&out).unwrap())[0].1.contains("Steps: 2,"), "the PNG says what ran");
     let (second, ..) = with_seed("8");
     assert_ne!(second, first, "another seed gives another image");
 
@@ -163,7 +168,6 @@ fn bad_edit_inputs_are_refused() {
     };
     img2img(&sd1, &["--strength", "0"], "strength 0 is outside (0, 1]");
     img2img(&sd1, &["--strength", "1.5"], "strength 1.5 is outside (0, 1]");
-    img2img(&sd1, &["--steps", "1", "--strength", "0.5"], "steps × strength ≥ 1");
     img2img(&upscaler, &[], "use `kiln upscale`");
     img2img(&inpainting, &[], "use `kiln inpaint`");
     fails_with(&["generate", "--model", &inpainting, "--prompt", "x", "--out", out], "use `kiln inpaint`");

@@ -58,19 +58,40 @@ interface KilnOptions {
   iters: number;
 }
 
+/** Milliseconds per step of a guided generation, steps with and without the live preview
+ * alternating in one run, so both see the same machine. */
+async function stepTimes(engine: Engine, size: number, iters: number) {
+  engine.start({ mode: "txt2img", prompt: "a bench", steps: 2 * iters + 1, guidance: 7.5, scheduler: "euler", seed: 1, width: size, height: size });
+  engine.step();
+  await engine.wait(true);
+  const ms = { plain: 0, preview: 0 };
+  for (let i = 0; i < 2 * iters; i++) {
+    const preview = i % 2 === 1;
+    const start = performance.now();
+    engine.step();
+    await engine.wait(preview);
+    ms[preview ? "preview" : "plain"] += (performance.now() - start) / iters;
+  }
+  engine.cancel();
+  return { step_ms: ms.plain, step_ms_with_preview: ms.preview, preview_cost: (ms.preview - ms.plain) / ms.plain };
+}
+
 /** Kiln's three calls; also the UNet call's inputs and output, for the peer to check against. */
 async function kiln({ model, backend, size, batch, iters }: KilnOptions) {
   await init({ module_or_path: new URL("./kiln_bg.wasm", location.href) });
   const engine = await Engine.create(backend);
   let bench: Bench;
+  let steps = {};
   if (model.includes("/")) {
     await loadFolder(engine, model);
+    steps = await stepTimes(engine, size, 2 * iters);
     bench = engine.bench(size, batch);
   } else {
     bench = engine.bench_random(model, size, batch);
   }
   const unet = await time(iters, () => bench.call("unet"));
   return {
+    ...steps,
     text_encoder_ms: (await time(iters, () => bench.call("text_encoder"))).ms,
     unet_ms_per_call: unet.ms,
     dispatches_per_unet_call: unet.dispatches,

@@ -145,3 +145,6 @@ for (const r of results) {
   const cells = [r.browser.unet_ms_per_call, o?.webgpu.unet_ms_per_call, r.browser_cpu?.unet_ms_per_call, o?.wasm.unet_ms_per_call, r.native.unet_ms_per_call].map(ms);
   console.log(`${r.model} | ${cells.join(" | ")} | ${r.browser.dispatches_per_unet_call} / ${o?.webgpu.dispatches_per_unet_call ?? "–"} | ${r.browser.submits_per_unet_call}`);
 }
+for (const { model, browser: b } of results.filter((r) => r.browser.step_ms !== undefined)) {
+  console.log(`${model}: a guided step in the page takes ${ms(b.step_ms)} ms, ${ms(b.step_ms_with_preview)} ms with the live preview (${(100 * b.preview_cost).toFixed(1)}%)`);
+}

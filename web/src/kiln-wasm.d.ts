@@ -2,6 +2,7 @@
 // into worker.js under this name. Typed by hand so the page type-checks without a wasm build.
 declare module "kiln-wasm" {
   export default function init(options: { module_or_path: URL }): Promise<unknown>;
+  export function png_info(png: Uint8Array): import("./protocol").PngInfo;
 
   export class Engine {
     static create(backend: "webgpu" | "cpu"): Promise<Engine>;
@@ -15,7 +16,7 @@ declare module "kiln-wasm" {
     start(request: import("./protocol").GenerateRequest): import("./protocol").Started;
     step(): number;
     finished(): boolean;
-    wait(): Promise<void>;
+    wait(preview: boolean): Promise<import("./protocol").Preview | undefined>;
     cancel(): void;
     finish(): Promise<Uint8Array>;
   }

@@ -5,10 +5,12 @@ import { modelStatus, removeModel } from "./cache";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
 import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
 import { LAYOUT, type Precision } from "./model";
+import { drawPreview } from "./preview";
 import {
   MODES,
   PRESETS,
   defaultStrength,
+  fromPngInfo,
   fromQuery,
   modelDefaults,
   normalizeModelUrl,
@@ -60,6 +62,10 @@ const ui = {
   noiseLevel: $<HTMLInputElement>("noise-level"),
   generate: $<HTMLButtonElement>("generate"),
   cancel: $<HTMLButtonElement>("cancel"),
+  previewOn: $<HTMLInputElement>("live-preview-on"),
+  pngInfo: $<HTMLInputElement>("png-info"),
+  pngUnused: $("png-info-unused"),
+  livePreview: $<HTMLCanvasElement>("live-preview"),
   share: $<HTMLAnchorElement>("share"),
   status: $("status"),
   bar: $<HTMLProgressElement>("bar"),
@@ -169,10 +175,7 @@ function showMode(): void {
 /** A new mode starts from diffusers' defaults for it. */
 function changeMode(mode: Mode): void {
   for (const radio of ui.modes) radio.checked = radio.value === mode;
-  const strength = defaultStrength(mode);
-  ui.strength.value = String(strength);
-  // diffusers runs int(steps × strength) steps: a one-step model (SD-Turbo) needs more to run any.
-  if (mode !== "txt2img" && mode !== "upscale" && Number(ui.steps.value) * strength < 1) ui.steps.value = String(Math.ceil(1 / strength));
+  ui.strength.value = String(defaultStrength(mode));
   settings = readControls();
   showMode();
   publish();
@@ -270,9 +273,12 @@ function modelRef(): ModelRef {
   return { base: settings.model, precision: settings.precision, backend: backend!.kind };
 }
 
-function send(msg: Exclude<ToWorker, { type: "cancel" }>): void {
-  // One model on the GPU at a time: another model gets a fresh worker (and device).
-  const key = modelKey({ model: msg.base, precision: msg.precision });
+function send(msg: Exclude<ToWorker, { type: "cancel" | "png-info" }>): void {
+  workerFor(modelKey({ model: msg.base, precision: msg.precision })).postMessage(msg);
+}
+
+/** The worker for model `key`: one model on the GPU at a time, so another gets a fresh worker (and device). */
+function workerFor(key: string): Worker {
   if (workerModel !== key) stopWorker();
   workerModel = key;
   if (!worker) {
@@ -283,7 +289,29 @@ function send(msg: Exclude<ToWorker, { type: "cancel" }>): void {
       fail("crash", e.message || "the worker could not start");
     };
   }
-  worker.postMessage(msg);
+  return worker;
+}
+
+/** Asks the engine for the settings in a PNG's parameters text (answered as "png-info"). */
+async function readPngInfo(file: Blob, name: string): Promise<void> {
+  const png = new Uint8Array(await file.arrayBuffer());
+  workerFor(modelKey(settings)).postMessage({ type: "png-info", png, name } satisfies ToWorker, [png.buffer]);
+}
+
+function applyPngInfo({ name, info, problem }: Extract<FromWorker, { type: "png-info" }>): void {
+  ui.pngUnused.hidden = true;
+  if (!info) {
+    ui.error.textContent = `No settings read from ${name}: ${problem}`;
+    ui.error.hidden = false;
+    return;
+  }
+  ui.error.hidden = true;
+  settings = fromPngInfo(readControls(), info);
+  showSettings(settings);
+  publish();
+  ui.pngUnused.querySelector("ul")!.replaceChildren(...info.unused.map(([field, value]) => item(`${field}: ${value}`)));
+  ui.pngUnused.hidden = info.unused.length === 0;
+  if (!busy) setStatus(`Settings read from ${name}.`);
 }
 
 function stopWorker(): void {
@@ -314,6 +342,7 @@ function receive(msg: FromWorker): void {
     case "step":
       progress(msg.done, msg.total);
       setStatus(`Generating: step ${msg.done} of ${msg.total}`);
+      if (msg.preview) drawPreview(ui.livePreview, msg.preview);
       break;
     case "image":
       showImage(msg.png);
@@ -321,6 +350,9 @@ function receive(msg: FromWorker): void {
       break;
     case "cancelled":
       finish("Cancelled.");
+      break;
+    case "png-info":
+      applyPngInfo(msg);
       break;
     case "error":
       fail(msg.kind, msg.message);
@@ -357,7 +389,7 @@ function generate(): void {
   ui.initImage.setCustomValidity(mode !== "txt2img" && !initImage ? "Choose an image: a file, or drop or paste one on the page." : "");
   if (!ui.form.reportValidity()) return;
   publish();
-  ui.error.hidden = ui.result.hidden = true;
+  ui.error.hidden = ui.result.hidden = ui.livePreview.hidden = true;
   ui.warnings.replaceChildren();
   busy = true;
   run = { seed: settings.seed, startedAt: performance.now() };
@@ -388,13 +420,14 @@ function generate(): void {
     request.mask_blur = settings.maskBlur;
   }
   if (mode === "upscale") request.noise_level = settings.noiseLevel;
-  send({ type: "generate", ...modelRef(), request });
+  send({ type: "generate", ...modelRef(), request, preview: ui.previewOn.checked });
 }
 
 /** The worker is idle again; `status` is the new progress line. */
 function finish(status = ""): void {
   busy = false;
   run = null;
+  ui.livePreview.hidden = true;
   ui.generate.disabled = false;
   ui.cancel.disabled = true;
   ui.bar.hidden = true;
@@ -550,12 +583,27 @@ function wire(): void {
     const file = e.dataTransfer!.files[0];
     if (file) void useImage(file, file.name);
   });
-  // Paste an image anywhere; pasted text goes where it normally goes.
+  // Paste an image anywhere (into the prompt: its settings); pasted text goes where it normally goes.
   document.addEventListener("paste", (e) => {
     const file = [...(e.clipboardData?.files ?? [])].find((f) => f.type.startsWith("image/"));
     if (!file) return;
     e.preventDefault();
-    void useImage(file, file.name || "pasted image");
+    if (e.target === ui.prompt) void readPngInfo(file, file.name || "the pasted image");
+    else void useImage(file, file.name || "pasted image");
+  });
+  // A PNG dropped on the prompt gives its settings, as in Automatic1111.
+  ui.prompt.addEventListener("drop", (e) => {
+    const file = e.dataTransfer?.files[0];
+    if (!file) return;
+    e.preventDefault();
+    e.stopPropagation();
+    document.body.classList.remove("dragging");
+    void readPngInfo(file, file.name);
+  });
+  ui.pngInfo.addEventListener("change", () => {
+    const file = ui.pngInfo.files?.[0];
+    if (file) void readPngInfo(file, file.name);
+    ui.pngInfo.value = "";
   });
   ui.useResult.addEventListener("click", () => {
     if (result) void useImage(new Blob([result.png as BlobPart], { type: "image/png" }), result.name);

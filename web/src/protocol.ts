@@ -41,6 +41,13 @@ export interface Started {
   warnings: string[];
 }
 
+/** The image as it forms: one pixel per latent pixel, for the page to scale up. */
+export interface Preview {
+  width: number;
+  height: number;
+  rgba: Uint8ClampedArray;
+}
+
 export interface FileProgress {
   path: string;
   received: number;
@@ -60,7 +67,27 @@ export interface ModelRef {
   backend: Backend["kind"];
 }
 
-export type ToWorker = ({ type: "load" } & ModelRef) | ({ type: "generate"; request: GenerateRequest } & ModelRef) | { type: "cancel" };
+export type ToWorker =
+  | ({ type: "load" } & ModelRef)
+  | ({ type: "generate"; request: GenerateRequest; preview: boolean } & ModelRef)
+  | { type: "cancel" }
+  | { type: "png-info"; png: Uint8Array; name: string };
+
+/** What the engine's `png_info` reads from a PNG's `parameters` text (Kiln's or A1111's). */
+export interface PngInfo {
+  prompt: string;
+  negative_prompt: string;
+  steps?: number;
+  /** As Kiln names schedulers (A1111's sampler names mapped). */
+  scheduler?: string;
+  guidance?: number;
+  seed?: number;
+  width?: number;
+  height?: number;
+  strength?: number;
+  /** Fields Kiln has no setting for, or could not read, as written. */
+  unused: [string, string][];
+}
 
 /**
  * - download: a file failed (network, 404, corrupt); nothing bad was kept, a retry continues.
@@ -75,7 +102,8 @@ export type FromWorker =
   | { type: "uploading"; done: number; total: number }
   | { type: "loaded"; base: string; info: ModelInfo }
   | { type: "started"; started: Started }
-  | { type: "step"; done: number; total: number }
+  | { type: "step"; done: number; total: number; preview?: Preview }
   | { type: "image"; png: Uint8Array }
   | { type: "cancelled" }
+  | { type: "png-info"; name: string; info: PngInfo | null; problem?: string }
   | { type: "error"; kind: ErrorKind; message: string };

@@ -3,6 +3,7 @@
 // input image or mask, which never leave the device).
 import { BACKEND_CHOICES, type BackendChoice } from "./backend";
 import { LAYOUT, type Precision } from "./model";
+import type { PngInfo } from "./protocol";
 
 export interface Preset {
   id: string;
@@ -126,4 +127,20 @@ function num(value: string | null): number | null {
   if (value === null || value.trim() === "") return null;
   const n = Number(value);
   return Number.isFinite(n) ? n : null;
+}
+
+/** `current` with what a PNG's parameters set (the engine read them: see `PngInfo`). */
+export function fromPngInfo(current: Settings, info: PngInfo): Settings {
+  return {
+    ...current,
+    prompt: info.prompt,
+    negativePrompt: info.negative_prompt,
+    steps: info.steps ?? current.steps,
+    scheduler: info.scheduler ?? current.scheduler,
+    guidance: info.guidance ?? current.guidance,
+    seed: info.seed ?? current.seed,
+    width: info.width ?? current.width,
+    height: info.height ?? current.height,
+    strength: info.strength ?? current.strength,
+  };
 }

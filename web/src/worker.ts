@@ -2,7 +2,7 @@
 // cache to the GPU, and runs generations one step at a time so the page sees progress and
 // a cancel lands within one step. The page replaces the whole worker after a crash or a
 // lost device, since the wasm module cannot be trusted after either.
-import init, { Engine } from "kiln-wasm";
+import init, { Engine, png_info } from "kiln-wasm";
 import {
   CorruptDownload,
   NetworkError,
@@ -65,6 +65,10 @@ let epoch = 0;
 
 scope.onmessage = (event: MessageEvent<ToWorker>) => {
   const msg = event.data;
+  if (msg.type === "png-info") {
+    void readPngInfo(msg.png, msg.name);
+    return;
+  }
   if (msg.type === "cancel") {
     epoch++;
     current?.abort();
@@ -109,11 +113,11 @@ scope.addEventListener("error", (event: ErrorEvent) => {
   crash(event.message);
 });
 
-async function run(msg: Exclude<ToWorker, { type: "cancel" }>): Promise<void> {
+async function run(msg: Exclude<ToWorker, { type: "cancel" | "png-info" }>): Promise<void> {
   const abort = (current = new AbortController());
   try {
     await ensureModel(msg, abort.signal);
-    if (msg.type === "generate") await generate(msg.request, abort.signal);
+    if (msg.type === "generate") await generate(msg.request, msg.preview, abort.signal);
   } catch (e) {
     if (abort.signal.aborted) post({ type: "cancelled" });
     else {
@@ -140,8 +144,22 @@ function describe(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
+let wasm: Promise<unknown> | null = null;
+/** Instantiates the wasm module once, whoever asks first. */
+const loadWasm = () => (wasm ??= init({ module_or_path: new URL("./kiln_bg.wasm", import.meta.url) }));
+
+/** Answered at once, even while a generation runs: it needs no model. */
+async function readPngInfo(png: Uint8Array, name: string): Promise<void> {
+  await loadWasm();
+  try {
+    post({ type: "png-info", name, info: png_info(png) });
+  } catch (e) {
+    post({ type: "png-info", name, info: null, problem: describe(e) });
+  }
+}
+
 async function createEngine(backend: ModelRef["backend"]): Promise<Engine> {
-  await init({ module_or_path: new URL("./kiln_bg.wasm", import.meta.url) });
+  await loadWasm();
   try {
     return await Engine.create(backend);
   } catch (e) {
@@ -272,7 +290,7 @@ function uploadProgress(total: number): (bytes: number) => void {
   };
 }
 
-async function generate(request: GenerateRequest, signal: AbortSignal): Promise<void> {
+async function generate(request: GenerateRequest, preview: boolean, signal: AbortSignal): Promise<void> {
   const running = engine!;
   let started;
   try {
@@ -288,9 +306,9 @@ async function generate(request: GenerateRequest, signal: AbortSignal): Promise<
         throw new Error("cancelled");
       }
       const done = running.step();
-      await running.wait();
+      const image = await running.wait(preview && !running.finished());
       if (kernelFailure) throw new Error(kernelFailure);
-      post({ type: "step", done, total: started.total });
+      post({ type: "step", done, total: started.total, preview: image }, image ? [image.rgba.buffer] : []);
     }
     const png = await running.finish();
     if (kernelFailure) throw new Error(kernelFailure);

@@ -39,15 +39,24 @@ pub(super) fn check_strength(strength: f64) -> Result<f64> {
 
 /// diffusers' `get_timesteps`: the schedule for `steps` is kept from call `t_start` on, where
 /// `t_start = steps - min(int(steps * strength), steps)` (every supported scheduler has order 1).
-pub(super) fn begin_index(steps: usize, strength: f64) -> Result<usize> {
-    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
-    if init_timestep == 0 {
-        return Err(Error::Invalid(format!(
-            "steps {steps} × strength {strength} leaves no step to run (diffusers runs int(steps × strength) of them); \
-             raise the steps or the strength so that steps × strength ≥ 1 (SD-Turbo: e.g. 2 steps at strength 0.5)"
-        )));
+pub(super) fn begin_index(steps: usize, strength: f64) -> usize {
+    steps - ((steps as f64 * strength) as usize).min(steps)
+}
+
+/// `req` with enough steps that `strength` leaves at least one to run: one-step models
+/// (SD-Turbo) at strength 0.5 get 2, as diffusers' SD-Turbo guide does, and a warning says so.
+pub(super) fn with_enough_steps(req: Request, strength: f64) -> (Request, Option<String>) {
+    let steps = req.steps.unwrap_or(DEFAULT_STEPS);
+    let runs = |n: usize| (n as f64 * strength) as usize >= 1;
+    if runs(steps) {
+        return (req, None);
     }
-    Ok(steps - init_timestep)
+    let mut raised = (1.0 / strength).ceil() as usize;
+    while !runs(raised) {
+        raised += 1;
+    }
+    let warning = format!("{steps} steps × strength {strength} would run none, so {raised} steps are used (at least one must run)");
+    (Request { steps: Some(raised), ..req }, Some(warning))
 }
 
 impl StableDiffusion {
@@ -57,8 +66,10 @@ impl StableDiffusion {
         self.require_unet("image-to-image", self.latent_channels(), false)?;
         let (width, height) = self.image_size(&req, &input.image, "init image")?;
         let strength = check_strength(input.strength)?;
+        let (req, warning) = with_enough_steps(req, strength);
         let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
-        let begin = begin_index(setup.steps, strength)?;
+        setup.warnings.extend(warning);
+        let begin = begin_index(setup.steps, strength);
         let shape = self.latent_shape(width, height);
         let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
         let encode_noise = setup.normals(input.encode_noise, shape, "VAE sampling noise")?;
@@ -86,14 +97,26 @@ mod tests {
 
     #[test]
     fn begin_index_follows_get_timesteps() {
-        assert_eq!(begin_index(10, 1.0).unwrap(), 0);
-        assert_eq!(begin_index(10, 0.5).unwrap(), 5);
+        assert_eq!(begin_index(10, 1.0), 0);
+        assert_eq!(begin_index(10, 0.5), 5);
         // int(4 * 0.8) = 3 steps run.
-        assert_eq!(begin_index(4, 0.8).unwrap(), 1);
+        assert_eq!(begin_index(4, 0.8), 1);
         // 10 * 0.3 is 3.0000000000000004 in float64: 3 steps run, as in Python.
-        assert_eq!(begin_index(10, 0.3).unwrap(), 7);
-        let msg = begin_index(1, 0.5).unwrap_err().to_string();
-        assert!(msg.contains("steps × strength ≥ 1"), "{msg}");
+        assert_eq!(begin_index(10, 0.3), 7);
         assert!(check_strength(0.0).is_err() && check_strength(1.5).is_err() && check_strength(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn too_few_steps_for_the_strength_are_raised_with_a_warning() {
+        let steps = |n: usize, strength: f64| {
+            let (req, warning) = with_enough_steps(Request { steps: Some(n), ..Default::default() }, strength);
+            (req.steps.unwrap(), warning.is_some())
+        };
+        assert_eq!(steps(1, 0.5), (2, true));
+        assert_eq!(steps(1, 0.3), (4, true));
+        assert_eq!(steps(2, 0.5), (2, false));
+        assert_eq!(steps(4, 1.0), (4, false));
+        let (_, warning) = with_enough_steps(Request { steps: Some(1), ..Default::default() }, 0.5);
+        assert_eq!(warning.unwrap(), "1 steps × strength 0.5 would run none, so 2 steps are used (at least one must run)");
     }
 }

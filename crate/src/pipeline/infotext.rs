@@ -1,7 +1,10 @@
 //! Automatic1111's `parameters` text read back, as its `parse_generation_parameters` reads it:
 //! the prompt, the negative prompt, and the settings line's fields with their values as
 //! written (a JSON-quoted value unquoted). Kiln writes the same text ([`super::png`]).
+use serde::Serialize;
+
 use crate::error::{Error, Result};
+use crate::schedulers::SchedulerKind;
 
 /// The parts of a `parameters` text.
 #[derive(Debug, PartialEq)]
@@ -43,6 +46,46 @@ impl Infotext {
     pub fn field(&self, name: &str) -> Option<&str> {
         self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
+
+    /// The settings Kiln can apply, read from the fields; the others are kept to be shown.
+    pub fn settings(&self) -> Settings {
+        let mut settings = Settings { prompt: self.prompt.clone(), negative_prompt: self.negative_prompt.clone(), ..Settings::default() };
+        let scheduler = self.field("Sampler").and_then(|sampler| SchedulerKind::from_a1111(sampler, self.field("Schedule type")));
+        for (name, value) in &self.fields {
+            let applied = match name.as_str() {
+                "Steps" => value.parse().ok().map(|v| settings.steps = Some(v)),
+                "Sampler" | "Schedule type" => scheduler.map(|kind| settings.scheduler = Some(kind.name())),
+                "CFG scale" => value.parse().ok().map(|v| settings.guidance = Some(v)),
+                "Seed" => value.parse().ok().map(|v| settings.seed = Some(v)),
+                "Size" => value.split_once('x').and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?))).map(|(w, h)| {
+                    (settings.width, settings.height) = (Some(w), Some(h));
+                }),
+                "Denoising strength" => value.parse().ok().map(|v| settings.strength = Some(v)),
+                _ => None,
+            };
+            if applied.is_none() {
+                settings.unused.push((name.clone(), value.clone()));
+            }
+        }
+        settings
+    }
+}
+
+/// What Kiln applies of a `parameters` text, in its own terms (`scheduler` as `kiln
+/// --scheduler` names it).
+#[derive(Debug, Default, PartialEq, Serialize)]
+pub struct Settings {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: Option<usize>,
+    pub scheduler: Option<&'static str>,
+    pub guidance: Option<f64>,
+    pub seed: Option<u64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub strength: Option<f64>,
+    /// Fields Kiln has no setting for, or whose value it cannot read, as written.
+    pub unused: Vec<(String, String)>,
 }
 
 /// Every `Name: value` of a settings line, as A1111's pattern
@@ -182,6 +225,34 @@ mod tests {
             ])
         );
         assert_eq!(info.field("Seed"), Some("1234"));
+    }
+
+    #[test]
+    fn settings_are_what_kiln_can_apply_and_the_rest_is_kept() {
+        let text = "a castle\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, \
+                    Size: 512x768, Model hash: abc123, Denoising strength: 0.75, Clip skip: 2";
+        let settings = Infotext::parse(text).settings();
+        let expected = Settings {
+            prompt: "a castle".into(),
+            negative_prompt: "blurry".into(),
+            steps: Some(20),
+            scheduler: Some("dpmpp-2m-karras"),
+            guidance: Some(7.0),
+            seed: Some(1234),
+            width: Some(512),
+            height: Some(768),
+            strength: Some(0.75),
+            unused: pairs(&[("Model hash", "abc123"), ("Clip skip", "2")]),
+        };
+        assert_eq!(settings, expected);
+        // A1111 1.9 and later write the schedule apart; samplers Kiln lacks, and bad values, stay unused.
+        let sampler = |fields: &str| Infotext::parse(&format!("x\nSteps: 2, Seed: 3, {fields}")).settings();
+        assert_eq!(sampler("Sampler: DPM++ 2M, Schedule type: Karras").scheduler, Some("dpmpp-2m-karras"));
+        assert_eq!(sampler("Sampler: DPM++ 2M, Schedule type: Automatic").scheduler, Some("dpmpp-2m-karras"));
+        assert_eq!(sampler("Sampler: Euler a, Schedule type: Automatic").scheduler, Some("euler-a"));
+        assert_eq!(sampler("Sampler: PLMS").scheduler, Some("pndm"));
+        let unknown = sampler("Sampler: DPM++ SDE, Size: 5x");
+        assert_eq!((unknown.scheduler, unknown.unused), (None, pairs(&[("Sampler", "DPM++ SDE"), ("Size", "5x")])));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use burn::tensor::{Tensor, TensorData};
 
 use super::image_processor::{Image8, Mask};
-use super::img2img::{begin_index, check_strength};
+use super::img2img::{begin_index, check_strength, with_enough_steps};
 use super::{Conditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, MaskBlend, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::npy;
@@ -57,8 +57,10 @@ impl StableDiffusion {
             return Err(Error::Invalid(format!("mask blur {} must be between 0 and {MAX_MASK_BLUR} pixels", input.mask_blur)));
         }
         let strength = check_strength(input.strength)?;
+        let (req, warning) = with_enough_steps(req, strength);
         let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
-        let begin = begin_index(setup.steps, strength)?;
+        setup.warnings.extend(warning);
+        let begin = begin_index(setup.steps, strength);
         let shape = self.latent_shape(width, height);
         let [_, _, h, w] = shape;
         let mask = Mask::preprocess(&input.mask, input.mask_blur, self.vae.config.scale_factor());

@@ -6,6 +6,7 @@ use burn::tensor::Tensor;
 use super::img2img::Img2Img;
 use super::inpaint::Inpaint;
 use super::png::{self, GenerationParams};
+use super::preview::{self, Preview};
 use super::upscale::Upscale;
 use super::{Denoising, Request, StableDiffusion};
 use crate::error::{Error, Result};
@@ -104,10 +105,14 @@ impl Run {
 
     /// The sums of the latents and of the text states, to read back after a step: waiting for
     /// these 8 bytes makes progress real and lets a cancel land within a step, and any NaN or
-    /// Inf in either makes its sum non-finite ([`Probe::check`]).
-    pub fn probe(&self) -> Probe {
-        let tensor = Tensor::cat(vec![self.denoising.latents.clone().sum(), self.context_sum.clone()], 0);
-        Probe { tensor, done: self.done(), total: self.total() }
+    /// Inf in either makes its sum non-finite ([`Probe::check`]). With `preview`, followed by
+    /// the denoised latents for [`Probe::preview`].
+    pub fn probe(&self, preview: bool) -> Probe {
+        let sums = vec![self.denoising.latents.clone().sum(), self.context_sum.clone()];
+        let denoised = self.denoising.denoised().filter(|_| preview);
+        let shape = denoised.as_ref().map(Tensor::dims);
+        let tensor = Tensor::cat(sums.into_iter().chain(denoised.map(|d| d.flatten::<1>(0, 3))).collect(), 0);
+        Probe { tensor, done: self.done(), total: self.total(), shape }
     }
 
     /// Decodes the latents into `[3·H·W]` values mapped to [0, 1] (unclamped), still on the
@@ -132,15 +137,23 @@ pub struct Probe {
     pub tensor: Tensor<1>,
     done: usize,
     total: usize,
+    /// The denoised latents' shape, when they follow the sums.
+    shape: Option<[usize; 4]>,
 }
 
 impl Probe {
     /// Fails when the `values` read back from [`Probe::tensor`] are not finite, naming where.
     pub fn check(&self, values: &[f32]) -> Result<()> {
         match values {
-            [_, context] if !context.is_finite() => Err(Error::NonFinite("in the text encoder's output".into())),
-            [latents, _] if !latents.is_finite() => Err(Error::NonFinite(format!("in the latents after UNet step {}/{}", self.done, self.total))),
+            [_, context, ..] if !context.is_finite() => Err(Error::NonFinite("in the text encoder's output".into())),
+            [latents, ..] if !latents.is_finite() => Err(Error::NonFinite(format!("in the latents after UNet step {}/{}", self.done, self.total))),
             _ => Ok(()),
         }
+    }
+
+    /// The image as it forms, from the `values` read back (when asked for and the latent
+    /// space has RGB factors).
+    pub fn preview(&self, values: &[f32]) -> Option<Preview> {
+        preview::rgba(values.get(2..)?, self.shape?)
     }
 }

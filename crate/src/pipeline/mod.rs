@@ -8,6 +8,7 @@ pub mod infotext;
 pub mod inpaint;
 pub mod job;
 pub mod png;
+pub mod preview;
 pub mod prompt;
 pub mod rng;
 pub mod tiles;
@@ -333,6 +334,7 @@ impl Setup {
             index: begin,
             noise,
             conditioning,
+            last: None,
             warnings: self.warnings,
             kind: self.kind,
             steps: self.steps,
@@ -386,6 +388,8 @@ pub struct Denoising {
     noise: NoiseSource,
     shape: [usize; 4],
     conditioning: Conditioning,
+    /// The last call's index, latents before it and prediction, for [`Denoising::denoised`].
+    last: Option<(usize, Tensor<4>, Tensor<4>)>,
     /// Messages for the user (e.g. a truncated prompt).
     pub warnings: Vec<String>,
     pub kind: SchedulerKind,
@@ -428,6 +432,7 @@ impl Denoising {
             Some(tiles) => tiles.blend(input, |window| self.predict(pipe, window, t)),
             None => self.predict(pipe, input, t),
         };
+        self.last = Some((self.index, self.latents.clone(), prediction.clone()));
         let (shape, device) = (self.shape, pipe.device.clone());
         let mut missing_noise = false;
         let noise = &mut self.noise;
@@ -462,6 +467,12 @@ impl Denoising {
         predict(&pipe.unet, input, t, &self.text, self.conditioning.class_label, self.guidance)
     }
 
+    /// The clean latents the last step's prediction implies (none before the first step).
+    pub fn denoised(&self) -> Option<Tensor<4>> {
+        let (index, sample, prediction) = self.last.clone()?;
+        Some(preview::denoised(self.scheduler.as_ref(), index, sample, prediction))
+    }
+
     /// The final latents, before VAE scaling.
     pub fn latents(&self) -> Tensor<4> {
         self.latents.clone()
@@ -487,11 +498,15 @@ pub enum TextStates {
 
 impl TextStates {
     /// From the encoder's `[chunks, 77, D]`: the negative prompt's `negatives` chunks first.
+    /// One chunk each keeps the encoder's output as it is: reshaped and concatenated, the
+    /// fused kernels that read it round differently, and plain prompts would change by 1/255.
     fn new(hidden: Tensor<3>, negatives: usize, guided: bool) -> Self {
         let [chunks, len, d] = hidden.dims();
         let join = |from: usize, n: usize| hidden.clone().narrow(0, from, n).reshape([1, n * len, d]);
         match (guided, chunks - negatives) {
-            (false, _) => Self::Single(join(0, chunks)),
+            (false, 1) => Self::Single(hidden),
+            (false, n) => Self::Single(join(0, n)),
+            (true, 1) if negatives == 1 => Self::Paired(hidden),
             (true, n) if n == negatives => Self::Paired(Tensor::cat(vec![join(0, n), join(n, n)], 0)),
             (true, n) => Self::Separate { negative: join(0, negatives), prompt: join(negatives, n) },
         }

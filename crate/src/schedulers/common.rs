@@ -316,7 +316,7 @@ fn names<T>(options: &[(&str, T)]) -> String {
 
 /// What the UNet's output means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Prediction {
+pub enum Prediction {
     Epsilon,
     Sample,
     VPrediction,

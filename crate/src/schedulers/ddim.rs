@@ -44,6 +44,10 @@ impl Ddim {
 }
 
 impl Scheduler for Ddim {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

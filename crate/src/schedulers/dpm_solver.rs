@@ -151,6 +151,10 @@ fn lambda(alpha: f32, sigma: f32) -> f32 {
 }
 
 impl Scheduler for DpmSolver {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -72,6 +72,10 @@ pub(super) fn v_denoised(model_output: Tensor<4>, sample: Tensor<4>, sigma: f32)
 }
 
 impl Scheduler for Euler {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

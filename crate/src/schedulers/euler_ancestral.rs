@@ -38,6 +38,10 @@ impl EulerAncestral {
 }
 
 impl Scheduler for EulerAncestral {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -64,6 +64,10 @@ impl Lcm {
 }
 
 impl Scheduler for Lcm {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

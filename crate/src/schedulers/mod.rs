@@ -19,6 +19,7 @@ use std::fmt;
 use burn::tensor::Tensor;
 use serde_json::{Map, Value};
 
+pub use common::Prediction;
 use common::{Owner, Params};
 
 /// Kiln's scheduler names, as the CLI takes them.
@@ -73,6 +74,20 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2m => "DPM++ 2M",
             SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
             SchedulerKind::Lcm => "LCM",
+        }
+    }
+
+    /// The kind Automatic1111 names `sampler` with the schedule type `schedule` (a field since
+    /// A1111 1.9; before, "Karras" was part of the sampler's name). `None`: Kiln has no such one.
+    pub fn from_a1111(sampler: &str, schedule: Option<&str>) -> Option<Self> {
+        let plain = Self::ALL.into_iter().find(|k| k.a1111_name() == sampler);
+        let karras = Self::ALL.into_iter().find(|k| k.a1111_name() == format!("{sampler} Karras"));
+        match schedule {
+            None | Some("Uniform" | "Normal") => plain,
+            // A1111's automatic schedule for DPM++ 2M is Karras.
+            Some("Automatic") => karras.or(plain),
+            Some("Karras") => karras,
+            Some(_) => None,
         }
     }
 
@@ -192,6 +207,8 @@ impl SchedulerConfig {
 pub trait Scheduler {
     /// Timesteps handed to the UNet, one per denoising call, in order (PNDM: steps+1 entries).
     fn timesteps(&self) -> &[f64];
+    /// What the UNet's output means (the config's `prediction_type`).
+    fn prediction(&self) -> Prediction;
     /// Sigmas if the scheduler has them (Euler family, DPM), for tests.
     fn sigmas(&self) -> Option<&[f64]> {
         None

@@ -80,6 +80,10 @@ impl Pndm {
 }
 
 impl Scheduler for Pndm {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -1,0 +1,104 @@
+//! The image as it forms, cheaply: the denoised estimate behind the last step, its latents
+//! mapped to RGB by Automatic1111's fixed linear factors ("Approx cheap") at latent
+//! resolution. The caller scales it up; the VAE never runs for it.
+use burn::tensor::{Tensor, TensorData};
+
+use crate::schedulers::{Prediction, Scheduler};
+
+/// RGB in [-1, 1] of one latent pixel of the SD 1.x/2.x VAE: the sum of each channel times
+/// its row (A1111's `cheap_approximation`).
+const SD_LATENT_RGB: [[f32; 3]; 4] = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
+
+/// A preview's pixels, one latent pixel each.
+pub struct Preview {
+    pub width: usize,
+    pub height: usize,
+    pub rgba: Vec<u8>,
+}
+
+/// The clean latents that `prediction`, the UNet's output at call `index`, implies for
+/// `sample`. Every scheduler's latents there are `a·x0 + b·noise` (its `add_noise`), so the
+/// estimate follows from `a` and `b` alone, whatever the scheduler.
+pub fn denoised(scheduler: &dyn Scheduler, index: usize, sample: Tensor<4>, prediction: Tensor<4>) -> Tensor<4> {
+    let device = sample.device();
+    let unit = |v: f32| Tensor::<4>::from_data(TensorData::new(vec![v], [1, 1, 1, 1]), &device);
+    let a = scheduler.add_noise(unit(1.0), unit(0.0), index);
+    let b = scheduler.add_noise(unit(0.0), unit(1.0), index);
+    match scheduler.prediction() {
+        Prediction::Epsilon => (sample - prediction * b) / a,
+        Prediction::Sample => prediction,
+        // With c = √(a² + b²): the DDPM-scale sample is sample / c, √ᾱ = a / c, √(1 − ᾱ) = b / c.
+        Prediction::VPrediction => {
+            let c2 = a.clone().powi_scalar(2) + b.clone().powi_scalar(2);
+            (sample * a - prediction * b.clone() * c2.clone().sqrt()) / c2
+        }
+    }
+}
+
+/// Latents `[1, 4, h, w]` (flattened `values`) as RGBA; `None` for another number of channels.
+pub fn rgba(values: &[f32], [_, channels, height, width]: [usize; 4]) -> Option<Preview> {
+    if channels != SD_LATENT_RGB.len() || values.len() != channels * height * width {
+        return None;
+    }
+    let plane = height * width;
+    let mut rgba = Vec::with_capacity(4 * plane);
+    for pixel in 0..plane {
+        for colour in 0..3 {
+            let v: f32 = SD_LATENT_RGB.iter().enumerate().map(|(c, row)| values[c * plane + pixel] * row[colour]).sum();
+            rgba.push(((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8);
+        }
+        rgba.push(255);
+    }
+    Some(Preview { width, height, rgba })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
+
+    /// Latents noised from known clean ones give those back, for each kind of prediction and
+    /// both kinds of latent scale (DDPM's and the sigma schedulers').
+    #[test]
+    fn denoising_a_known_noising_gives_the_clean_latents() {
+        let device = Device::flex();
+        let tensor = |values: Vec<f32>| Tensor::<4>::from_data(TensorData::new(values, [1, 4, 1, 2]), &device);
+        let (clean, noise) = (vec![0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 1.0], vec![1.0, 0.3, -0.7, 2.0, -1.2, 0.1, 0.9, -0.4]);
+        for (class, kind, prediction) in [
+            ("DDIMScheduler", SchedulerKind::Ddim, "epsilon"),
+            ("DDIMScheduler", SchedulerKind::Ddim, "v_prediction"),
+            ("EulerDiscreteScheduler", SchedulerKind::Euler, "epsilon"),
+            ("EulerDiscreteScheduler", SchedulerKind::Euler, "v_prediction"),
+        ] {
+            let config = SchedulerConfig::from_json(&format!(r#"{{"_class_name": "{class}", "prediction_type": "{prediction}"}}"#)).unwrap();
+            let scheduler = schedulers::build(kind, &config, 10).unwrap();
+            let index = 3;
+            let sample = scheduler.add_noise(tensor(clean.clone()), tensor(noise.clone()), index);
+            let scalar = |x0: f32, eps: f32| scheduler.add_noise(tensor(vec![x0; 8]), tensor(vec![eps; 8]), index).into_data().try_to_vec::<f32>().unwrap()[0];
+            let (a, b) = (scalar(1.0, 0.0), scalar(0.0, 1.0));
+            let c = (a * a + b * b).sqrt();
+            let output = match prediction {
+                "epsilon" => noise.clone(),
+                _ => clean.iter().zip(&noise).map(|(x0, e)| (a * e - b * x0) / c).collect(),
+            };
+            let ours = denoised(scheduler.as_ref(), index, sample, tensor(output)).into_data().try_to_vec::<f32>().unwrap();
+            for (got, want) in ours.iter().zip(&clean) {
+                assert!((got - want).abs() < 1e-4, "{class} {prediction}: {ours:?} vs {clean:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn maps_each_latent_pixel_through_the_factors() {
+        // Two pixels: channel 0 at 1 (A1111's first row), then channel 3 at -1.
+        let values = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0];
+        let preview = rgba(&values, [1, 4, 1, 2]).unwrap();
+        let expected = |rgb: [f32; 3]| rgb.map(|v| ((v + 1.0) * 127.5).round() as u8);
+        assert_eq!(&preview.rgba[..3], &expected([0.298, 0.207, 0.208]));
+        assert_eq!(&preview.rgba[4..7], &expected([0.184, 0.271, 0.473]));
+        assert_eq!((preview.width, preview.height, preview.rgba[3]), (2, 1, 255));
+        assert!(rgba(&values, [1, 2, 2, 1]).is_none(), "not the SD latent space");
+    }
+}
