@@ -240,8 +240,10 @@ export function storedPath(file: { path: string; convert?: Precision }): string 
  * The files to load for a model, which of them still need downloading, and their sizes. A
  * repo's weights are planned in `precision`; a package (its manifest.json answers) comes as
  * it was packed. The manifest itself is fetched here, as the shards are only known from it.
+ * A `dry` plan stores nothing (not the manifest, nor which optional files the host lacks):
+ * it tells what a download would take before one is asked for.
  */
-export async function planModel(base: string, precision: Precision, signal: AbortSignal): Promise<ModelPlan> {
+export async function planModel(base: string, precision: Precision, signal: AbortSignal, dry = false): Promise<ModelPlan> {
   const stored = new Map((await recordsOf(base)).map((r) => [r.key, r]));
   const plan = async (path: string, convert?: Precision): Promise<PlannedFile> => {
     const rec = stored.get(keyOf(base, path, convert));
@@ -254,16 +256,16 @@ export async function planModel(base: string, precision: Precision, signal: Abor
     } catch (e) {
       if (!(e instanceof NotFound)) throw e;
       const rec: FileRecord = { key: keyOf(base, path), base, path, size: 0, received: 0, chunkSize: CHUNK, sha256: null, etag: null, hash: null, complete: true, absent: true };
-      await write((files) => files.put(rec));
+      if (!dry) await write((files) => files.put(rec));
       return { path, size: 0, received: 0, complete: true, absent: true };
     }
   };
   const manifestFile = await optional(MANIFEST);
   if (!manifestFile.absent) {
-    const record = await download(base, MANIFEST, signal, () => {});
-    const manifest = parseManifest(await new StoredFile(record).all(), base);
+    const raw = dry && !manifestFile.complete ? await fetchBytes(`${base}/${MANIFEST}`, signal) : await new StoredFile(await download(base, MANIFEST, signal, () => {})).all();
+    const manifest = parseManifest(raw, base);
     const shards = manifest.shards.map(async (shard) => ({ ...(await plan(shard.path)), sha256: shard.sha256 }));
-    const stored = { path: MANIFEST, size: record.received, received: record.received, complete: true };
+    const stored = { path: MANIFEST, size: raw.length, received: raw.length, complete: true };
     return { manifest, precision: manifest.format, files: [stored, ...(await Promise.all(shards))] };
   }
   const convert = precision === "original" ? undefined : precision;
@@ -315,6 +317,13 @@ async function storedManifest(base: string): Promise<PackageManifest> {
   return parseManifest(await (await openStored(base, MANIFEST)).all(), base);
 }
 
+/** A small file's bytes, not stored. */
+async function fetchBytes(url: string, signal: AbortSignal): Promise<Uint8Array> {
+  const res = await network(() => fetch(url, { cache: "no-store", signal }));
+  if (!res.ok) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  return new Uint8Array(await network(() => res.arrayBuffer()));
+}
+
 async function remoteSize(url: string): Promise<number | null> {
   const res = await network(() => fetch(url, { method: "HEAD", cache: "no-store" }));
   if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
@@ -359,11 +368,11 @@ export interface DownloadNeeds {
 }
 
 /**
- * Plans the model as the worker will (the host answers HEAD requests with the sizes; a
- * package's small manifest is fetched) and compares what it needs with the free storage.
+ * Plans the model as the worker will, storing nothing (the host answers HEAD requests with the
+ * sizes; a package's small manifest is read), and compares what it needs with the free storage.
  */
 export async function downloadNeeds(base: string, precision: Precision): Promise<DownloadNeeds> {
-  const plan = await planModel(base, precision, new AbortController().signal);
+  const plan = await planModel(base, precision, new AbortController().signal, true);
   const needed = neededBytes(plan.files);
   const free = await freeStorage();
   return { needed, free, refusal: free !== null && needed > free ? tooLarge(needed, free) : null };
