@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { serve } from "../../scripts/web/server.mjs";
-import { appUrl, echoConsole, errorText, generate, kiln, launch, launchPersistent, pixelDiff, resultPng, startServers, assertNative } from "./harness.mjs";
+import { appUrl, cachedFiles, echoConsole, errorText, generate, kiln, launch, launchPersistent, pixelDiff, resultPng, startServers, assertNative } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a red cube", seed: "7", steps: "2", guidance: "0", width: "64", height: "64", scheduler: "euler" };
 const SIZE = /[\d.]+ (?:B|kB|MB|GB)/.source;
@@ -51,6 +51,7 @@ test("the download size and free storage show before the download; a batch and a
   assert.ok(shown, await cache.textContent());
   await page.getByText(`Type a prompt and press Generate (or Ctrl+Enter). The first time, the model downloads once (${shown[1]})`).waitFor();
   assert.ok(!servers.hub.log.some((e) => e.method === "GET" && e.path.startsWith("/sd1-tiny/")), "nothing was downloaded yet");
+  assert.deepEqual(await cachedFiles(page, model), [], "nor stored");
 
   // A batch of two (seeds 7 and 8), then two more pressed while it runs: seed 20 and seed 30,
   // which is removed from the queue before its turn.

@@ -19,6 +19,8 @@ export interface GalleryElements {
 export class GalleryView {
   /** The kept image shown as the result; null while the result is not (yet) kept. */
   private shown: number | null = null;
+  /** Bumped whenever another image is shown, so a slow `keep` does not claim a later one. */
+  private showings = 0;
   private urls: string[] = [];
   private size = "";
 
@@ -34,8 +36,10 @@ export class GalleryView {
   /** Keeps a new result, the one now shown. */
   async keep(query: string, name: string, png: Uint8Array): Promise<void> {
     this.showing(null);
+    const showing = this.showings;
     try {
-      this.showing((await addImage(query, name, png)).id);
+      const { id } = await addImage(query, name, png);
+      if (showing === this.showings) this.showing(id);
       await this.refresh();
     } catch (e) {
       await this.refresh(`The last image could not be kept in the gallery (${(e as Error).message}); download it to keep it.`);
@@ -61,6 +65,7 @@ export class GalleryView {
   }
 
   private showing(id: number | null): void {
+    this.showings++;
     this.shown = id;
     this.ui.deleteResult.disabled = id === null;
   }
