@@ -28,6 +28,17 @@ export async function launch({ webgpu = true } = {}) {
   });
 }
 
+/**
+ * A browser with a profile on disk: Chrome offers to install an app only outside incognito,
+ * which every `browser.newContext()` is. Resolves to the context; closing it ends the browser.
+ */
+export async function launchPersistent() {
+  return chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "kiln-profile-")), {
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: [...CHROMIUM_ARGS, "--enable-unsafe-webgpu"],
+  });
+}
+
 /** The app (dist/) and the hub (tests/fixtures/); `hub.fault(path, fault)` breaks one GET of a file. */
 export async function startServers() {
   const log = [];

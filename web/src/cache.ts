@@ -12,6 +12,7 @@
 // bytes are stored, under `${path}#${precision}`; the original file is never stored whole.
 import { headerLength, parseHeader, type Header, type TensorEntry } from "./safetensors";
 import { Sha256, type Sha256State } from "./sha256";
+import { bytes } from "./format";
 import { LAYOUT, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
 
 /** Bytes per stored chunk: a resumed download repeats at most this much. */
@@ -114,7 +115,7 @@ async function write(fill: (files: IDBObjectStore, chunks: IDBObjectStore) => vo
 /** What to say when a write hit the quota: the numbers, and that nothing stored is lost. */
 async function storageFull(): Promise<string> {
   const { quota, usage } = (await navigator.storage?.estimate?.()) ?? {};
-  const numbers = quota !== undefined && usage !== undefined ? `: ${gb(usage)} used of the ${gb(quota)} it allows` : "";
+  const numbers = quota !== undefined && usage !== undefined ? `: ${bytes(usage)} used of the ${bytes(quota)} it allows` : "";
   return `The browser's storage for this site is full${numbers}. Free disk space or remove other cached models, then press Generate: the download continues where it stopped.`;
 }
 
@@ -239,8 +240,10 @@ export function storedPath(file: { path: string; convert?: Precision }): string 
  * The files to load for a model, which of them still need downloading, and their sizes. A
  * repo's weights are planned in `precision`; a package (its manifest.json answers) comes as
  * it was packed. The manifest itself is fetched here, as the shards are only known from it.
+ * A `dry` plan stores nothing (not the manifest, nor which optional files the host lacks):
+ * it tells what a download would take before one is asked for.
  */
-export async function planModel(base: string, precision: Precision, signal: AbortSignal): Promise<ModelPlan> {
+export async function planModel(base: string, precision: Precision, signal: AbortSignal, dry = false): Promise<ModelPlan> {
   const stored = new Map((await recordsOf(base)).map((r) => [r.key, r]));
   const plan = async (path: string, convert?: Precision): Promise<PlannedFile> => {
     const rec = stored.get(keyOf(base, path, convert));
@@ -253,16 +256,16 @@ export async function planModel(base: string, precision: Precision, signal: Abor
     } catch (e) {
       if (!(e instanceof NotFound)) throw e;
       const rec: FileRecord = { key: keyOf(base, path), base, path, size: 0, received: 0, chunkSize: CHUNK, sha256: null, etag: null, hash: null, complete: true, absent: true };
-      await write((files) => files.put(rec));
+      if (!dry) await write((files) => files.put(rec));
       return { path, size: 0, received: 0, complete: true, absent: true };
     }
   };
   const manifestFile = await optional(MANIFEST);
   if (!manifestFile.absent) {
-    const record = await download(base, MANIFEST, signal, () => {});
-    const manifest = parseManifest(await new StoredFile(record).all(), base);
+    const raw = dry && !manifestFile.complete ? await fetchBytes(`${base}/${MANIFEST}`, signal) : await new StoredFile(await download(base, MANIFEST, signal, () => {})).all();
+    const manifest = parseManifest(raw, base);
     const shards = manifest.shards.map(async (shard) => ({ ...(await plan(shard.path)), sha256: shard.sha256 }));
-    const stored = { path: MANIFEST, size: record.received, received: record.received, complete: true };
+    const stored = { path: MANIFEST, size: raw.length, received: raw.length, complete: true };
     return { manifest, precision: manifest.format, files: [stored, ...(await Promise.all(shards))] };
   }
   const convert = precision === "original" ? undefined : precision;
@@ -314,6 +317,13 @@ async function storedManifest(base: string): Promise<PackageManifest> {
   return parseManifest(await (await openStored(base, MANIFEST)).all(), base);
 }
 
+/** A small file's bytes, not stored. */
+async function fetchBytes(url: string, signal: AbortSignal): Promise<Uint8Array> {
+  const res = await network(() => fetch(url, { cache: "no-store", signal }));
+  if (!res.ok) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  return new Uint8Array(await network(() => res.arrayBuffer()));
+}
+
 async function remoteSize(url: string): Promise<number | null> {
   const res = await network(() => fetch(url, { method: "HEAD", cache: "no-store" }));
   if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
@@ -322,24 +332,50 @@ async function remoteSize(url: string): Promise<number | null> {
   return n === null ? null : Number(n);
 }
 
-/** Fails with a clear message when the browser will not give the site enough space. */
-export async function checkSpace(files: PlannedFile[]): Promise<void> {
-  // Converted weights take a fraction of their (usually f16) source.
+/** The storage the planned files still take; converted weights keep a fraction of their (usually f16) source. */
+function neededBytes(files: PlannedFile[]): number {
   const ratio: Record<string, number> = { f16: 1, q8: 0.55, q4: 0.3 };
   const kept = (f: PlannedFile) => (f.convert ? ratio[f.convert] : 1);
-  const needed = files.reduce((sum, f) => sum + (f.complete ? 0 : ((f.size ?? 0) - f.received) * kept(f)), 0);
-  if (needed === 0 || !navigator.storage?.estimate) return;
-  const { quota = Infinity, usage = 0 } = await navigator.storage.estimate();
-  if (needed > quota - usage) {
-    throw new StorageShort(
-      `The model needs ${gb(needed)} more storage, but the browser allows this site only ${gb(quota - usage)} more. ` +
-        `Free disk space or remove other cached models, then try again.`,
-    );
-  }
+  return files.reduce((sum, f) => sum + (f.complete || f.absent ? 0 : ((f.size ?? 0) - f.received) * kept(f)), 0);
 }
 
-function gb(bytes: number): string {
-  return `${(bytes / 1e9).toFixed(2)} GB`;
+/** The storage the browser still allows this site; null where it does not say. */
+export async function freeStorage(): Promise<number | null> {
+  if (!navigator.storage?.estimate) return null;
+  const { quota, usage = 0 } = await navigator.storage.estimate();
+  return quota === undefined ? null : Math.max(0, quota - usage);
+}
+
+/** Why a download of `needed` bytes cannot start with `free` bytes left. */
+function tooLarge(needed: number, free: number): string {
+  return `The model needs ${bytes(needed)} more storage, but the browser allows this site only ${bytes(free)} more. Free disk space or remove other cached models, then try again.`;
+}
+
+/** Fails with a clear message when the browser will not give the site enough space. */
+export async function checkSpace(files: PlannedFile[]): Promise<void> {
+  const needed = neededBytes(files);
+  const free = needed > 0 ? await freeStorage() : null;
+  if (free !== null && needed > free) throw new StorageShort(tooLarge(needed, free));
+}
+
+/** What downloading a model still takes, before anything of it is fetched. */
+export interface DownloadNeeds {
+  /** Bytes the files will take in storage. */
+  needed: number;
+  free: number | null;
+  /** The message Generate would refuse with; null when it fits. */
+  refusal: string | null;
+}
+
+/**
+ * Plans the model as the worker will, storing nothing (the host answers HEAD requests with the
+ * sizes; a package's small manifest is read), and compares what it needs with the free storage.
+ */
+export async function downloadNeeds(base: string, precision: Precision): Promise<DownloadNeeds> {
+  const plan = await planModel(base, precision, new AbortController().signal, true);
+  const needed = neededBytes(plan.files);
+  const free = await freeStorage();
+  return { needed, free, refusal: free !== null && needed > free ? tooLarge(needed, free) : null };
 }
 
 export interface CacheStatus {

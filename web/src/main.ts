@@ -1,21 +1,27 @@
 // The page: controls, share links, input images, progress and errors. The engine, the
 // downloads and the GPU all live in the worker; this thread only renders and relays.
 import { chooseBackend, type Backend } from "./backend";
-import { modelStatus, removeModel } from "./cache";
+import { downloadNeeds, modelStatus, removeModel, type DownloadNeeds } from "./cache";
+import { bytes, duration } from "./format";
+import type { GalleryImage } from "./gallery";
+import { GalleryView } from "./gallery-view";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
 import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
 import { LAYOUT, type Precision } from "./model";
 import { drawPreview } from "./preview";
+import { Queue, type Job } from "./queue";
 import {
   MODES,
   PRESETS,
   defaultStrength,
   fromPngInfo,
   fromQuery,
+  initialSettings,
   modelDefaults,
   normalizeModelUrl,
   presetFor,
   randomSeed,
+  rememberSettings,
   toQuery,
   type Mode,
   type Settings,
@@ -30,6 +36,7 @@ const ui = {
   custom: $("custom"),
   modelUrl: $<HTMLInputElement>("model-url"),
   cacheStatus: $("cache-status"),
+  storage: $("storage"),
   remove: $<HTMLButtonElement>("remove"),
   prompt: $<HTMLTextAreaElement>("prompt"),
   negative: $<HTMLTextAreaElement>("negative"),
@@ -40,6 +47,7 @@ const ui = {
   scheduler: $<HTMLSelectElement>("scheduler"),
   width: $<HTMLInputElement>("width"),
   height: $<HTMLInputElement>("height"),
+  count: $<HTMLInputElement>("count"),
   sizeFields: [...document.querySelectorAll<HTMLElement>(".field.size")],
   sizeHelp: $("size-help"),
   editing: $("editing"),
@@ -66,6 +74,8 @@ const ui = {
   pngInfo: $<HTMLInputElement>("png-info"),
   pngUnused: $("png-info-unused"),
   livePreview: $<HTMLCanvasElement>("live-preview"),
+  cancelAll: $<HTMLButtonElement>("cancel-all"),
+  queue: $<HTMLOListElement>("queue"),
   share: $<HTMLAnchorElement>("share"),
   status: $("status"),
   bar: $<HTMLProgressElement>("bar"),
@@ -76,13 +86,18 @@ const ui = {
   image: $<HTMLImageElement>("image"),
   save: $<HTMLAnchorElement>("save"),
   useResult: $<HTMLButtonElement>("use-result"),
+  deleteResult: $<HTMLButtonElement>("delete-result"),
+  empty: $("empty"),
+  gallery: $<HTMLOListElement>("gallery-list"),
+  galleryInfo: $("gallery-info"),
+  deleteAll: $<HTMLButtonElement>("delete-all"),
   pageError: $("page-error"),
   backend: $("backend"),
 };
 
 const CUSTOM = "custom";
 
-let settings: Settings = fromQuery(location.search);
+let settings: Settings = initialSettings(location.search);
 /** Chosen once, as the page starts. */
 let backend: Backend | null = null;
 let worker: Worker | null = null;
@@ -91,7 +106,16 @@ let workerModel: string | null = null;
 let loaded: { key: string; info: ModelInfo } | null = null;
 /** The worker has a task: loading, or generating (then `run` is set). */
 let busy = false;
-let run: { seed: number; startedAt: number } | null = null;
+let run: { job: Job; startedAt: number } | null = null;
+const queue = new Queue(ui.queue, ui.cancelAll);
+const gallery = new GalleryView(
+  { list: ui.gallery, info: ui.galleryInfo, deleteAll: ui.deleteAll, deleteResult: ui.deleteResult, storage: ui.storage },
+  (image) => void openImage(image),
+  () => {
+    ui.result.hidden = true;
+    showEmpty();
+  },
+);
 let imageUrl: string | null = null;
 /** The last result, for "Use as input". */
 let result: { png: Uint8Array; name: string } | null = null;
@@ -125,6 +149,7 @@ function showSettings(s: Settings): void {
   ui.strength.value = String(s.strength);
   ui.maskBlur.value = String(s.maskBlur);
   ui.noiseLevel.value = String(s.noiseLevel);
+  ui.count.value = String(s.count);
   showMode();
 }
 
@@ -147,6 +172,7 @@ function readControls(): Settings {
     strength: number(ui.strength, settings.strength),
     maskBlur: number(ui.maskBlur, settings.maskBlur),
     noiseLevel: number(ui.noiseLevel, settings.noiseLevel),
+    count: number(ui.count, settings.count),
     backend: settings.backend,
   };
 }
@@ -192,10 +218,11 @@ function showSizeHints(): void {
   for (const input of [ui.width, ui.height]) input.placeholder = hint;
 }
 
-/** The address bar is the share link. */
+/** The address bar is the share link; the next page without one opens with these settings too. */
 function publish(): void {
   history.replaceState(null, "", toQuery(settings));
   ui.share.href = location.href;
+  rememberSettings(settings);
 }
 
 function fillSchedulers(info: ModelInfo | null, selected: string): void {
@@ -217,9 +244,15 @@ function applyInfo(info: ModelInfo): void {
 async function changeModel(): Promise<void> {
   const model = readControls().model;
   const { steps, guidance } = modelDefaults(model);
-  settings = { ...settings, model, steps, guidance, scheduler: "", width: null, height: null };
+  await switchTo({ ...settings, model, steps, guidance, scheduler: "", width: null, height: null });
+}
+
+/** Shows `next`, whose model may differ, and loads that model if it is cached. */
+async function switchTo(next: Settings): Promise<void> {
+  settings = next;
   showSettings(settings);
-  for (const input of [ui.width, ui.height]) input.step = input.min = "8";
+  if (loaded?.key === modelKey(settings)) applyInfo(loaded.info);
+  else for (const input of [ui.width, ui.height]) input.step = input.min = "8";
   showSizeHints();
   publish();
   await warmUp();
@@ -235,17 +268,36 @@ function host(url: string): string {
   }
 }
 
+/** Shows what is cached of the model and, when not all of it, what the download needs before it starts. */
 async function showCache(): Promise<boolean> {
+  const shown = modelKey(settings);
   const status = await modelStatus(settings.model);
   const complete = status.package ? status.precisions.length > 0 : status.precisions.includes(settings.precision);
   const kept = status.precisions.map((p) => (p === "original" ? "as published" : p)).join(", ");
+  const needs = complete ? null : await downloadNeeds(settings.model, settings.precision).catch(() => null);
+  if (shown !== modelKey(settings)) return complete;
+  const size = needs ? `${bytes(needs.needed)}${needs.free === null ? "" : `, with ${bytes(needs.free)} of storage free for this site`}` : "";
   ui.cacheStatus.textContent = complete
     ? `Stored in this browser${status.package ? " (a Kiln package)" : ""}: ${kept}, ${bytes(status.bytes)} in all; works offline.`
-    : status.bytes > 0
-      ? `Partly downloaded (${bytes(status.bytes)}); Generate continues the download.`
-      : `Not downloaded yet; Generate downloads it once from ${host(settings.model)}.`;
+    : needs?.refusal
+      ? `Not downloaded: ${needs.refusal}`
+      : status.bytes > 0
+        ? `Partly downloaded (${bytes(status.bytes)}); Generate continues the download${size && ` (${size})`}.`
+        : `Not downloaded yet; Generate downloads it once from ${host(settings.model)}${size && `: ${size}`}.`;
   ui.remove.disabled = busy || status.bytes === 0;
+  showFirstSteps(complete, needs);
+  void gallery.showStorage();
   return complete;
+}
+
+/** The result area, before there is a result, says what to do. */
+function showFirstSteps(cached: boolean, needs: DownloadNeeds | null): void {
+  const download = cached ? "" : ` The first time, the model downloads once${needs ? ` (${bytes(needs.needed)})` : ""}; then it stays in this browser and works offline.`;
+  ui.empty.textContent = `Type a prompt and press Generate (or Ctrl+Enter).${download} Every image is kept in the gallery below.`;
+}
+
+function showEmpty(): void {
+  ui.empty.hidden = !ui.result.hidden || run !== null;
 }
 
 /** Loads a fully cached model onto the GPU right away, so the first Generate is quick. */
@@ -337,17 +389,21 @@ function receive(msg: FromWorker): void {
     case "started":
       ui.warnings.replaceChildren(...msg.started.warnings.map((w) => item(w)));
       progress(0, msg.started.total);
-      setStatus(`Generating ${msg.started.width}×${msg.started.height}: step 0 of ${msg.started.total}`);
+      setStatus(`Generating ${[`${msg.started.width}×${msg.started.height}`, queue.position()].filter(Boolean).join(", ")}: step 0 of ${msg.started.total}`);
       break;
     case "step":
       progress(msg.done, msg.total);
-      setStatus(`Generating: step ${msg.done} of ${msg.total}`);
+      setStatus(`Generating${queue.position() && ` ${queue.position()}`}: step ${msg.done} of ${msg.total}`);
       if (msg.preview) drawPreview(ui.livePreview, msg.preview);
       break;
-    case "image":
-      showImage(msg.png);
+    case "image": {
+      const { settings: made } = run!.job;
+      const name = `kiln-${made.seed}.png`;
+      showImage(msg.png, name);
+      void gallery.keep(toQuery({ ...made, backend: "auto" }), name, msg.png);
       finish(`Done in ${((performance.now() - run!.startedAt) / 1000).toFixed(1)} s.`);
       break;
+    }
     case "cancelled":
       finish("Cancelled.");
       break;
@@ -374,6 +430,8 @@ const ERROR_TEXT: Record<ErrorKind, (m: string) => string> = {
 function fail(kind: ErrorKind, message: string): void {
   // After a panic or a lost device the wasm instance is unusable: start a fresh worker.
   if (kind === "crash" || kind === "device-lost") stopWorker();
+  // The queued jobs would most likely fail the same way; their settings are still in the controls.
+  queue.clear();
   ui.error.textContent = ERROR_TEXT[kind](message);
   ui.error.hidden = false;
   finish();
@@ -382,66 +440,98 @@ function fail(kind: ErrorKind, message: string): void {
 
 // ---- generating ----
 
+/** Queues the controls' settings: Batch count jobs, from seeds seed, seed + 1, … */
 function generate(): void {
-  if (run) return;
+  if (!backend) return;
   settings = readControls();
   const { mode } = settings;
   ui.initImage.setCustomValidity(mode !== "txt2img" && !initImage ? "Choose an image: a file, or drop or paste one on the page." : "");
   if (!ui.form.reportValidity()) return;
   publish();
-  ui.error.hidden = ui.result.hidden = ui.livePreview.hidden = true;
-  ui.warnings.replaceChildren();
-  busy = true;
-  run = { seed: settings.seed, startedAt: performance.now() };
-  ui.generate.disabled = ui.remove.disabled = true;
-  ui.cancel.disabled = false;
-  // Ask the browser not to evict the model under storage pressure.
-  void navigator.storage?.persist?.();
-  setStatus(loaded?.key === modelKey(settings) ? "Starting…" : "Preparing the model…");
+  const request = requestFor(settings);
+  const ref = modelRef();
+  queue.add(Array.from({ length: settings.count }, (_, i) => {
+    const seed = settings.seed + i;
+    return { settings: { ...settings, seed, count: 1 }, ref, request: { ...request, seed } };
+  }));
+  if (!run) startNext();
+}
+
+function requestFor(s: Settings): GenerateRequest {
+  const { mode } = s;
   const request: GenerateRequest = {
     mode,
-    prompt: settings.prompt,
-    negative_prompt: settings.negativePrompt,
-    steps: settings.steps,
-    guidance: settings.guidance,
-    scheduler: settings.scheduler || undefined,
-    seed: settings.seed,
+    prompt: s.prompt,
+    negative_prompt: s.negativePrompt,
+    steps: s.steps,
+    guidance: s.guidance,
+    scheduler: s.scheduler || undefined,
+    seed: s.seed,
   };
   if (mode === "txt2img") {
-    request.width = settings.width ?? undefined;
-    request.height = settings.height ?? undefined;
+    request.width = s.width ?? undefined;
+    request.height = s.height ?? undefined;
   } else {
     // The output takes the size of the image as sent.
     request.image = imageInput(initImage!, ...editSize());
   }
-  if (mode === "img2img" || mode === "inpaint") request.strength = settings.strength;
+  if (mode === "img2img" || mode === "inpaint") request.strength = s.strength;
   if (mode === "inpaint") {
     request.mask = mask.input(...editSize());
-    request.mask_blur = settings.maskBlur;
+    request.mask_blur = s.maskBlur;
   }
   if (mode === "upscale") request.noise_level = settings.noiseLevel;
   send({ type: "generate", ...modelRef(), request, preview: ui.previewOn.checked });
+  if (mode === "upscale") request.noise_level = s.noiseLevel;
+  return request;
 }
 
-/** The worker is idle again; `status` is the new progress line. */
+/** Sends the queue's next job to the worker, if one waits. */
+function startNext(): void {
+  const job = queue.start();
+  if (!job) return;
+  ui.error.hidden = ui.result.hidden = ui.livePreview.hidden = true;
+  ui.warnings.replaceChildren();
+  busy = true;
+  run = { job, startedAt: performance.now() };
+  showEmpty();
+  ui.remove.disabled = true;
+  ui.cancel.disabled = false;
+  // Ask the browser not to evict the model under storage pressure.
+  void navigator.storage?.persist?.();
+  setStatus(loaded?.key === modelKey(job.settings) ? "Starting…" : "Preparing the model…");
+  send({ type: "generate", ...job.ref, request: job.request, preview: ui.previewOn.checked });
+}
+
+/** The worker is idle again; `status` is the new progress line. The next queued job starts. */
 function finish(status = ""): void {
   busy = false;
   run = null;
   ui.livePreview.hidden = true;
-  ui.generate.disabled = false;
+  queue.end();
   ui.cancel.disabled = true;
   ui.bar.hidden = true;
   setStatus(status);
+  showEmpty();
   void showCache();
+  startNext();
 }
 
-function showImage(png: Uint8Array): void {
+function showImage(png: Uint8Array, name: string): void {
   if (imageUrl) URL.revokeObjectURL(imageUrl);
   imageUrl = URL.createObjectURL(new Blob([png as BlobPart], { type: "image/png" }));
   ui.image.src = ui.save.href = imageUrl;
-  ui.save.download = `kiln-${run!.seed}.png`;
-  result = { png, name: ui.save.download };
+  ui.save.download = name;
+  result = { png, name };
   ui.result.hidden = false;
+  showEmpty();
+}
+
+/** Shows a gallery image as the result, with the settings that made it (the share link's). */
+async function openImage(image: GalleryImage): Promise<void> {
+  showImage(new Uint8Array(await image.png.arrayBuffer()), image.name);
+  ui.error.hidden = true;
+  await switchTo({ ...fromQuery(image.query), backend: settings.backend });
 }
 
 // ---- the input image and the mask ----
@@ -501,6 +591,13 @@ async function saveMask(): Promise<void> {
 
 // ---- progress ----
 
+/** Stops the running job within a step; the next queued one then starts. */
+function cancel(): void {
+  if (!run) return;
+  setStatus("Cancelling…");
+  worker?.postMessage({ type: "cancel" } satisfies ToWorker);
+}
+
 function setStatus(text: string): void {
   ui.status.textContent = text;
 }
@@ -526,18 +623,6 @@ function item(text: string): HTMLLIElement {
   const li = document.createElement("li");
   li.textContent = text;
   return li;
-}
-
-function bytes(n: number): string {
-  if (n < 1e3) return `${Math.round(n)} B`;
-  const [unit, scale] = n < 1e6 ? ["kB", 1e3] : n < 1e9 ? ["MB", 1e6] : ["GB", 1e9];
-  return `${(n / scale).toFixed(n / scale < 10 ? 2 : 1)} ${unit}`;
-}
-
-function duration(seconds: number): string {
-  if (seconds < 60) return `${Math.ceil(seconds)} s`;
-  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
-  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
 }
 
 // ---- start ----
@@ -640,9 +725,10 @@ function wire(): void {
     settings = readControls();
     publish();
   });
-  ui.cancel.addEventListener("click", () => {
-    setStatus("Cancelling…");
-    worker?.postMessage({ type: "cancel" } satisfies ToWorker);
+  ui.cancel.addEventListener("click", cancel);
+  ui.cancelAll.addEventListener("click", () => {
+    queue.clear();
+    cancel();
   });
   ui.remove.addEventListener("click", () => void remove());
 }
@@ -651,6 +737,7 @@ async function main(): Promise<void> {
   wire();
   showSettings(settings);
   publish();
+  void gallery.refresh();
   // The app shell (not the model) is cached by the service worker for offline use.
   void navigator.serviceWorker?.register("./sw.js").catch(() => {});
   const chosen = await chooseBackend(settings.backend);

@@ -1,6 +1,7 @@
 // The model and every generation setting live in the page's query string, so the address
 // bar is always a share link: opening it restores the same model and settings (not the
-// input image or mask, which never leave the device).
+// input image or mask, which never leave the device). The last settings are also kept in
+// localStorage, for a page opened without them (the installed app, a bookmark of "./").
 import { BACKEND_CHOICES, type BackendChoice } from "./backend";
 import { LAYOUT, type Precision } from "./model";
 import type { PngInfo } from "./protocol";
@@ -27,6 +28,9 @@ export function defaultStrength(mode: Mode): number {
   return mode === "inpaint" ? LAYOUT.default_strength.inpaint : LAYOUT.default_strength.img2img;
 }
 
+/** The most images one Generate queues (Automatic1111's limit). */
+export const MAX_COUNT = 100;
+
 /** Steps and guidance for a model that is not a preset. */
 const CUSTOM_DEFAULTS = { steps: 25, guidance: 7.5 };
 
@@ -51,6 +55,8 @@ export interface Settings {
   maskBlur: number;
   /** Upscaling: noise added to the image first. */
   noiseLevel: number;
+  /** Batch count: images made one after another from seeds seed, seed + 1, … */
+  count: number;
   /** Where the engine runs; "auto" unless the address forces one. */
   backend: BackendChoice;
 }
@@ -66,6 +72,11 @@ export function presetFor(model: string): Preset | undefined {
 
 export function modelDefaults(model: string): { steps: number; guidance: number } {
   return presetFor(model) ?? CUSTOM_DEFAULTS;
+}
+
+/** How the queue and the gallery name one image's settings. */
+export function caption(s: Settings): string {
+  return `${s.prompt.trim() || "(no prompt)"}, seed ${s.seed}`;
 }
 
 export function randomSeed(): number {
@@ -95,8 +106,40 @@ export function fromQuery(search: string): Settings {
     strength: strength !== null && strength > 0 && strength <= 1 ? strength : defaultStrength(mode),
     maskBlur: Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), LAYOUT.max_mask_blur),
     noiseLevel: int(q.get("noise_level"), 0, LAYOUT.max_noise_level) ?? LAYOUT.default_noise_level,
+    count: int(q.get("count"), 1, MAX_COUNT) ?? 1,
     backend: BACKEND_CHOICES.find((b) => b === q.get("backend")) ?? "auto",
   };
+}
+
+const LAST = "kiln:settings";
+
+/**
+ * The settings a page opens with: its address's, or where that names no model, the last ones
+ * used in this browser, with whatever the address does say on top.
+ */
+export function initialSettings(search: string): Settings {
+  const q = new URLSearchParams(search);
+  if (q.has("model")) return fromQuery(search);
+  const last = new URLSearchParams(readLast());
+  for (const [key, value] of q) last.set(key, value);
+  return fromQuery(last.toString());
+}
+
+/** Keeps `s` as the settings the next page without a share link opens with. */
+export function rememberSettings(s: Settings): void {
+  try {
+    localStorage.setItem(LAST, toQuery(s));
+  } catch {
+    // Storage disabled or full: the address bar still holds the settings.
+  }
+}
+
+function readLast(): string {
+  try {
+    return localStorage.getItem(LAST) ?? "";
+  } catch {
+    return "";
+  }
 }
 
 export function toQuery(s: Settings): string {
@@ -114,6 +157,7 @@ export function toQuery(s: Settings): string {
   if (s.mode === "img2img" || s.mode === "inpaint") q.set("strength", String(s.strength));
   if (s.mode === "inpaint" && s.maskBlur) q.set("mask_blur", String(s.maskBlur));
   if (s.mode === "upscale") q.set("noise_level", String(s.noiseLevel));
+  if (s.count !== 1) q.set("count", String(s.count));
   if (s.backend !== "auto") q.set("backend", s.backend);
   return "?" + q.toString();
 }
