@@ -1252,8 +1252,25 @@ CHUNK_CASE_PROMPTS = [
 ]
 
 
+def random_prompts(n, seed=4000):
+    """Prompts made of the syntax's characters and words in random order, to compare parsers."""
+    parts = ["(", ")", "[", "]", ":", ":1.5)", ": 0.8 )", ":1.2.3)", ":-1)", ":.)", "\\", "\\(", "\\)", "\\[",
+             "\\]", "\\\\", " ", ",", "BREAK", " BREAK ", "BREAKS", "a", "cat", "0.5", "é", "\t"]
+    rng = np.random.RandomState(seed)
+    return ["".join(rng.choice(parts, size=rng.randint(0, 16))) for _ in range(n)]
+
+
+def piece_case(prompt):
+    """The reference's pieces of `prompt` ([text, weight], None for BREAK), or its error."""
+    try:
+        return dict(prompt=prompt, pieces=[None if t is None else [t, w] for t, w in reference_pieces(prompt)])
+    except ValueError as e:
+        return dict(prompt=prompt, error=str(e))
+
+
 def make_prompts(pipes):
-    """Chunk ids and weights for both tokenizers, and images made with A1111's conditioning."""
+    """Pieces of random prompts, chunk ids and weights for both tokenizers, and images made with
+    A1111's conditioning."""
     if os.path.isdir(PROMPTS_DIR):
         shutil.rmtree(PROMPTS_DIR)
     os.makedirs(PROMPTS_DIR)
@@ -1285,7 +1302,8 @@ def make_prompts(pipes):
             entry["truncated"] = f"{name}.truncated.png"
         images.append(entry)
         print(f"  {name:16s} chunks {entry['chunks']}")
-    write_json(os.path.join(PROMPTS_DIR, "cases.json"), dict(chunks=chunk_cases, images=images))
+    pieces = [piece_case(p) for p in random_prompts(2000)]
+    write_json(os.path.join(PROMPTS_DIR, "cases.json"), dict(pieces=pieces, chunks=chunk_cases, images=images))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ use serde::Serialize;
 use crate::package::MANIFEST;
 use crate::pipeline::{img2img, inpaint, upscale};
 use crate::quant::Format;
+use crate::pipeline::resize::ResizeMode;
 use crate::schedulers::SchedulerKind;
 use crate::weights::weight_file_names;
 
@@ -49,6 +50,15 @@ pub struct Layout {
     /// The x4 upscaler's highest noise level unless its `model_index.json` says otherwise.
     pub max_noise_level: usize,
     pub max_mask_blur: f32,
+    /// How an editing mode's image is fitted to the output size, the default first.
+    pub resize_modes: Vec<Named>,
+}
+
+/// A choice as the engine takes it (`name`) and as A1111 labels it.
+#[derive(Serialize)]
+pub struct Named {
+    pub name: &'static str,
+    pub label: &'static str,
 }
 
 #[derive(Serialize)]
@@ -78,6 +88,7 @@ impl Layout {
             default_noise_level: upscale::DEFAULT_NOISE_LEVEL,
             max_noise_level: upscale::DEFAULT_MAX_NOISE_LEVEL,
             max_mask_blur: inpaint::MAX_MASK_BLUR,
+            resize_modes: ResizeMode::ALL.map(|m| Named { name: m.name(), label: m.label() }).into(),
         }
     }
 }

@@ -10,6 +10,7 @@ use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::{self, Img2Img};
 use kiln::pipeline::infotext::{self, Infotext};
 use kiln::pipeline::inpaint::{self, Inpaint};
+use kiln::pipeline::resize::ResizeMode;
 use kiln::pipeline::tiles::TileSize;
 use kiln::pipeline::upscale::{self, Upscale};
 use kiln::pipeline::{Job, Mode, Request, StableDiffusion};
@@ -164,11 +165,33 @@ struct GenerateArgs {
     height: Option<usize>,
 }
 
+/// The output size of the editing modes, and how the input image is fitted to it.
+#[derive(clap::Args)]
+struct FitArgs {
+    /// [default: the image's own, rounded to the nearest multiple the model takes]
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// How an image of another size is fitted, as Automatic1111's resize modes: just (stretch),
+    /// crop (cover, then crop the centre) or fill (fit inside, fill the rest from its edges).
+    #[arg(long, default_value = "just")]
+    resize_mode: String,
+}
+
+impl FitArgs {
+    fn size(&self) -> Size {
+        Size { width: self.width, height: self.height }
+    }
+}
+
 #[derive(clap::Args)]
 struct Img2ImgArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// The image to start from (PNG); its size is the output's and must suit the model (not resized).
+    #[command(flatten)]
+    fit: FitArgs,
+    /// The image to start from (PNG).
     #[arg(long)]
     init_image: PathBuf,
     /// In (0, 1]: the share of the steps that run, so how much is repainted [default: 0.8].
@@ -180,10 +203,12 @@ struct Img2ImgArgs {
 struct InpaintArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// The image to repaint (PNG); its size is the output's and must suit the model.
+    #[command(flatten)]
+    fit: FitArgs,
+    /// The image to repaint (PNG).
     #[arg(long)]
     init_image: PathBuf,
-    /// PNG of the image's size: white is repainted, black kept (grey is cut at half intensity).
+    /// PNG of the image's size (fitted with it): white is repainted, black kept (grey is cut at half intensity).
     #[arg(long)]
     mask: PathBuf,
     /// Gaussian blur of the mask in pixels (0 to 64) before it is cut, which rounds its outline.
@@ -293,20 +318,21 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn img2img(args: Img2ImgArgs) -> Result<()> {
     let strength = args.strength.unwrap_or(img2img::DEFAULT_STRENGTH);
-    let image = read_image(&args.init_image)?;
-    run(args.common, Mode::ImageToImage(Img2Img { image, strength, encode_noise: None }), Size::default())
+    let (image, resize) = (read_image(&args.init_image)?, ResizeMode::from_name(&args.fit.resize_mode)?);
+    run(args.common, Mode::ImageToImage(Img2Img { image, resize, strength, encode_noise: None }), args.fit.size())
 }
 
 fn inpaint(args: InpaintArgs) -> Result<()> {
     let input = Inpaint {
         image: read_image(&args.init_image)?,
         mask: read_image(&args.mask)?,
+        resize: ResizeMode::from_name(&args.fit.resize_mode)?,
         mask_blur: args.mask_blur,
         strength: args.strength.unwrap_or(inpaint::DEFAULT_STRENGTH),
         image_noise: None,
         masked_image_noise: None,
     };
-    run(args.common, Mode::Inpaint(input), Size::default())
+    run(args.common, Mode::Inpaint(input), args.fit.size())
 }
 
 fn upscale(args: UpscaleArgs) -> Result<()> {
@@ -315,7 +341,7 @@ fn upscale(args: UpscaleArgs) -> Result<()> {
     run(args.common, Mode::Upscale(input), Size::default())
 }
 
-/// Text-to-image's requested size (the editing modes take their image's).
+/// The requested output size (upscaling takes four times its image's).
 #[derive(Default)]
 struct Size {
     width: Option<usize>,

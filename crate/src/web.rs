@@ -17,6 +17,7 @@ use crate::pipeline::image_processor::Image8;
 use crate::pipeline::img2img::{self, Img2Img};
 use crate::pipeline::infotext::{self, Infotext};
 use crate::pipeline::inpaint::{self, Inpaint};
+use crate::pipeline::resize::ResizeMode;
 use crate::pipeline::upscale::{self, Upscale};
 use crate::pipeline::{Job, Mode, Request, Run, StableDiffusion};
 use crate::schedulers::SchedulerKind;
@@ -102,6 +103,8 @@ struct WebRequest {
     image: Option<WebImage>,
     mask: Option<WebImage>,
     strength: Option<f64>,
+    /// How the image is fitted to the output size: `just`, `crop` or `fill` (A1111's modes).
+    resize_mode: Option<String>,
     #[serde(default)]
     mask_blur: f32,
     noise_level: Option<usize>,
@@ -109,16 +112,19 @@ struct WebRequest {
 
 impl WebRequest {
     fn into_job(self) -> Result<Job, JsError> {
+        let resize = self.resize_mode.as_deref().map(ResizeMode::from_name).transpose().map_err(js_err)?.unwrap_or_default();
         let mode = match self.mode {
             WebMode::Txt2img => Mode::TextToImage,
             WebMode::Img2img => Mode::ImageToImage(Img2Img {
                 image: WebImage::required(self.image, "init image")?,
+                resize,
                 strength: self.strength.unwrap_or(img2img::DEFAULT_STRENGTH),
                 encode_noise: None,
             }),
             WebMode::Inpaint => Mode::Inpaint(Inpaint {
                 image: WebImage::required(self.image, "init image")?,
                 mask: WebImage::required(self.mask, "mask")?,
+                resize,
                 mask_blur: self.mask_blur,
                 strength: self.strength.unwrap_or(inpaint::DEFAULT_STRENGTH),
                 image_noise: None,

@@ -171,10 +171,10 @@ fn bad_edit_inputs_are_refused() {
     img2img(&upscaler, &[], "use `kiln upscale`");
     img2img(&inpainting, &[], "use `kiln inpaint`");
     fails_with(&["generate", "--model", &inpainting, "--prompt", "x", "--out", out], "use `kiln inpaint`");
-    // sd1-tiny takes multiples of 32 (VAE factor 8 × UNet down-sampling 4).
-    let odd = dir.join("odd.png");
-    std::fs::write(&odd, kiln::pipeline::png::encode(&vec![0u8; 48 * 48 * 3], 48, 48, "").unwrap()).unwrap();
-    fails_with(&["img2img", "--model", &sd1, "--prompt", "x", "--init-image", odd.to_str().unwrap(), "--out", out], "the init image's width 48 is not a positive multiple of 32");
+    // sd1-tiny takes multiples of 32 (VAE factor 8 × UNet down-sampling 4): a size asked for
+    // must be one; an image of another size is fitted (see `odd_sized_images_are_fitted`).
+    img2img(&sd1, &["--width", "48"], "width 48 is not a positive multiple of 32");
+    img2img(&sd1, &["--resize-mode", "stretch"], "resize mode \"stretch\" is not one of just, crop, fill");
     let not_png = dir.join("not.png");
     std::fs::write(&not_png, b"hello").unwrap();
     fails_with(&["img2img", "--model", &sd1, "--prompt", "x", "--init-image", not_png.to_str().unwrap(), "--out", out], "not a readable PNG");
@@ -195,6 +195,29 @@ fn bad_edit_inputs_are_refused() {
     upscale(&upscaler, &["--noise-level", "351"], "noise level 351 is above the model's maximum 350");
     upscale(&upscaler, &["--tile", "10"], "tile size 10 is not a positive multiple of 4");
     upscale(&upscaler, &["--tile", "16", "--tile-overlap", "16"], "tile overlap 16 must be smaller than the tile size 16");
+}
+
+/// A photo of a size the model does not take is fitted as A1111 fits it, and the user is told:
+/// to its own size rounded (48×80 → 64×96), or to the size asked for.
+#[test]
+fn odd_sized_images_are_fitted() {
+    let dir = temp_dir("fit");
+    let odd = dir.join("odd.png");
+    let pixels: Vec<u8> = (0..48 * 80 * 3).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&odd, kiln::pipeline::png::encode(&pixels, 48, 80, "").unwrap()).unwrap();
+    let out = dir.join("out.png");
+    let (model, odd, out_str) = (fixture("sd1-tiny"), odd.to_str().unwrap(), out.to_str().unwrap());
+    for (extra, size, note) in [
+        (&[][..], (64, 96), "the init image (48×80) was resized to 64×96 (Just resize)"),
+        (&["--width", "64", "--height", "64", "--resize-mode", "crop"][..], (64, 64), "the init image (48×80) was resized to 64×64 (Crop and resize)"),
+        (&["--width", "64", "--height", "64", "--resize-mode", "fill"][..], (64, 64), "the init image (48×80) was resized to 64×64 (Resize and fill)"),
+    ] {
+        let args = [&["img2img", "--model", &model, "--prompt", "x", "--init-image", odd, "--steps", "2", "--seed", "1", "--out", out_str][..], extra].concat();
+        let result = kiln(&args);
+        assert!(stderr(&result).contains(&format!("warning: {note}")), "{args:?}: {}", stderr(&result));
+        let (_, w, h) = common::read_png(&std::fs::read(&out).expect("PNG written"));
+        assert_eq!((w, h), size, "{args:?}");
+    }
 }
 
 #[test]

@@ -77,7 +77,7 @@ fn start(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> Denois
     let strength = case.strength.unwrap_or(1.0);
     match case.mode.as_str() {
         "img2img" => pipe
-            .start_img2img(req, Img2Img { image: image(&case.image_input), strength, encode_noise: noise(case, "encode") })
+            .start_img2img(req, Img2Img { image: image(&case.image_input), resize: Default::default(), strength, encode_noise: noise(case, "encode") })
             .expect("img2img starts"),
         "inpaint" => pipe
             .start_inpaint(
@@ -85,6 +85,7 @@ fn start(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> Denois
                 Inpaint {
                     image: image(&case.image_input),
                     mask: image(case.mask.as_deref().expect("mask")),
+                    resize: Default::default(),
                     mask_blur: case.mask_blur.unwrap_or(0.0),
                     strength,
                     image_noise: noise(case, "image_encode"),

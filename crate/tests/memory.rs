@@ -80,7 +80,7 @@ fn devices_hold_the_stored_weights_and_no_encoders_between_uses() {
         let after_prompt = in_use();
         drop(text);
         let image = Image8 { width: 64, height: 64, channels: 3, pixels: vec![128; 64 * 64 * 3] };
-        let img2img = pipe.start_img2img(req, Img2Img { image, strength: 0.5, encode_noise: None }).expect("image to image starts");
+        let img2img = pipe.start_img2img(req, Img2Img { image, resize: Default::default(), strength: 0.5, encode_noise: None }).expect("image to image starts");
         let after_image = in_use();
         drop(img2img);
         let name = format.name();

@@ -9,14 +9,23 @@ use kiln::files::Folder;
 use kiln::model::tokenizer::{ClipTokenizer, TokenizerFiles};
 use kiln::npy;
 use kiln::pipeline::png::to_rgb8;
-use kiln::pipeline::prompt::{self, Chunk};
+use kiln::pipeline::prompt::{self, Chunk, Piece};
 use kiln::pipeline::{Request, StableDiffusion};
 use kiln::schedulers::SchedulerKind;
 
 #[derive(Deserialize)]
 struct Cases {
+    pieces: Vec<PieceCase>,
     chunks: Vec<ChunkCase>,
     images: Vec<ImageCase>,
+}
+
+/// A random prompt and the reference's pieces (`null` for a BREAK), or its error.
+#[derive(Deserialize)]
+struct PieceCase {
+    prompt: String,
+    pieces: Option<Vec<Option<(String, f64)>>>,
+    error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +68,28 @@ fn cases() -> Cases {
 fn tokenizer(model: &str) -> ClipTokenizer {
     let files = TokenizerFiles::read(&Folder(common::fixtures().join(model))).expect("tokenizer files");
     ClipTokenizer::load(&files, 77).expect("tokenizer loads")
+}
+
+#[test]
+fn random_prompts_parse_as_the_reference_does() {
+    let cases = cases().pieces;
+    assert!(cases.len() >= 2000 && cases.iter().filter(|c| c.error.is_some()).count() >= 10);
+    for case in cases {
+        let ours = prompt::parse(&case.prompt);
+        match (ours, case.pieces) {
+            (Ok(ours), Some(theirs)) => {
+                // serde_json reads some floats 1 ulp off (no `float_roundtrip`), so weights compare within 1e-12.
+                let same = |a: &Piece, b: &Option<(String, f64)>| match (a, b) {
+                    (Piece::Text(t, w), Some((u, v))) => t == u && (w - v).abs() < 1e-12,
+                    (Piece::Break, None) => true,
+                    _ => false,
+                };
+                assert!(ours.len() == theirs.len() && ours.iter().zip(&theirs).all(|(a, b)| same(a, b)), "{:?}: {ours:?} vs {theirs:?}", case.prompt);
+            }
+            (Err(e), None) => assert!(e.to_string().contains("is not a number"), "{:?}: {e} (reference: {:?})", case.prompt, case.error),
+            (ours, _) => panic!("{:?}: ours {ours:?}, reference {:?}", case.prompt, case.error),
+        }
+    }
 }
 
 #[test]

@@ -119,6 +119,26 @@ test("image to image: the labelled UI gives kiln img2img's image", async () => {
   await page.close();
 });
 
+test("an image of another size is fitted by the Resize mode, as kiln img2img fits it, and the page says so", async () => {
+  const page = await open("sd1-tiny", "resize");
+  const settings = { prompt: PROMPT, seed: 4, steps: 2, guidance: 7.5, scheduler: "euler" };
+  // 48×80: not a size the model takes (multiples of 32).
+  const odd = new PNG({ width: 48, height: 80 });
+  odd.data.forEach((_, i) => (odd.data[i] = i % 4 === 3 ? 255 : (i * 7) % 251));
+  const file = join(mkdtempSync(join(tmpdir(), "kiln-odd-")), "odd.png");
+  writeFileSync(file, PNG.sync.write(odd));
+  await page.getByLabel("Image to image", { exact: true }).check();
+  await page.getByLabel("Init image", { exact: true }).setInputFiles(file);
+  await page.getByLabel("Resize mode", { exact: true }).selectOption({ label: "Crop and resize" });
+  await fillSettings(page, { ...settings, width: 64, height: 64 });
+  await page.getByText("odd.png: 48×80, fitted to 64×64 (Crop and resize).").waitFor();
+  const png = await generate(page);
+  await page.getByText("the init image (48×80) was resized to 64×64 (Crop and resize)").waitFor();
+  const extra = ["--strength", "0.8", "--width", "64", "--height", "64", "--resize-mode", "crop"];
+  assertNative(png, native("img2img", "sd1-tiny", settings, { "--init-image": readFileSync(file) }, extra), "a 48×80 image cropped to 64×64");
+  await page.close();
+});
+
 test("inpainting: a brushed mask gives kiln inpaint's image; Clear and Invert repaint everything", async () => {
   const page = await open("sd1-inpaint-tiny", "inpaint");
   const settings = { prompt: PROMPT, seed: 11, steps: 2, guidance: 7.5, scheduler: "dpmpp-2m" };

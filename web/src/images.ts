@@ -1,6 +1,7 @@
 // The editing modes' inputs: the init image (from a file, a drop, a paste or a result) and
-// the inpainting mask painted over it. What reaches the engine is a PNG's own bytes when
-// nothing has to change (so the browser equals the CLI on the same file), else pixels.
+// the inpainting mask painted over it, both at the image's own size (the engine fits them to
+// the output size). A PNG reaches the engine as its own bytes (so the browser equals the CLI
+// on the same file), other formats as pixels.
 import type { ImageInput } from "./protocol";
 
 export interface InitImage {
@@ -30,17 +31,11 @@ export async function readImage(blob: Blob, name: string): Promise<InitImage> {
   return { name, width: bitmap.width, height: bitmap.height, bitmap, png: isPng ? bytes : null, url };
 }
 
-/**
- * `source` scaled to cover `width`×`height` and cropped to its centre, as pixels. At the
- * source's own size it is a plain copy.
- */
-function fitted(source: CanvasImageSource, sw: number, sh: number, width: number, height: number): ImageData {
+/** `source`'s pixels at its own size. */
+function pixels(source: CanvasImageSource, width: number, height: number): ImageData {
   const canvas = new OffscreenCanvas(width, height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true })!;
-  const scale = Math.max(width / sw, height / sh);
-  const [cw, ch] = [width / scale, height / scale];
-  ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(source, (sw - cw) / 2, (sh - ch) / 2, cw, ch, 0, 0, width, height);
+  ctx.drawImage(source, 0, 0);
   return ctx.getImageData(0, 0, width, height);
 }
 
@@ -48,11 +43,9 @@ function rgba(data: ImageData): ImageInput {
   return { rgba: { width: data.width, height: data.height, pixels: new Uint8Array(data.data.buffer) } };
 }
 
-/** The image at `width`×`height` (null: its own size). */
-export function imageInput(image: InitImage, width: number | null, height: number | null): ImageInput {
-  const [w, h] = [width ?? image.width, height ?? image.height];
-  if (image.png && w === image.width && h === image.height) return { png: image.png };
-  return rgba(fitted(image.bitmap, image.width, image.height, w, h));
+/** The image for the engine, at its own size: the engine fits it to the output size. */
+export function imageInput(image: InitImage): ImageInput {
+  return image.png ? { png: image.png } : rgba(pixels(image.bitmap, image.width, image.height));
 }
 
 /**
@@ -99,24 +92,24 @@ export class MaskEditor {
     this.ctx.globalCompositeOperation = "source-over";
   }
 
-  /** The mask as the engine reads it, white on black, fitted to `width`×`height` as the image is. */
-  pixels(width: number | null, height: number | null): ImageData {
+  /** The mask as the engine reads it, white on black, at the image's size (fitted with it). */
+  pixels(): ImageData {
     const { width: w, height: h } = this.canvas;
     const flat = new OffscreenCanvas(w, h);
     const ctx = flat.getContext("2d")!;
     ctx.fillStyle = "#000";
     ctx.fillRect(0, 0, w, h);
     ctx.drawImage(this.canvas, 0, 0);
-    return fitted(flat, w, h, width ?? w, height ?? h);
+    return pixels(flat, w, h);
   }
 
-  input(width: number | null, height: number | null): ImageInput {
-    return rgba(this.pixels(width, height));
+  input(): ImageInput {
+    return rgba(this.pixels());
   }
 
   /** The same mask as a PNG, for the CLI's `--mask`. */
-  png(width: number | null, height: number | null): Promise<Blob> {
-    const data = this.pixels(width, height);
+  png(): Promise<Blob> {
+    const data = this.pixels();
     const canvas = new OffscreenCanvas(data.width, data.height);
     canvas.getContext("2d")!.putImageData(data, 0, 0);
     return canvas.convertToBlob({ type: "image/png" });

@@ -36,6 +36,7 @@ declare module "kiln-layout" {
     default_noise_level: number;
     max_noise_level: number;
     max_mask_blur: number;
+    resize_modes: { name: string; label: string }[];
   };
   export default layout;
 }

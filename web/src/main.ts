@@ -57,6 +57,8 @@ const ui = {
   strengthField: $("strength-field"),
   strength: $<HTMLInputElement>("strength"),
   strengthValue: $<HTMLOutputElement>("strength-value"),
+  resizeField: $("resize-field"),
+  resizeMode: $<HTMLSelectElement>("resize-mode"),
   maskTools: $("mask-tools"),
   mask: $<HTMLCanvasElement>("mask"),
   brushSize: $<HTMLInputElement>("brush-size"),
@@ -147,6 +149,7 @@ function showSettings(s: Settings): void {
   ui.width.value = s.width === null ? "" : String(s.width);
   ui.height.value = s.height === null ? "" : String(s.height);
   ui.strength.value = String(s.strength);
+  ui.resizeMode.value = s.resizeMode;
   ui.maskBlur.value = String(s.maskBlur);
   ui.noiseLevel.value = String(s.noiseLevel);
   ui.count.value = String(s.count);
@@ -170,6 +173,7 @@ function readControls(): Settings {
     width: size(ui.width),
     height: size(ui.height),
     strength: number(ui.strength, settings.strength),
+    resizeMode: ui.resizeMode.value,
     maskBlur: number(ui.maskBlur, settings.maskBlur),
     noiseLevel: number(ui.noiseLevel, settings.noiseLevel),
     count: number(ui.count, settings.count),
@@ -193,7 +197,7 @@ function showMode(): void {
   ui.maskBlur.disabled = mode !== "inpaint";
   ui.noiseLevel.disabled = mode !== "upscale";
   ui.width.disabled = ui.height.disabled = mode === "upscale";
-  ui.sizeHelp.hidden = !editing;
+  ui.sizeHelp.hidden = ui.resizeField.hidden = !editing;
   showSizeHints();
   showInitInfo();
 }
@@ -205,11 +209,6 @@ function changeMode(mode: Mode): void {
   settings = readControls();
   showMode();
   publish();
-}
-
-/** The size the editing modes fit the image (and the mask) to; null: the image's own. */
-function editSize(): [number | null, number | null] {
-  return settings.mode === "upscale" ? [null, null] : [settings.width, settings.height];
 }
 
 function showSizeHints(): void {
@@ -472,12 +471,17 @@ function requestFor(s: Settings): GenerateRequest {
     request.width = s.width ?? undefined;
     request.height = s.height ?? undefined;
   } else {
-    // The output takes the size of the image as sent.
-    request.image = imageInput(initImage!, ...editSize());
+    request.image = imageInput(initImage!);
   }
-  if (mode === "img2img" || mode === "inpaint") request.strength = s.strength;
+  if (mode === "img2img" || mode === "inpaint") {
+    // The engine fits the image (and the mask) to Width × Height, or to its own size rounded.
+    request.width = s.width ?? undefined;
+    request.height = s.height ?? undefined;
+    request.resize_mode = s.resizeMode;
+    request.strength = s.strength;
+  }
   if (mode === "inpaint") {
-    request.mask = mask.input(...editSize());
+    request.mask = mask.input();
     request.mask_blur = s.maskBlur;
   }
   if (mode === "upscale") request.noise_level = settings.noiseLevel;
@@ -571,19 +575,20 @@ function showInitInfo(): void {
     return;
   }
   const { name, width, height } = initImage;
-  const [w, h] = editSize();
+  const { mode, width: w, height: h, resizeMode } = readControls();
   const size = `${width}×${height}`;
   const target = `${w ?? width}×${h ?? height}`;
+  const label = LAYOUT.resize_modes.find((m) => m.name === resizeMode)?.label;
   ui.initInfo.textContent =
-    readControls().mode === "upscale"
+    mode === "upscale"
       ? `${name}: ${size}, upscaled to ${4 * width}×${4 * height}.`
-      : `${name}: ${size}${target === size ? "" : `, scaled and cropped to ${target}`}.`;
+      : `${name}: ${size}${target === size ? "" : `, fitted to ${target} (${label})`}.`;
 }
 
 async function saveMask(): Promise<void> {
   if (!initImage) return;
   const link = document.createElement("a");
-  link.href = URL.createObjectURL(await mask.png(...editSize()));
+  link.href = URL.createObjectURL(await mask.png());
   link.download = "mask.png";
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
@@ -635,6 +640,7 @@ function wire(): void {
   ui.precision.replaceChildren(...LAYOUT.precisions.map((p) => new Option(PRECISION_LABELS[p] ?? p, p)));
   ui.noiseLevel.max = String(LAYOUT.max_noise_level);
   ui.maskBlur.max = String(LAYOUT.max_mask_blur);
+  ui.resizeMode.replaceChildren(...LAYOUT.resize_modes.map((m) => new Option(m.label, m.name)));
   ui.form.addEventListener("submit", (e) => {
     e.preventDefault();
     generate();

@@ -21,6 +21,8 @@ export interface GenerateRequest {
   /** Inpainting: white is repainted, black kept; the image's size. */
   mask?: ImageInput;
   strength?: number;
+  /** How the image is fitted to width × height: the engine's names (`LAYOUT.resize_modes`). */
+  resize_mode?: string;
   mask_blur?: number;
   noise_level?: number;
 }

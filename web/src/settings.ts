@@ -51,6 +51,8 @@ export interface Settings {
   height: number | null;
   /** Image to image and inpainting, in (0, 1]. */
   strength: number;
+  /** Image to image and inpainting: how the image is fitted to the output size (the engine's names). */
+  resizeMode: string;
   /** Inpainting: the mask's Gaussian blur in pixels. */
   maskBlur: number;
   /** Upscaling: noise added to the image first. */
@@ -104,6 +106,7 @@ export function fromQuery(search: string): Settings {
     width: int(q.get("width"), 8, 4096),
     height: int(q.get("height"), 8, 4096),
     strength: strength !== null && strength > 0 && strength <= 1 ? strength : defaultStrength(mode),
+    resizeMode: LAYOUT.resize_modes.find((m) => m.name === q.get("resize"))?.name ?? LAYOUT.resize_modes[0].name,
     maskBlur: Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), LAYOUT.max_mask_blur),
     noiseLevel: int(q.get("noise_level"), 0, LAYOUT.max_noise_level) ?? LAYOUT.default_noise_level,
     count: int(q.get("count"), 1, MAX_COUNT) ?? 1,
@@ -155,6 +158,7 @@ export function toQuery(s: Settings): string {
   // The mode and its own settings; the images themselves stay on the device.
   if (s.mode !== "txt2img") q.set("mode", s.mode);
   if (s.mode === "img2img" || s.mode === "inpaint") q.set("strength", String(s.strength));
+  if ((s.mode === "img2img" || s.mode === "inpaint") && s.resizeMode !== LAYOUT.resize_modes[0].name) q.set("resize", s.resizeMode);
   if (s.mode === "inpaint" && s.maskBlur) q.set("mask_blur", String(s.maskBlur));
   if (s.mode === "upscale") q.set("noise_level", String(s.noiseLevel));
   if (s.count !== 1) q.set("count", String(s.count));

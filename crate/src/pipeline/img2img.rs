@@ -3,6 +3,7 @@
 use burn::tensor::{Tensor, TensorData};
 
 use super::image_processor::Image8;
+use super::resize::ResizeMode;
 use super::{Conditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::npy;
@@ -13,8 +14,9 @@ pub const DEFAULT_STRENGTH: f64 = 0.8;
 /// What image-to-image adds to a [`Request`] (whose `latents` are the noise added to the image).
 #[derive(Clone)]
 pub struct Img2Img {
-    /// The init image; its size is the output's and must suit the model (nothing is resized).
+    /// The init image, fitted to the output size by `resize` ([`StableDiffusion::fit_image`]).
     pub image: Image8,
+    pub resize: ResizeMode,
     /// In (0, 1]: how much of the schedule runs, so how much of the image is repainted.
     pub strength: f64,
     /// The VAE's latent-sampling noise `[1, C, h, w]` instead of the seed's (parity tests).
@@ -64,14 +66,15 @@ impl StableDiffusion {
     /// to the first timestep that runs.
     pub fn start_img2img(&self, req: Request, input: Img2Img) -> Result<super::Denoising> {
         self.require_unet("image-to-image", self.latent_channels(), false)?;
-        let (width, height) = self.image_size(&req, &input.image, "init image")?;
+        let (width, height) = self.output_size(&req, &input.image)?;
+        let (fitted, resized) = input.resize.fit(&input.image, width, height, "init image");
         let strength = check_strength(input.strength)?;
         let (req, warning) = with_enough_steps(req, strength);
         let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
-        setup.warnings.extend(warning);
+        setup.warnings.extend(resized.into_iter().chain(warning));
         let begin = begin_index(setup.steps, strength);
         let shape = self.latent_shape(width, height);
-        let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
+        let image = Tensor::<4>::from_data(TensorData::new(fitted.normalized(), [1, 3, height, width]), &self.device);
         let encode_noise = setup.normals(input.encode_noise, shape, "VAE sampling noise")?;
         let image_latents = self.encode_image(image, encode_noise)?;
         let noise = setup.normals(req.latents, shape, "initial latents")?;
@@ -79,16 +82,16 @@ impl StableDiffusion {
         Ok(setup.denoising(latents, begin, Conditioning::default(), req.step_noise, width, height))
     }
 
-    /// The output size of a mode that starts from `image`: the image's own, which must be a
-    /// valid size for the model; `req` may repeat it but not change it.
-    pub(super) fn image_size(&self, req: &Request, image: &Image8, what: &str) -> Result<(usize, usize)> {
-        let (width, height) = (image.width, image.height);
-        if req.width.is_some_and(|w| w != width) || req.height.is_some_and(|h| h != height) {
-            return Err(Error::Invalid(format!("the output size is the {what}'s ({width}x{height}); width and height cannot change it")));
-        }
-        self.check_size(&format!("the {what}'s "), width, height)?;
+    /// The output size of a mode that starts from `image`: the request's width and height,
+    /// else the image's own rounded to the nearest size the model takes.
+    pub(super) fn output_size(&self, req: &Request, image: &Image8) -> Result<(usize, usize)> {
+        let multiple = self.size_multiple();
+        let round = |v: usize| ((v + multiple / 2) / multiple).max(1) * multiple;
+        let (width, height) = (req.width.unwrap_or(round(image.width)), req.height.unwrap_or(round(image.height)));
+        self.check_size("", width, height)?;
         Ok((width, height))
     }
+
 }
 
 #[cfg(test)]

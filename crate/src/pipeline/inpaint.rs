@@ -6,6 +6,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::image_processor::{Image8, Mask};
 use super::img2img::{begin_index, check_strength, with_enough_steps};
+use super::resize::ResizeMode;
 use super::{Conditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, MaskBlend, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::npy;
@@ -19,10 +20,12 @@ pub const DEFAULT_STRENGTH: f64 = 1.0;
 /// What inpainting adds to a [`Request`] (whose `latents` are the initial noise).
 #[derive(Clone)]
 pub struct Inpaint {
-    /// The image to repaint; its size is the output's and must suit the model.
+    /// The image to repaint, fitted to the output size by `resize`.
     pub image: Image8,
-    /// Same size as the image; converted to grey and binarised at half intensity.
+    /// Same size as the image (and fitted with it); converted to grey and binarised at half
+    /// intensity.
     pub mask: Image8,
+    pub resize: ResizeMode,
     /// Gaussian blur of the mask in pixels before binarisation (PIL's `GaussianBlur`, as
     /// diffusers' `mask_processor.blur`); it rounds the mask's outline. 0 = none.
     pub mask_blur: f32,
@@ -46,25 +49,28 @@ impl StableDiffusion {
         let channels = self.latent_channels();
         let conditioned = self.unet.config.in_channels == 2 * channels + 1;
         self.require_unet("inpainting", if conditioned { 2 * channels + 1 } else { channels }, false)?;
-        let (width, height) = self.image_size(&req, &input.image, "image")?;
-        if (input.mask.width, input.mask.height) != (width, height) {
+        let (image_width, image_height) = (input.image.width, input.image.height);
+        if (input.mask.width, input.mask.height) != (image_width, image_height) {
             return Err(Error::Invalid(format!(
-                "the mask is {}x{} but the image is {width}x{height}; they must be the same size",
+                "the mask is {}x{} but the image is {image_width}x{image_height}; they must be the same size",
                 input.mask.width, input.mask.height
             )));
         }
+        let (width, height) = self.output_size(&req, &input.image)?;
+        let (image_in, resized) = input.resize.fit(&input.image, width, height, "image");
+        let (mask_in, _) = input.resize.fit(&input.mask, width, height, "mask");
         if !(0.0..=MAX_MASK_BLUR).contains(&input.mask_blur) {
             return Err(Error::Invalid(format!("mask blur {} must be between 0 and {MAX_MASK_BLUR} pixels", input.mask_blur)));
         }
         let strength = check_strength(input.strength)?;
         let (req, warning) = with_enough_steps(req, strength);
         let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
-        setup.warnings.extend(warning);
+        setup.warnings.extend(resized.into_iter().chain(warning));
         let begin = begin_index(setup.steps, strength);
         let shape = self.latent_shape(width, height);
         let [_, _, h, w] = shape;
-        let mask = Mask::preprocess(&input.mask, input.mask_blur, self.vae.config.scale_factor());
-        let normalized = input.image.normalized();
+        let mask = Mask::preprocess(&mask_in, input.mask_blur, self.vae.config.scale_factor());
+        let normalized = image_in.normalized();
         let image = |values: Vec<f32>| Tensor::<4>::from_data(TensorData::new(values, [1, 3, height, width]), &self.device);
         let latent_mask = Tensor::<4>::from_data(TensorData::new(mask.latent.clone(), [1, 1, h, w]), &self.device);
 

@@ -10,6 +10,7 @@ pub mod job;
 pub mod png;
 pub mod preview;
 pub mod prompt;
+pub mod resize;
 pub mod rng;
 pub mod tiles;
 pub mod upscale;

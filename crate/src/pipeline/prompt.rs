@@ -40,12 +40,11 @@ pub fn parse(text: &str) -> Result<Vec<Piece>> {
         let mut taken = c.len_utf8();
         match c {
             '\\' => {
-                // An escaped bracket or backslash is text; a lone backslash is dropped.
+                // An escaped bracket or backslash is text; a lone backslash is an empty piece,
+                // which (as in A1111) keeps its neighbours' text apart when weighted.
                 let next = rest[1..].chars().next().filter(|n| "()[]\\".contains(*n));
-                if let Some(n) = next {
-                    pieces.push(Piece::Text(n.to_string(), 1.0));
-                    taken += 1;
-                }
+                pieces.push(Piece::Text(next.map(String::from).unwrap_or_default(), 1.0));
+                taken += next.map_or(0, char::len_utf8);
             }
             '(' => round.push(pieces.len()),
             '[' => square.push(pieces.len()),
@@ -239,6 +238,7 @@ mod tests {
         check("a:1.5) b", &[("a:1.5) b", 1.0)]);
         check("time: noon", &[("time: noon", 1.0)]);
         check("a\\b\\\\", &[("ab\\", 1.0)]);
+        check("a(\\:0.8)b", &[("a", 1.0), ("", 0.8), ("b", 1.0)]);
         check("))]]", &[("))]]", 1.0)]);
         check("", &[("", 1.0)]);
         check("(a:-1)", &[("a", -1.0)]);
