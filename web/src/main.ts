@@ -484,8 +484,6 @@ function requestFor(s: Settings): GenerateRequest {
     request.mask = mask.input();
     request.mask_blur = s.maskBlur;
   }
-  if (mode === "upscale") request.noise_level = settings.noiseLevel;
-  send({ type: "generate", ...modelRef(), request, preview: ui.previewOn.checked });
   if (mode === "upscale") request.noise_level = s.noiseLevel;
   return request;
 }
