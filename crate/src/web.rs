@@ -355,6 +355,7 @@ impl Engine {
             let Some(probe) = probe else { return Ok(JsValue::UNDEFINED) };
             let values = read_back(probe.tensor.clone()).await?;
             probe.check(&values).map_err(run_error)?;
+            // Built by hand: serde would send the pixels as a plain array, not a typed one.
             Ok(probe.preview(&values).map_or(JsValue::UNDEFINED, |p| {
                 let object = js_sys::Object::new();
                 for (key, value) in [("width", JsValue::from(p.width)), ("height", p.height.into()), ("rgba", js_sys::Uint8ClampedArray::from(p.rgba.as_slice()).into())] {

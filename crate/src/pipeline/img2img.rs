@@ -14,7 +14,7 @@ pub const DEFAULT_STRENGTH: f64 = 0.8;
 /// What image-to-image adds to a [`Request`] (whose `latents` are the noise added to the image).
 #[derive(Clone)]
 pub struct Img2Img {
-    /// The init image, fitted to the output size by `resize` ([`StableDiffusion::fit_image`]).
+    /// The init image, fitted to the output size by `resize` ([`ResizeMode::fit`]).
     pub image: Image8,
     pub resize: ResizeMode,
     /// In (0, 1]: how much of the schedule runs, so how much of the image is repainted.

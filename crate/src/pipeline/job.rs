@@ -93,7 +93,7 @@ impl Run {
         self.denoising.finished()
     }
 
-    /// Messages for the user (e.g. a truncated prompt).
+    /// Messages for the user (a resized input image, steps raised to run at all).
     pub fn warnings(&self) -> &[String] {
         &self.denoising.warnings
     }

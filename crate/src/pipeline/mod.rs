@@ -391,7 +391,7 @@ pub struct Denoising {
     conditioning: Conditioning,
     /// The last call's index, latents before it and prediction, for [`Denoising::denoised`].
     last: Option<(usize, Tensor<4>, Tensor<4>)>,
-    /// Messages for the user (e.g. a truncated prompt).
+    /// Messages for the user (a resized input image, steps raised to run at all).
     pub warnings: Vec<String>,
     pub kind: SchedulerKind,
     /// Inference steps the schedule was made for; img2img runs only the last part of them.
