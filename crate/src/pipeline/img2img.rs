@@ -66,9 +66,9 @@ impl StableDiffusion {
     /// to the first timestep that runs.
     pub fn start_img2img(&self, req: Request, input: Img2Img) -> Result<super::Denoising> {
         self.require_unet("image-to-image", self.latent_channels(), false)?;
-        let (width, height) = self.output_size(&req, &input.image)?;
-        let (fitted, resized) = input.resize.fit(&input.image, width, height, "init image");
         let strength = check_strength(input.strength)?;
+        let (width, height) = self.output_size(&req, &input.image)?;
+        let (fitted, resized) = input.resize.fit(input.image, width, height, "init image");
         let (req, warning) = with_enough_steps(req, strength);
         let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
         setup.warnings.extend(resized.into_iter().chain(warning));

@@ -56,13 +56,13 @@ impl StableDiffusion {
                 input.mask.width, input.mask.height
             )));
         }
-        let (width, height) = self.output_size(&req, &input.image)?;
-        let (image_in, resized) = input.resize.fit(&input.image, width, height, "image");
-        let (mask_in, _) = input.resize.fit(&input.mask, width, height, "mask");
         if !(0.0..=MAX_MASK_BLUR).contains(&input.mask_blur) {
             return Err(Error::Invalid(format!("mask blur {} must be between 0 and {MAX_MASK_BLUR} pixels", input.mask_blur)));
         }
         let strength = check_strength(input.strength)?;
+        let (width, height) = self.output_size(&req, &input.image)?;
+        let (image_in, resized) = input.resize.fit(input.image, width, height, "image");
+        let (mask_in, _) = input.resize.fit(input.mask, width, height, "mask");
         let (req, warning) = with_enough_steps(req, strength);
         let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
         setup.warnings.extend(resized.into_iter().chain(warning));

@@ -1,7 +1,7 @@
 //! The image as it forms, cheaply: the denoised estimate behind the last step, its latents
 //! mapped to RGB by Automatic1111's fixed linear factors ("Approx cheap") at latent
 //! resolution. The caller scales it up; the VAE never runs for it.
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use crate::schedulers::{Prediction, Scheduler};
 
@@ -17,20 +17,17 @@ pub struct Preview {
 }
 
 /// The clean latents that `prediction`, the UNet's output at call `index`, implies for
-/// `sample`. Every scheduler's latents there are `a·x0 + b·noise` (its `add_noise`), so the
-/// estimate follows from `a` and `b` alone, whatever the scheduler.
+/// `sample`. Every scheduler's latents there are `a·x0 + b·noise` ([`Scheduler::noise_scales`]),
+/// so the estimate follows from `a` and `b` alone, whatever the scheduler.
 pub fn denoised(scheduler: &dyn Scheduler, index: usize, sample: Tensor<4>, prediction: Tensor<4>) -> Tensor<4> {
-    let device = sample.device();
-    let unit = |v: f32| Tensor::<4>::from_data(TensorData::new(vec![v], [1, 1, 1, 1]), &device);
-    let a = scheduler.add_noise(unit(1.0), unit(0.0), index);
-    let b = scheduler.add_noise(unit(0.0), unit(1.0), index);
+    let (a, b) = scheduler.noise_scales(index);
     match scheduler.prediction() {
-        Prediction::Epsilon => (sample - prediction * b) / a,
+        Prediction::Epsilon => (sample - prediction.mul_scalar(b)).div_scalar(a),
         Prediction::Sample => prediction,
         // With c = √(a² + b²): the DDPM-scale sample is sample / c, √ᾱ = a / c, √(1 − ᾱ) = b / c.
         Prediction::VPrediction => {
-            let c2 = a.clone().powi_scalar(2) + b.clone().powi_scalar(2);
-            (sample * a - prediction * b.clone() * c2.clone().sqrt()) / c2
+            let c2 = a * a + b * b;
+            (sample.mul_scalar(a) - prediction.mul_scalar(b * c2.sqrt())).div_scalar(c2)
         }
     }
 }
@@ -54,7 +51,7 @@ pub fn rgba(values: &[f32], [_, channels, height, width]: [usize; 4]) -> Option<
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::Device;
+    use burn::tensor::{Device, TensorData};
 
     use super::*;
     use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
@@ -76,6 +73,7 @@ mod tests {
             let scheduler = schedulers::build(kind, &config, 10).unwrap();
             let index = 3;
             let sample = scheduler.add_noise(tensor(clean.clone()), tensor(noise.clone()), index);
+            // The scales as `add_noise` applies them, read back, so the test does not take them on trust.
             let scalar = |x0: f32, eps: f32| scheduler.add_noise(tensor(vec![x0; 8]), tensor(vec![eps; 8]), index).into_data().try_to_vec::<f32>().unwrap()[0];
             let (a, b) = (scalar(1.0, 0.0), scalar(0.0, 1.0));
             let c = (a * a + b * b).sqrt();

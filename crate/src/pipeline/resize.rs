@@ -42,12 +42,12 @@ impl ResizeMode {
 
     /// `image` at `width`×`height` and, when it had another size, a note for the user saying
     /// so; `what` names it.
-    pub fn fit(self, image: &Image8, width: usize, height: usize, what: &str) -> (Image8, Option<String>) {
+    pub fn fit(self, image: Image8, width: usize, height: usize, what: &str) -> (Image8, Option<String>) {
         if (image.width, image.height) == (width, height) {
-            return (image.clone(), None);
+            return (image, None);
         }
         let note = format!("the {what} ({}×{}) was resized to {width}×{height} ({})", image.width, image.height, self.label());
-        (self.apply(image, width, height), Some(note))
+        (self.apply(&image, width, height), Some(note))
     }
 
     /// `image` at `width`×`height` (itself when it has that size already).

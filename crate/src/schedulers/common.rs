@@ -617,16 +617,15 @@ pub(super) fn widen(values: &[f32]) -> Vec<f64> {
 // Forward noising (img2img, inpainting, the upscaler's low-res image)
 // ---------------------------------------------------------------------------------------------
 
-/// `sqrt(alphas_cumprod[t]) * original + sqrt(1 - alphas_cumprod[t]) * noise`: `add_noise` of the
-/// classes that index the training schedule by timestep (DDPM, DDIM, PNDM, LCM), float32
-/// coefficients as torch computes them.
-pub(super) fn add_noise_at(alphas_cumprod: &[f32], t: usize, original: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
+/// `(sqrt(alphas_cumprod[t]), sqrt(1 - alphas_cumprod[t]))`: the noise scales of the classes
+/// that index the training schedule by timestep (DDPM, DDIM, PNDM, LCM), in float32 as torch
+/// computes them.
+pub(super) fn ddpm_scales(alphas_cumprod: &[f32], t: usize) -> (f32, f32) {
     let alpha = alphas_cumprod[t];
-    original.mul_scalar(alpha.sqrt()) + noise.mul_scalar((1.0 - alpha).sqrt())
+    (alpha.sqrt(), (1.0 - alpha).sqrt())
 }
 
-/// `original + sigma * noise`: `add_noise` of the Euler schedulers, whose latents carry
-/// sigma-scaled noise rather than a variance-preserving mix.
-pub(super) fn add_noise_sigma(sigma: f32, original: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
-    original + noise.mul_scalar(sigma)
+/// `a * original + b * noise`.
+pub(super) fn mix((a, b): (f32, f32), original: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
+    original.mul_scalar(a) + noise.mul_scalar(b)
 }

@@ -52,8 +52,8 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
-        common::add_noise_at(&self.alphas_cumprod, self.train_timesteps[index] as usize, original, noise)
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        common::ddpm_scales(&self.alphas_cumprod, self.train_timesteps[index] as usize)
     }
 
     fn step(

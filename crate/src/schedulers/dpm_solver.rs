@@ -164,9 +164,8 @@ impl Scheduler for DpmSolver {
     }
 
     /// Variance-preserving, like the DDPM family, but at the call's sigma.
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
-        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
-        original.mul_scalar(alpha) + noise.mul_scalar(sigma)
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        alpha_sigma(self.sigmas[index])
     }
 
     fn step(

@@ -58,8 +58,8 @@ impl Scheduler for EulerAncestral {
         scale_input(sample, self.sigmas[index])
     }
 
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
-        common::add_noise_sigma(self.sigmas[index], original, noise)
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        (1.0, self.sigmas[index])
     }
 
     fn step(

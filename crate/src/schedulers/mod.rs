@@ -221,9 +221,14 @@ pub trait Scheduler {
     fn scale_model_input(&self, sample: Tensor<4>, _index: usize) -> Tensor<4> {
         sample
     }
+    /// `(a, b)`: at call `index` the scheduler's latents are `a * clean + b * noise` (the Euler
+    /// kinds carry sigma-scaled noise, `(1, sigma)`; the others a variance-preserving mix).
+    fn noise_scales(&self, index: usize) -> (f32, f32);
     /// diffusers' `add_noise` at call `index`: clean latents `original` noised to the level the
     /// scheduler expects at that call (after `set_begin_index`, as img2img and inpainting use it).
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4>;
+    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
+        common::mix(self.noise_scales(index), original, noise)
+    }
     /// One denoising update for call `index`; `noise` is invoked only when the scheduler draws
     /// fresh noise (euler-a every step, lcm between steps), returning standard-normal noise shaped
     /// like `sample`. Calls may start at any index (img2img's `set_begin_index`) and then go up
@@ -286,6 +291,6 @@ impl ForwardNoise {
 
     /// `original` noised to training timestep `level` (below [`ForwardNoise::levels`]).
     pub fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, level: usize) -> Tensor<4> {
-        common::add_noise_at(&self.alphas_cumprod, level, original, noise)
+        common::mix(common::ddpm_scales(&self.alphas_cumprod, level), original, noise)
     }
 }
