@@ -1,6 +1,6 @@
 //! What a model's files are and how a request may be set: the facts the CLI, the engine and
 //! the page share, written once. The page gets them from the wasm module (`layout()` in
-//! `web.rs`, read into the bundle at build time by `scripts/web/bundle.mjs`).
+//! `web/mod.rs`, read into the bundle at build time by `scripts/web/bundle.mjs`).
 use serde::Serialize;
 
 use crate::package::MANIFEST;

@@ -86,18 +86,40 @@ impl Manifest {
         if let Some(t) = manifest.tensors.iter().find(|t| t.shard >= manifest.shards.len()) {
             return Err(Error::Invalid(format!("{}: tensor `{}` of {} is in shard {}, but there are {}", label.display(), t.name, t.file, t.shard, manifest.shards.len())));
         }
+        // Offsets count from the start of a shard of `shard_size` bytes; only the last is shorter.
+        let full = manifest.shards.split_last().map_or(&[][..], |(_, full)| full);
+        if let Some(shard) = full.iter().find(|s| s.length != manifest.shard_size) {
+            return Err(Error::Invalid(format!("{}: shard {} has {} bytes; every shard but the last has {}", label.display(), shard.path, shard.length, manifest.shard_size)));
+        }
         Ok(manifest)
     }
 
     /// Bytes of all shards together.
-    pub fn total_bytes(&self) -> usize {
-        self.shards.iter().map(|s| s.length).sum()
+    pub fn total_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.length as u64).fold(0, u64::saturating_add)
+    }
+
+    /// The tensors with where each starts in the stream of shards, in stream order.
+    fn stream_order(&self, label: &Path) -> Result<Vec<(usize, &TensorEntry)>> {
+        let mut located = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            let start = t.shard.checked_mul(self.shard_size).and_then(|s| s.checked_add(t.offset)).filter(|s| s.checked_add(t.length).is_some());
+            let start = start.ok_or_else(|| Error::Invalid(format!("{}: tensor `{}` of {} lies past the end of the shards", label.display(), t.name, t.file)))?;
+            located.push((start, t));
+        }
+        located.sort_by_key(|&(start, _)| start);
+        Ok(located)
     }
 }
 
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks a shard's bytes against its manifest entry.
@@ -196,23 +218,35 @@ pub struct Loaded {
     pub weights: HashMap<String, Weights>,
 }
 
-/// Reads the package in `files`, verifying every shard before any of it is used.
+/// Reads the package in `files` shard by shard: each is verified before any tensor in it is
+/// built, and the host holds only the shard being read (and the start of a tensor that runs on
+/// into the next).
 pub fn load(files: &dyn ModelFiles, device: &Device) -> Result<Loaded> {
-    let manifest = Manifest::parse(&files.label(MANIFEST), &files.require_text(MANIFEST)?)?;
-    let mut stream = Vec::with_capacity(manifest.total_bytes());
+    let label = files.label(MANIFEST);
+    let manifest = Manifest::parse(&label, &files.require_text(MANIFEST)?)?;
+    let mut pending = manifest.stream_order(&label)?.into_iter().peekable();
+    let mut uploads: HashMap<String, Uploaded> = HashMap::new();
+    // The stream's bytes from `held_from` on that a tensor still waiting needs.
+    let (mut held, mut held_from) = (Vec::new(), 0);
     for shard in &manifest.shards {
         let bytes = files.require(&shard.path)?;
         verify_shard(shard, &bytes).map_err(|e| Error::Invalid(format!("{}/{e}", files.name())))?;
-        stream.extend_from_slice(&bytes);
+        if held.is_empty() {
+            held = bytes;
+        } else {
+            held.extend_from_slice(&bytes);
+        }
+        let arrived = held_from + held.len();
+        while let Some((start, t)) = pending.next_if(|(start, t)| start + t.length <= arrived) {
+            let upload = uploads.entry(t.file.clone()).or_insert_with(|| Uploaded::new(&t.file, files.label(&t.file)));
+            upload.add(&t.name, t.shape.clone(), t.format, &held[start - held_from..start - held_from + t.length], device)?;
+        }
+        let keep_from = pending.peek().map_or(arrived, |&(start, _)| start.min(arrived));
+        held.drain(..keep_from - held_from);
+        held_from = keep_from;
     }
-    let mut uploads: HashMap<String, Uploaded> = HashMap::new();
-    for t in &manifest.tensors {
-        let start = t.shard * manifest.shard_size + t.offset;
-        let bytes = stream.get(start..start + t.length).ok_or_else(|| {
-            Error::Invalid(format!("{}: tensor `{}` of {} lies past the end of the shards", files.label(MANIFEST).display(), t.name, t.file))
-        })?;
-        let upload = uploads.entry(t.file.clone()).or_insert_with(|| Uploaded::new(&t.file, files.label(&t.file)));
-        upload.add(&t.name, t.shape.clone(), t.format, bytes, device)?;
+    if let Some((_, t)) = pending.next() {
+        return Err(Error::Invalid(format!("{}: tensor `{}` of {} lies past the end of the shards", label.display(), t.name, t.file)));
     }
     let weights = uploads.into_iter().map(|(stem, up)| (stem, Weights::uploaded(up, device))).collect();
     let text = manifest.files.into_iter().map(|(path, text)| (path, text.into_bytes())).collect();

@@ -57,6 +57,15 @@ pub fn on_demand(stem: &str, name: &str) -> bool {
     stem.starts_with("text_encoder/") || (stem.starts_with("vae/") && (name.starts_with("encoder.") || name.starts_with("quant_conv.")))
 }
 
+/// How many values a tensor of `shape` holds, when they can be addressed as f32 bytes. A
+/// header may claim any shape: the product of its non-zero dimensions must fit too, since
+/// code that views a tensor as a matrix multiplies parts of the shape.
+pub fn element_count(shape: &[usize]) -> Option<usize> {
+    let nonzero = shape.iter().filter(|&&d| d > 0).try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    nonzero.checked_mul(4)?;
+    Some(if shape.contains(&0) { 0 } else { nonzero })
+}
+
 /// WebGPU's default `maxStorageBufferBindingSize`, and lavapipe's: no tensor may be larger.
 pub const MAX_BINDING_BYTES: usize = 128 << 20;
 
@@ -86,8 +95,8 @@ impl Uploaded {
     /// Adds one tensor stored as `format` and puts it where it is used from (quantized ones
     /// stay so).
     pub fn add(&mut self, name: &str, shape: Vec<usize>, format: Format, bytes: &[u8], device: &Device) -> Result<()> {
-        let n: usize = shape.iter().product();
         let bad = |msg: String| Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}`: {msg}") };
+        let n = element_count(&shape).ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
         if bytes.len() != format.stored_len(n) {
             return Err(bad(format!("{} bytes for shape {shape:?} in {}", bytes.len(), format.name())));
         }
@@ -166,7 +175,7 @@ pub fn safetensors_values(path: &std::path::Path, name: &str, dtype: &str, shape
         "BF16" => (Dtype::BF16, 2),
         _ => return Err(unsupported()),
     };
-    if raw.len() != shape.iter().product::<usize>() * width {
+    if element_count(shape).and_then(|n| n.checked_mul(width)) != Some(raw.len()) {
         return Err(Error::Safetensors { path: path.to_owned(), msg: format!("tensor `{name}` has {} bytes for shape {shape:?} in {dtype:?}", raw.len()) });
     }
     to_f32(dtype, raw).ok_or_else(unsupported)
@@ -353,6 +362,15 @@ mod tests {
     fn published(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Weights {
         let files = model(&[("unet/test.safetensors", safetensors(tensors))]);
         Weights::uploaded(Uploaded::from_file(&files, "unet/test", None, &Device::flex()).unwrap(), &Device::flex())
+    }
+
+    #[test]
+    fn element_counts_that_would_wrap_are_refused() {
+        assert_eq!(element_count(&[2, 3, 4]), Some(24));
+        assert_eq!(element_count(&[]), Some(1));
+        assert_eq!(element_count(&[0, 5]), Some(0));
+        assert_eq!(element_count(&[0, 2, usize::MAX]), None, "rows × the rest would wrap");
+        assert_eq!(element_count(&[usize::MAX / 2]), None, "its f32 bytes would wrap");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 // Downloads: resumed with HTTP Range after a reload and after a dropped connection, and
 // corrupt files rejected, discarded and fetched again on retry, whether kept as published or
-// converted as they arrive.
+// converted as they arrive; storage that runs out mid-download keeps what was stored.
 import assert from "node:assert/strict";
 import { statSync } from "node:fs";
 import { after, before, test } from "node:test";
-import { appUrl, cachedFiles, echoConsole, errorText, faults, generate, launch, pixelDiff, startServers } from "./harness.mjs";
+import { serve } from "../../scripts/web/server.mjs";
+import { appUrl, assertNative, cachedFiles, echoConsole, errorText, faults, generate, kiln, launch, pixelDiff, startServers } from "./harness.mjs";
 
 const SETTINGS = { prompt: "a red cube", seed: "1", steps: "1", guidance: "0", width: "64", height: "64" };
 const TEXT_ENCODER = "text_encoder/model.safetensors";
@@ -147,5 +148,57 @@ test("a cached file that lost a stored chunk is fetched again, and the image is 
     assert.equal(pixelDiff(after, before).max, 0, "the same image as before the damage");
   } finally {
     await context.close();
+  }
+});
+
+test("storage that runs out mid-download keeps what was stored and resumes from it once there is space", async () => {
+  // The disk fills up while the worker downloads: once the test says so, every IndexedDB write
+  // fails as a full disk fails it. (Chrome's DevTools quota override has no effect on this
+  // headless Chromium, so the worker is given this switch instead.)
+  const prelude = `{
+    const put = IDBObjectStore.prototype.put;
+    IDBObjectStore.prototype.put = function (...args) {
+      const request = put.apply(this, args);
+      const tx = this.transaction;
+      if (self.diskFull && !tx.failing) {
+        // As a full disk fails it: at commit, after every request of the transaction was made.
+        tx.failing = true;
+        Object.defineProperty(tx, "error", { value: new DOMException("The quota has been exceeded.", "QuotaExceededError") });
+        queueMicrotask(() => tx.abort());
+      }
+      return request;
+    };
+  }\n`;
+  const withPrelude = (path, body) => (path === "/worker.js" ? { body: Buffer.concat([Buffer.from(prelude), body]) } : null);
+  const app = await serve({ root: "dist", intercept: withPrelude });
+  const { hub } = servers;
+  const model = `${hub.url}/sd1-tiny`;
+  const native = kiln(["generate", "--model", "tests/fixtures/sd1-tiny", "--prompt", SETTINGS.prompt, "--seed", "1", "--steps", "1", "--guidance", "0", "--width", "64", "--height", "64"]);
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    echoConsole(page, "disk full");
+    // The UNet's first request drops after 5 MB; while the worker waits to retry, the disk fills.
+    hub.fault(`/sd1-tiny/${UNET}`, faults.cut(5e6));
+    await page.goto(appUrl(app, model, SETTINGS));
+    await page.getByRole("button", { name: "Generate", exact: true }).click();
+    while (!(await cachedFiles(page, model)).some((f) => f.path === UNET && f.received >= CHUNK)) await page.waitForTimeout(100);
+    const [worker] = page.workers();
+    await worker.evaluate(() => (self.diskFull = true));
+    assert.match(await errorText(page), /^The browser's storage for this site is full: [\d.]+ [MG]B used of the [\d.]+ [MG]B it allows\. Free disk space or remove other cached models, then press Generate: the download continues where it stopped\./);
+    const kept = (await cachedFiles(page, model)).find((f) => f.path === UNET);
+    assert.deepEqual(kept, { path: UNET, received: CHUNK, complete: false }, "the stored chunk is kept, and not trusted as complete");
+
+    await worker.evaluate(() => (self.diskFull = false));
+    const png = await generate(page);
+    const [first, ...resumed] = gets(hub.log, `/sd1-tiny/${UNET}`);
+    assert.equal(first.range, null);
+    assert.ok(resumed.length >= 2 && resumed.every((e) => e.range === `bytes=${CHUNK}-`), `every later request continues from the stored chunk: ${JSON.stringify(resumed)}`);
+    assert.equal(gets(hub.log, `/sd1-tiny/${TEXT_ENCODER}`).length, 1, "the text encoder, stored before the disk filled, is not fetched again");
+    assert.ok((await cachedFiles(page, model)).every((f) => f.complete));
+    assertNative(png, native, "after the disk filled mid-download");
+  } finally {
+    await context.close();
+    await app.close();
   }
 });

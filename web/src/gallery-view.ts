@@ -1,7 +1,7 @@
 // The gallery on the page: a thumbnail of every kept result, newest first. Opening one hands
 // it to the page, which restores its settings and shows it as the result (Download PNG, Use as
 // input, Delete). "Delete all" empties it; its size is shown beside the model cache's.
-import { freeStorage } from "./cache";
+import { freeStorage } from "./quota";
 import { bytes } from "./format";
 import { addImage, deleteAllImages, deleteImage, gallerySize, listImages, type GalleryImage } from "./gallery";
 import { caption, fromQuery } from "./settings";

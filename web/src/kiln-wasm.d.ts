@@ -1,4 +1,4 @@
-// The engine's wasm-bindgen module (crate/src/web.rs), built by scripts/build and bundled
+// The engine's wasm-bindgen module (crate/src/web/), built by scripts/build and bundled
 // into worker.js under this name. Typed by hand so the page type-checks without a wasm build.
 declare module "kiln-wasm" {
   export default function init(options: { module_or_path: URL }): Promise<unknown>;
@@ -19,6 +19,15 @@ declare module "kiln-wasm" {
     wait(preview: boolean): Promise<import("./protocol").Preview | undefined>;
     cancel(): void;
     finish(): Promise<Uint8Array>;
+  }
+
+  /** SHA-256 whose state is saved with a download's chunks (crate/src/web/sha256.rs). */
+  export class Sha256 {
+    constructor();
+    static restore(state: Uint8Array): Sha256;
+    update(bytes: Uint8Array): void;
+    save(): Uint8Array;
+    hex(): string;
   }
 }
 

@@ -1,12 +1,11 @@
 // The page: controls, share links, input images, progress and errors. The engine, the
 // downloads and the GPU all live in the worker; this thread only renders and relays.
 import { chooseBackend, type Backend } from "./backend";
-import { downloadNeeds, modelStatus, removeModel, type DownloadNeeds } from "./cache";
 import { bytes, duration } from "./format";
 import type { GalleryImage } from "./gallery";
 import { GalleryView } from "./gallery-view";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
-import type { DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
+import type { CacheAnswers, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
 import { LAYOUT, type Precision } from "./model";
 import { drawPreview } from "./preview";
 import { Queue, type Job } from "./queue";
@@ -270,10 +269,12 @@ function host(url: string): string {
 /** Shows what is cached of the model and, when not all of it, what the download needs before it starts. */
 async function showCache(): Promise<boolean> {
   const shown = modelKey(settings);
-  const status = await modelStatus(settings.model);
+  const status = await askCache("status").catch(() => null);
+  // The worker was replaced meanwhile (a crash, another model): its successor will be asked.
+  if (!status) return false;
   const complete = status.package ? status.precisions.length > 0 : status.precisions.includes(settings.precision);
   const kept = status.precisions.map((p) => (p === "original" ? "as published" : p)).join(", ");
-  const needs = complete ? null : await downloadNeeds(settings.model, settings.precision).catch(() => null);
+  const needs = complete ? null : await askCache("needs").catch(() => null);
   if (shown !== modelKey(settings)) return complete;
   const size = needs ? `${bytes(needs.needed)}${needs.free === null ? "" : `, with ${bytes(needs.free)} of storage free for this site`}` : "";
   ui.cacheStatus.textContent = complete
@@ -311,7 +312,7 @@ async function warmUp(): Promise<void> {
 
 async function remove(): Promise<void> {
   try {
-    setStatus(`Removed the cached model: ${bytes(await removeModel(settings.model))} freed.`);
+    setStatus(`Removed the cached model: ${bytes(await askCache("remove"))} freed.`);
   } catch (e) {
     setStatus((e as Error).message);
   }
@@ -324,7 +325,31 @@ function modelRef(): ModelRef {
   return { base: settings.model, precision: settings.precision, backend: backend!.kind };
 }
 
-function send(msg: Exclude<ToWorker, { type: "cancel" | "png-info" }>): void {
+/** Questions to the worker about the model cache, by id, until it answers or is replaced. */
+const cacheQuestions = new Map<number, { resolve: (answer: never) => void; reject: (e: Error) => void }>();
+let lastQuestion = 0;
+
+/** Asks the worker (the only thread that opens the model cache) about the current model. */
+function askCache<Q extends keyof CacheAnswers>(question: Q): Promise<CacheAnswers[Q]> {
+  const id = ++lastQuestion;
+  const { model: base, precision } = settings;
+  // Any worker answers for any model; where there is none, one is started for this model
+  // (before the question is filed, as starting one drops the questions of the last).
+  const answering = worker ?? workerFor(modelKey(settings));
+  return new Promise((resolve, reject) => {
+    cacheQuestions.set(id, { resolve: resolve as (answer: never) => void, reject });
+    answering.postMessage({ type: "cache", id, question, base, precision } satisfies ToWorker);
+  });
+}
+
+function answerCache({ id, answer, problem }: Extract<FromWorker, { type: "cache" }>): void {
+  const asked = cacheQuestions.get(id);
+  cacheQuestions.delete(id);
+  if (problem !== undefined) asked?.reject(new Error(problem));
+  else asked?.resolve(answer as never);
+}
+
+function send(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" }>): void {
   workerFor(modelKey({ model: msg.base, precision: msg.precision })).postMessage(msg);
 }
 
@@ -368,6 +393,8 @@ function applyPngInfo({ name, info, problem }: Extract<FromWorker, { type: "png-
 function stopWorker(): void {
   worker?.terminate();
   worker = workerModel = loaded = null;
+  for (const { reject } of cacheQuestions.values()) reject(new Error("the worker was replaced"));
+  cacheQuestions.clear();
 }
 
 function receive(msg: FromWorker): void {
@@ -408,6 +435,9 @@ function receive(msg: FromWorker): void {
       break;
     case "png-info":
       applyPngInfo(msg);
+      break;
+    case "cache":
+      answerCache(msg);
       break;
     case "error":
       fail(msg.kind, msg.message);

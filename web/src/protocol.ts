@@ -62,6 +62,34 @@ export interface DownloadProgress {
   rate: number;
 }
 
+/** What downloading a model still takes, before anything of it is fetched. */
+export interface DownloadNeeds {
+  /** Bytes the files will take in storage. */
+  needed: number;
+  free: number | null;
+  /** The message Generate would refuse with; null when it fits. */
+  refusal: string | null;
+}
+
+export interface CacheStatus {
+  bytes: number;
+  /** A Kiln package (its precision is its own), rather than a diffusers repo. */
+  package: boolean;
+  /** The precisions the model is completely cached in (a package: its own format). */
+  precisions: Precision[];
+}
+
+/**
+ * Questions about the model cache, which only the worker opens: how much of a model is
+ * stored, what its download needs (answered with HEAD requests, nothing stored), and its
+ * removal (the bytes freed).
+ */
+export interface CacheAnswers {
+  status: CacheStatus;
+  needs: DownloadNeeds;
+  remove: number;
+}
+
 /** Which model the worker should hold, and where its engine runs. */
 export interface ModelRef {
   base: string;
@@ -73,7 +101,8 @@ export type ToWorker =
   | ({ type: "load" } & ModelRef)
   | ({ type: "generate"; request: GenerateRequest; preview: boolean } & ModelRef)
   | { type: "cancel" }
-  | { type: "png-info"; png: Uint8Array; name: string };
+  | { type: "png-info"; png: Uint8Array; name: string }
+  | { type: "cache"; id: number; question: keyof CacheAnswers; base: string; precision: Precision };
 
 /** What the engine's `png_info` reads from a PNG's `parameters` text (Kiln's or A1111's). */
 export interface PngInfo {
@@ -108,4 +137,5 @@ export type FromWorker =
   | { type: "image"; png: Uint8Array }
   | { type: "cancelled" }
   | { type: "png-info"; name: string; info: PngInfo | null; problem?: string }
+  | { type: "cache"; id: number; answer?: CacheAnswers[keyof CacheAnswers]; problem?: string }
   | { type: "error"; kind: ErrorKind; message: string };

@@ -85,14 +85,18 @@ export function randomSeed(): number {
   return crypto.getRandomValues(new Uint32Array(1))[0];
 }
 
-/** Reads settings from a query string; whatever is missing or malformed takes its default. */
+/**
+ * Reads settings from a query string; whatever is missing or malformed takes its default, and
+ * so does a mode's own setting in a link of another mode (`toQuery` writes only the mode's).
+ */
 export function fromQuery(search: string): Settings {
   const q = new URLSearchParams(search);
-  const model = normalizeModelUrl(q.get("model") || PRESETS[0].url);
+  const model = normalizeModelUrl(q.get("model") ?? "") || PRESETS[0].url;
   const defaults = modelDefaults(model);
   const precision = q.get("precision");
   const mode = MODES.find((m) => m === q.get("mode")) ?? "txt2img";
-  const strength = num(q.get("strength"));
+  const edits = mode === "img2img" || mode === "inpaint";
+  const strength = edits ? num(q.get("strength")) : null;
   return {
     model,
     precision: LAYOUT.precisions.find((p) => p === precision) ?? "original",
@@ -102,13 +106,13 @@ export function fromQuery(search: string): Settings {
     seed: int(q.get("seed"), 0, Number.MAX_SAFE_INTEGER) ?? randomSeed(),
     steps: int(q.get("steps"), 1, 1000) ?? defaults.steps,
     guidance: num(q.get("guidance")) ?? defaults.guidance,
-    scheduler: q.get("scheduler") ?? "",
+    scheduler: LAYOUT.schedulers.find((k) => k === q.get("scheduler")) ?? "",
     width: int(q.get("width"), 8, 4096),
     height: int(q.get("height"), 8, 4096),
     strength: strength !== null && strength > 0 && strength <= 1 ? strength : defaultStrength(mode),
-    resizeMode: LAYOUT.resize_modes.find((m) => m.name === q.get("resize"))?.name ?? LAYOUT.resize_modes[0].name,
-    maskBlur: Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), LAYOUT.max_mask_blur),
-    noiseLevel: int(q.get("noise_level"), 0, LAYOUT.max_noise_level) ?? LAYOUT.default_noise_level,
+    resizeMode: (edits && LAYOUT.resize_modes.find((m) => m.name === q.get("resize"))?.name) || LAYOUT.resize_modes[0].name,
+    maskBlur: mode === "inpaint" ? Math.min(Math.max(num(q.get("mask_blur")) ?? 0, 0), LAYOUT.max_mask_blur) : 0,
+    noiseLevel: (mode === "upscale" ? int(q.get("noise_level"), 0, LAYOUT.max_noise_level) : null) ?? LAYOUT.default_noise_level,
     count: int(q.get("count"), 1, MAX_COUNT) ?? 1,
     backend: BACKEND_CHOICES.find((b) => b === q.get("backend")) ?? "auto",
   };

@@ -3,24 +3,10 @@
 // a cancel lands within one step. The page replaces the whole worker after a crash or a
 // lost device, since the wasm module cannot be trusted after either.
 import init, { Engine, png_info } from "kiln-wasm";
-import {
-  CorruptDownload,
-  NetworkError,
-  NotFound,
-  StorageShort,
-  StoredFile,
-  checkSpace,
-  discardDamaged,
-  download,
-  downloadConverted,
-  openStored,
-  planModel,
-  storedPath,
-  type Converter,
-  type PackageManifest,
-  type PlannedFile,
-} from "./cache";
-import type { ErrorKind, FileProgress, FromWorker, GenerateRequest, ModelRef, ToWorker } from "./protocol";
+import { CorruptDownload, NetworkError, NotFound, download, downloadConverted, type Converter } from "./download";
+import { checkSpace, downloadNeeds, modelStatus, planModel, removeModel, type PackageManifest, type PlannedFile } from "./plan";
+import { StorageShort, StoredFile, discardDamaged, openStored, storedPath } from "./store";
+import type { CacheAnswers, ErrorKind, FileProgress, FromWorker, GenerateRequest, ModelRef, ToWorker } from "./protocol";
 import { WEIGHT_STEMS } from "./model";
 
 const scope = self as unknown as DedicatedWorkerGlobalScope;
@@ -69,6 +55,10 @@ scope.onmessage = (event: MessageEvent<ToWorker>) => {
     void readPngInfo(msg.png, msg.name);
     return;
   }
+  if (msg.type === "cache") {
+    void answerCache(msg);
+    return;
+  }
   if (msg.type === "cancel") {
     epoch++;
     current?.abort();
@@ -113,7 +103,7 @@ scope.addEventListener("error", (event: ErrorEvent) => {
   crash(event.message);
 });
 
-async function run(msg: Exclude<ToWorker, { type: "cancel" | "png-info" }>): Promise<void> {
+async function run(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" }>): Promise<void> {
   const abort = (current = new AbortController());
   try {
     await ensureModel(msg, abort.signal);
@@ -155,6 +145,20 @@ async function readPngInfo(png: Uint8Array, name: string): Promise<void> {
     post({ type: "png-info", name, info: png_info(png) });
   } catch (e) {
     post({ type: "png-info", name, info: null, problem: describe(e) });
+  }
+}
+
+/** Answered at once, even while a model downloads: the model cache is this thread's alone. */
+async function answerCache({ id, question, base, precision }: Extract<ToWorker, { type: "cache" }>): Promise<void> {
+  const answers: { [Q in keyof CacheAnswers]: () => Promise<CacheAnswers[Q]> } = {
+    status: () => modelStatus(base),
+    needs: () => downloadNeeds(base, precision),
+    remove: () => removeModel(base),
+  };
+  try {
+    post({ type: "cache", id, answer: await answers[question]() });
+  } catch (e) {
+    post({ type: "cache", id, problem: describe(e) });
   }
 }
 

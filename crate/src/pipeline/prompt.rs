@@ -75,6 +75,14 @@ pub fn parse(text: &str) -> Result<Vec<Piece>> {
     for start in square {
         multiply(&mut pieces, Some(start), 1.0 / 1.1);
     }
+    // The encoder's numbers are f32: a weight beyond them would give NaN text states.
+    for piece in &pieces {
+        if let Piece::Text(text, weight) = piece
+            && !(*weight as f32).is_finite()
+        {
+            return Err(Error::Invalid(format!("prompt: the emphasis on {text:?} comes to {weight:e}, too large a weight to apply")));
+        }
+    }
     Ok(merge(pieces))
 }
 
@@ -249,5 +257,9 @@ mod tests {
         let err = parse("(x:1.2.3)").unwrap_err().to_string();
         assert!(err.contains("\"1.2.3\"") && err.contains("not a number"), "{err}");
         assert!(parse("x:1.2.3)").is_ok(), "outside brackets it is text");
+        for huge in [format!("(x:{})", "9".repeat(40)), format!("{}x", "(".repeat(1000))] {
+            let err = parse(&huge).unwrap_err().to_string();
+            assert!(err.contains("too large a weight"), "{err}");
+        }
     }
 }

@@ -5,6 +5,8 @@
 //! wasm memory never holds a whole weight file: the UNet's and the VAE decoder's go to the GPU
 //! as they come; the text encoder's and the VAE encoder's wait as stored bytes until a prompt or
 //! an input image needs them (`weights::on_demand`).
+mod sha256;
+
 use std::collections::HashMap;
 
 use burn::tensor::{Device, Tensor};

@@ -1,0 +1,344 @@
+// Downloads into the cache (store.ts): streamed in as they arrive, resumed with HTTP Range
+// after a reload or a lost connection, verified (length, SHA-256 when the host states one,
+// safetensors layout, JSON) before they are marked complete. A repo's weights can be kept
+// converted (f16, q8, q4): each tensor is converted as soon as its bytes have arrived and
+// only the converted bytes are stored, under `${path}#${precision}`; the original file is
+// never stored whole. The SHA-256 is the engine's (`sha2`), its state saved with each chunk;
+// the worker instantiates the engine's module before it downloads anything.
+import { Sha256 } from "kiln-wasm";
+import { parseHeader, headerLength, type TensorEntry } from "./safetensors";
+import { CHUNK, StoredFile, discard, getRecord, keyOf, storedPath, write, type FileRecord } from "./store";
+import type { Precision } from "./model";
+
+/** Attempts per file when the connection drops; each continues where the last stopped. */
+const ATTEMPTS = 4;
+
+/** Encodes one tensor for storage; null for tensors the engine does not read (integer buffers). */
+export type Converter = (tensor: TensorEntry, bytes: Uint8Array, precision: Precision) => { format: string; bytes: Uint8Array } | null;
+
+/** A file that arrived but failed verification. It has been discarded. */
+export class CorruptDownload extends Error {}
+/** The host has no such file (HTTP 404). */
+export class NotFound extends Error {}
+/** The connection failed or dropped; what was stored is kept for the next attempt. */
+export class NetworkError extends Error {}
+
+/**
+ * Stores `${base}/${path}` completely and verified, continuing whatever part is already
+ * stored. `onProgress` gets the file's stored-or-buffered byte count as data arrives.
+ */
+export async function download(base: string, path: string, signal: AbortSignal, onProgress: (received: number) => void, sha256?: string): Promise<FileRecord> {
+  return retrying(keyOf(base, path), signal, (rec) => fetchRest(base, path, rec, signal, onProgress, sha256));
+}
+
+/**
+ * Runs `resume` from the stored record of `key` until the file is complete, again after each
+ * dropped connection (up to ATTEMPTS, waiting longer each time). Holds the file's lock, as two
+ * tabs must not append to the same file at once. A part whose digest state an earlier Kiln
+ * saved in another form is started over.
+ */
+function retrying(key: string, signal: AbortSignal, resume: (rec: FileRecord | null) => Promise<FileRecord>): Promise<FileRecord> {
+  return navigator.locks.request(`kiln:${key}`, async () => {
+    for (let attempt = 1; ; attempt++) {
+      const rec = await getRecord(key);
+      if (rec?.complete) return rec;
+      if (rec && !(rec.hash instanceof Uint8Array)) await discard(key);
+      try {
+        return await resume(rec?.hash instanceof Uint8Array ? rec : null);
+      } catch (e) {
+        if (!(e instanceof NetworkError) || signal.aborted || attempt === ATTEMPTS) throw e;
+        await new Promise((r) => setTimeout(r, 1000 * 2 ** attempt));
+      }
+    }
+  });
+}
+
+/**
+ * Stores the weight file `${base}/${path}` converted to `precision`, continuing after the
+ * last converted tensor already stored. Only the converted bytes are kept; the source is
+ * hashed as it streams by and checked like any download before the record is complete.
+ */
+export async function downloadConverted(
+  base: string,
+  path: string,
+  precision: Precision,
+  convert: Converter,
+  signal: AbortSignal,
+  onProgress: (received: number) => void,
+): Promise<FileRecord> {
+  return retrying(keyOf(base, path, precision), signal, (rec) => fetchConverted(base, path, precision, rec, convert, signal, onProgress));
+}
+
+async function fetchConverted(
+  base: string,
+  path: string,
+  precision: Precision,
+  rec: FileRecord | null,
+  convert: Converter,
+  signal: AbortSignal,
+  onProgress: (n: number) => void,
+): Promise<FileRecord> {
+  const url = `${base}/${path}`;
+  // Every tensor converted and stored, but not yet verified (the tab closed, or the connection
+  // dropped after the last tensor): there is nothing left to ask the host for.
+  const header = rec?.converted?.header;
+  if (rec && header && rec.received === header.fileSize) return finishConverted(rec, Sha256.restore(rec.hash!), Math.max(rec.received, rec.size ?? 0));
+  const { res, etag, range, resumes } = await requestRest(url, rec, signal);
+  if (rec && !resumes) {
+    await discard(rec.key);
+    await res.body?.cancel();
+    return fetchConverted(base, path, precision, null, convert, signal, onProgress);
+  }
+  const length = res.headers.get("content-length");
+  rec ??= {
+    key: keyOf(base, path, precision),
+    base,
+    path: storedPath({ path, convert: precision }),
+    size: range ? Number(range[2]) : length === null ? null : Number(length),
+    received: 0,
+    chunkSize: 0,
+    sha256: await statedSha256(res, base, path),
+    etag,
+    hash: new Sha256().save(),
+    complete: false,
+    converted: { header: null, tensors: [], chunks: 0 },
+  };
+  const state = rec.converted!;
+  const hasher = Sha256.restore(rec.hash!);
+  // Source bytes from `rec.received` on: hashed and dropped once their tensors are stored.
+  let pending = new Uint8Array(0);
+  let out: Uint8Array[] = [];
+  let outBytes = 0;
+  /** The source offset up to which every tensor is converted (stored or in `out`). */
+  let converted = rec.received;
+  const left = state.header?.tensors.findIndex((t) => t.end > converted) ?? 0;
+  let next = left < 0 ? state.header!.tensors.length : left;
+  /** Stores the tensors in `out` and the record, as of source offset `converted`. */
+  const flush = async () => {
+    const used = converted - rec!.received;
+    hasher.update(pending.subarray(0, used));
+    pending = pending.slice(used);
+    const chunk = new Uint8Array(outBytes);
+    out.reduce((at, part) => (chunk.set(part, at), at + part.length), 0);
+    const index = state.chunks;
+    const updated: FileRecord = { ...rec!, received: converted, hash: hasher.save(), converted: { ...state, chunks: index + (outBytes > 0 ? 1 : 0) } };
+    await write((files, chunks) => {
+      if (outBytes > 0) chunks.put(chunk, [rec!.key, index]);
+      files.put(updated);
+    });
+    Object.assign(rec!, updated);
+    Object.assign(state, updated.converted);
+    out = [];
+    outBytes = 0;
+  };
+  const reader = res.body!.getReader();
+  for (;;) {
+    const { done, value } = await network(() => reader.read());
+    if (done) break;
+    const grown = new Uint8Array(pending.length + value.length);
+    grown.set(pending);
+    grown.set(value, pending.length);
+    pending = grown;
+    if (!state.header && pending.length >= 8) {
+      const n = headerLength(pending.subarray(0, 8));
+      if (pending.length >= 8 + n) {
+        state.header = parseHeader(pending.subarray(8, 8 + n));
+        converted = 8 + n;
+      }
+    }
+    const tensors = state.header?.tensors ?? [];
+    while (next < tensors.length && tensors[next].end <= rec.received + pending.length) {
+      const t = tensors[next++];
+      const result = convert(t, pending.subarray(t.begin - rec.received, t.end - rec.received), precision);
+      if (result) {
+        state.tensors.push({ name: t.name, format: result.format, shape: t.shape, chunk: state.chunks, offset: outBytes, length: result.bytes.length });
+        out.push(result.bytes);
+        outBytes += result.bytes.length;
+      }
+      converted = t.end;
+      if (outBytes >= CHUNK) await flush();
+    }
+    onProgress(rec.received + pending.length);
+  }
+  const arrived = rec.received + pending.length;
+  const unconverted = !state.header || next < state.header.tensors.length;
+  // Short of the stated size (or, with none stated, of the header's tensors): a dropped
+  // connection. Keep what is converted; the next attempt asks for the rest.
+  if (rec.size === null ? unconverted : arrived < rec.size) {
+    await flush();
+    throw new NetworkError(`The connection closed after ${arrived} bytes of ${path}.`);
+  }
+  await flush();
+  return finishConverted(rec, hasher, arrived);
+}
+
+/** Verifies a converted file whose source has streamed by (`arrived` bytes of it), as `finish` does. */
+function finishConverted(rec: FileRecord, hasher: Sha256, arrived: number): Promise<FileRecord> {
+  const header = rec.converted!.header;
+  const problem = !header
+    ? "it ends inside its safetensors header"
+    : arrived !== header.fileSize
+      ? `its header describes ${header.fileSize} bytes but ${arrived} arrived`
+      : rec.sha256 && hasher.hex() !== rec.sha256
+        ? "its SHA-256 differs from the one the host states"
+        : null;
+  return settle(rec, problem);
+}
+
+/**
+ * GETs `url` from where `rec` stopped. `resumes` is false when a stored part exists but the
+ * reply does not continue it (the host ignored the range, or the file changed since).
+ */
+async function requestRest(url: string, rec: FileRecord | null, signal: AbortSignal) {
+  const from = rec?.received ?? 0;
+  const res = await network(() => fetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} }));
+  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
+  if (res.status !== 200 && res.status !== 206) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const etag = res.headers.get("x-linked-etag") ?? res.headers.get("etag");
+  const range = /^bytes (\d+)-\d+\/(\d+)$/.exec(res.headers.get("content-range") ?? "");
+  const resumes = !rec || from === 0 || (res.status === 206 && Number(range?.[1]) === from && rec.etag === etag);
+  return { res, etag, range, resumes };
+}
+
+/** Runs a fetch step, turning a lost connection into a NetworkError. */
+export async function network<T>(step: () => Promise<T>): Promise<T> {
+  try {
+    return await step();
+  } catch (e) {
+    throw new NetworkError(`The connection failed (${(e as Error).message}).`);
+  }
+}
+
+/** The SHA-256 the host states: the HF hub puts it in `x-linked-etag` (LFS files) or `etag`. */
+async function statedSha256(res: Response, base: string, path: string): Promise<string | null> {
+  for (const name of ["x-linked-etag", "etag"]) {
+    const value = res.headers.get(name)?.replace(/^W\//, "").replaceAll('"', "");
+    if (value && /^[0-9a-f]{64}$/i.test(value)) return value.toLowerCase();
+  }
+  return hubPointerSha256(base, path);
+}
+
+/**
+ * On huggingface.co the `x-linked-etag` sits on the redirect to the CDN, which fetch follows
+ * unseen; the same SHA-256 is in the file's LFS pointer at `…/raw/<revision>/<path>`.
+ */
+async function hubPointerSha256(base: string, path: string): Promise<string | null> {
+  const hub = /^(https:\/\/huggingface\.co\/.+)\/resolve\/([^/]+)$/.exec(base);
+  if (!hub || !path.endsWith(".safetensors")) return null;
+  const res = await fetch(`${hub[1]}/raw/${hub[2]}/${path}`, { cache: "no-store" }).catch(() => null);
+  return (res?.ok && /^oid sha256:([0-9a-f]{64})$/m.exec(await res.text())?.[1]) || null;
+}
+
+async function fetchRest(
+  base: string,
+  path: string,
+  rec: FileRecord | null,
+  signal: AbortSignal,
+  onProgress: (n: number) => void,
+  sha256?: string,
+): Promise<FileRecord> {
+  if (rec && rec.size !== null && rec.received === rec.size) return finish(rec, Sha256.restore(rec.hash!), 206);
+  const url = `${base}/${path}`;
+  const { res, etag, range, resumes } = await requestRest(url, rec, signal);
+  if (rec && !resumes) {
+    // The host ignored the range or the file changed since: the stored part is worthless.
+    await discard(rec.key);
+    rec = null;
+    if (res.status === 206) {
+      await res.body?.cancel();
+      return fetchRest(base, path, null, signal, onProgress, sha256);
+    }
+  }
+  const length = res.headers.get("content-length");
+  rec ??= {
+    key: keyOf(base, path),
+    base,
+    path,
+    size: range ? Number(range[2]) : length === null ? null : Number(length),
+    received: 0,
+    chunkSize: CHUNK,
+    sha256: sha256 ?? (await statedSha256(res, base, path)),
+    etag,
+    hash: new Sha256().save(),
+    complete: false,
+  };
+  const hasher = Sha256.restore(rec.hash!);
+  const reader = res.body!.getReader();
+  const buffer = new Uint8Array(rec.chunkSize);
+  let fill = 0;
+  for (;;) {
+    const { done, value } = await network(() => reader.read());
+    if (done) break;
+    for (let i = 0; i < value.length; ) {
+      const n = Math.min(buffer.length - fill, value.length - i);
+      buffer.set(value.subarray(i, i + n), fill);
+      fill += n;
+      i += n;
+      if (fill === buffer.length) {
+        await store(rec, hasher, buffer);
+        fill = 0;
+      }
+    }
+    onProgress(rec.received + fill);
+  }
+  // A body that ends short without an error is a dropped connection too: keep the whole
+  // chunks, and let the next attempt fetch the rest.
+  if (rec.size !== null && rec.received + fill < rec.size) {
+    throw new NetworkError(`The connection closed after ${rec.received + fill} of ${rec.size} bytes of ${path}.`);
+  }
+  if (fill > 0) await store(rec, hasher, buffer.slice(0, fill));
+  return finish(rec, hasher, res.status);
+}
+
+/** Appends one chunk and the record counting it, atomically. */
+async function store(rec: FileRecord, hasher: Sha256, bytes: Uint8Array): Promise<void> {
+  const index = rec.received / rec.chunkSize;
+  hasher.update(bytes);
+  const next = { ...rec, received: rec.received + bytes.length, hash: hasher.save() };
+  await write((files, chunks) => {
+    chunks.put(bytes, [rec.key, index]);
+    files.put(next);
+  });
+  Object.assign(rec, next);
+}
+
+/** Verifies a fully stored file and marks it complete, or discards it. */
+async function finish(rec: FileRecord, hasher: Sha256, status: number): Promise<FileRecord> {
+  return settle(rec, await verify(rec, hasher, status));
+}
+
+/** Discards a file that has a `problem`; else marks it complete. */
+async function settle(rec: FileRecord, problem: string | null): Promise<FileRecord> {
+  if (problem) {
+    await discard(rec.key);
+    const source = rec.path.replace(/#[^#]*$/, "");
+    throw new CorruptDownload(`${rec.base}/${source} is corrupt (${problem}). The download was discarded; try again.`);
+  }
+  const done = { ...rec, size: rec.received, hash: null, complete: true };
+  await write((files) => files.put(done));
+  return done;
+}
+
+/** What is wrong with a stored file, or null. */
+async function verify(rec: FileRecord, hasher: Sha256, status: number): Promise<string | null> {
+  // A compressed 200 response decodes to more bytes than its Content-Length states.
+  if (rec.size !== null && rec.received > rec.size && status === 206) return `${rec.received} bytes where the host stated ${rec.size}`;
+  if (rec.sha256 && hasher.hex() !== rec.sha256) return "its SHA-256 differs from the one the host or manifest states";
+  const file = new StoredFile(rec);
+  if (rec.path.endsWith(".safetensors")) {
+    let header;
+    try {
+      header = await file.safetensorsHeader();
+    } catch (e) {
+      return (e as Error).message;
+    }
+    if (header.fileSize !== rec.received) return `its header describes ${header.fileSize} bytes but ${rec.received} arrived`;
+  } else if (rec.path.endsWith(".json")) {
+    try {
+      JSON.parse(new TextDecoder().decode(await file.all()));
+    } catch {
+      return "it is not valid JSON";
+    }
+  }
+  return null;
+}

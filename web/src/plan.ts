@@ -1,0 +1,203 @@
+// What a model needs from the cache: which files, which of them are stored, what the rest
+// will take, and the model's removal. A model is a diffusers repo or a Kiln package
+// (docs/packages.md: manifest.json and shards, each checked against the manifest's SHA-256).
+import { CHUNK, StorageShort, StoredFile, chunkRange, keyOf, openStored, recordsOf, storedBytes, write, type FileRecord } from "./store";
+import { NetworkError, NotFound, CorruptDownload, download, network } from "./download";
+import { freeStorage, tooLarge } from "./quota";
+import { LAYOUT, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
+import type { CacheStatus, DownloadNeeds } from "./protocol";
+
+/** A Kiln package's manifest.json (docs/packages.md). */
+export interface PackageManifest {
+  kiln_package: number;
+  name: string;
+  format: Precision;
+  shard_size: number;
+  files: Record<string, string>;
+  shards: { path: string; length: number; sha256: string }[];
+  tensors: { file: string; name: string; shape: number[]; format: string; shard: number; offset: number; length: number }[];
+}
+
+export interface PlannedFile {
+  /** The repo path; a converted file is stored under `${path}#${convert}`. */
+  path: string;
+  size: number | null;
+  received: number;
+  complete: boolean;
+  absent?: true;
+  /** The SHA-256 the file must have (a package's shards). */
+  sha256?: string;
+  /** The precision a weight file is converted to as it arrives. */
+  convert?: Precision;
+}
+
+export interface ModelPlan {
+  /** A package's manifest; null for a diffusers repo. */
+  manifest: PackageManifest | null;
+  /** What the weights are kept as: the package's format, or the precision asked for. */
+  precision: Precision;
+  files: PlannedFile[];
+}
+
+/**
+ * The files to load for a model, which of them still need downloading, and their sizes. A
+ * repo's weights are planned in `precision`; a package (its manifest.json answers) comes as
+ * it was packed. The manifest itself is fetched here, as the shards are only known from it.
+ * A `dry` plan stores nothing (not the manifest, nor which optional files the host lacks):
+ * it tells what a download would take before one is asked for.
+ */
+export async function planModel(base: string, precision: Precision, signal: AbortSignal, dry = false): Promise<ModelPlan> {
+  const stored = new Map((await recordsOf(base)).map((r) => [r.key, r]));
+  const plan = async (path: string, convert?: Precision): Promise<PlannedFile> => {
+    const rec = stored.get(keyOf(base, path, convert));
+    if (rec?.complete) return { path, size: rec.size, received: rec.received, complete: true, absent: rec.absent, convert };
+    return { path, size: await remoteSize(`${base}/${path}`), received: rec?.received ?? 0, complete: false, convert };
+  };
+  const optional = async (path: string): Promise<PlannedFile> => {
+    try {
+      return await plan(path);
+    } catch (e) {
+      if (!(e instanceof NotFound)) throw e;
+      const rec: FileRecord = { key: keyOf(base, path), base, path, size: 0, received: 0, chunkSize: CHUNK, sha256: null, etag: null, hash: null, complete: true, absent: true };
+      if (!dry) await write((files) => files.put(rec));
+      return { path, size: 0, received: 0, complete: true, absent: true };
+    }
+  };
+  const manifestFile = await optional(MANIFEST);
+  if (!manifestFile.absent) {
+    const raw = dry && !manifestFile.complete ? await fetchBytes(`${base}/${MANIFEST}`, signal) : await new StoredFile(await download(base, MANIFEST, signal, () => {})).all();
+    const manifest = parseManifest(raw, base);
+    const shards = manifest.shards.map(async (shard) => ({ ...(await plan(shard.path)), sha256: shard.sha256 }));
+    const stored = { path: MANIFEST, size: raw.length, received: raw.length, complete: true };
+    return { manifest, precision: manifest.format, files: [stored, ...(await Promise.all(shards))] };
+  }
+  const convert = precision === "original" ? undefined : precision;
+  const weight = async (stem: string): Promise<PlannedFile> => {
+    const variants = weightVariants(stem);
+    // A variant already (partly) stored wins, so a resume or an offline start needs no probe.
+    const key = (v: string) => keyOf(base, v, convert);
+    const cached = variants.find((v) => stored.get(key(v))?.complete) ?? variants.find((v) => stored.has(key(v)));
+    if (cached) return plan(cached, convert);
+    for (const path of variants) {
+      try {
+        return await plan(path, convert);
+      } catch (e) {
+        if (!(e instanceof NotFound)) throw e;
+      }
+    }
+    throw new NotFound(`${base} has neither ${variants.join(" nor ")}`);
+  };
+  const files = await Promise.all([...LAYOUT.required_files.map((p) => plan(p)), ...LAYOUT.optional_files.map(optional), ...WEIGHT_STEMS.map(weight)]);
+  return { manifest: null, precision, files };
+}
+
+const MANIFEST = LAYOUT.manifest;
+
+/** The manifest, checked as `kiln` checks it (crate/src/package.rs) before any of it is used. */
+function parseManifest(bytes: Uint8Array, base: string): PackageManifest {
+  const bad = (why: string) => new CorruptDownload(`${base}/${MANIFEST}: ${why}`);
+  let manifest: PackageManifest;
+  try {
+    manifest = JSON.parse(new TextDecoder().decode(bytes));
+  } catch {
+    throw bad("not valid JSON");
+  }
+  if (manifest?.kiln_package !== 1) throw bad(`package version ${manifest?.kiln_package} is not 1, the one this Kiln reads`);
+  const count = (n: unknown) => Number.isSafeInteger(n) && (n as number) >= 0;
+  if (!count(manifest.shard_size) || !Array.isArray(manifest.shards) || !Array.isArray(manifest.tensors) || typeof manifest.files !== "object") {
+    throw bad("it lacks shard_size, files, shards or tensors");
+  }
+  // Shards are files beside the manifest; a path elsewhere would fetch another file of the host.
+  const shard = manifest.shards.find((s) => !/^[^/\\:]+$/.test(s?.path) || s.path === "." || s.path === ".." || !count(s.length) || typeof s.sha256 !== "string");
+  if (shard) throw bad(`shard ${JSON.stringify(shard)} is not a file name beside the manifest with a length and SHA-256`);
+  const tensor = manifest.tensors.find((t) => !(count(t?.shard) && t.shard < manifest.shards.length && count(t.offset) && count(t.length) && Array.isArray(t.shape)));
+  if (tensor) throw bad(`tensor ${JSON.stringify(tensor?.name)} does not lie in one of its ${manifest.shards.length} shards`);
+  return manifest;
+}
+
+/** The manifest of a stored package. */
+async function storedManifest(base: string): Promise<PackageManifest> {
+  return parseManifest(await (await openStored(base, MANIFEST)).all(), base);
+}
+
+/** A small file's bytes, not stored. */
+async function fetchBytes(url: string, signal: AbortSignal): Promise<Uint8Array> {
+  const res = await network(() => fetch(url, { cache: "no-store", signal }));
+  if (!res.ok) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  return new Uint8Array(await network(() => res.arrayBuffer()));
+}
+
+async function remoteSize(url: string): Promise<number | null> {
+  const res = await network(() => fetch(url, { method: "HEAD", cache: "no-store" }));
+  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
+  if (!res.ok) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const n = res.headers.get("content-length");
+  return n === null ? null : Number(n);
+}
+
+/** The storage the planned files still take; converted weights keep a fraction of their (usually f16) source. */
+function neededBytes(files: PlannedFile[]): number {
+  const ratio: Record<string, number> = { f16: 1, q8: 0.55, q4: 0.3 };
+  const kept = (f: PlannedFile) => (f.convert ? ratio[f.convert] : 1);
+  return files.reduce((sum, f) => sum + (f.complete || f.absent ? 0 : ((f.size ?? 0) - f.received) * kept(f)), 0);
+}
+
+/** Fails with a clear message when the browser will not give the site enough space. */
+export async function checkSpace(files: PlannedFile[]): Promise<void> {
+  const needed = neededBytes(files);
+  const free = needed > 0 ? await freeStorage() : null;
+  if (free !== null && needed > free) throw new StorageShort(tooLarge(needed, free));
+}
+
+/**
+ * Plans the model as the worker will, storing nothing (the host answers HEAD requests with the
+ * sizes; a package's small manifest is read), and compares what it needs with the free storage.
+ */
+export async function downloadNeeds(base: string, precision: Precision): Promise<DownloadNeeds> {
+  const plan = await planModel(base, precision, new AbortController().signal, true);
+  const needed = neededBytes(plan.files);
+  const free = await freeStorage();
+  return { needed, free, refusal: free !== null && needed > free ? tooLarge(needed, free) : null };
+}
+
+/** How much of a model is stored, and in which precisions all of it is verified. */
+export async function modelStatus(base: string): Promise<CacheStatus> {
+  const records = await recordsOf(base);
+  const done = new Set(records.filter((r) => r.complete && !r.absent).map((r) => r.path));
+  const bytes = records.reduce((sum, r) => sum + storedBytes(r), 0);
+  if (done.has(MANIFEST)) {
+    const manifest = await storedManifest(base);
+    return { bytes, package: true, precisions: manifest.shards.every((s) => done.has(s.path)) ? [manifest.format] : [] };
+  }
+  const complete = new Set(records.filter((r) => r.complete).map((r) => r.path));
+  const small = [...LAYOUT.required_files, ...LAYOUT.optional_files].every((p) => complete.has(p));
+  const precisions = LAYOUT.precisions.filter((p) => {
+    const key = (v: string) => (p === "original" ? v : `${v}#${p}`);
+    return small && WEIGHT_STEMS.every((s) => weightVariants(s).some((v) => done.has(key(v))));
+  });
+  return { bytes, package: false, precisions };
+}
+
+/**
+ * Deletes everything stored for a model; returns the bytes freed. Holds each file's download
+ * lock meanwhile, so no tab appends to a file as it goes; refuses while one is downloading.
+ */
+export async function removeModel(base: string): Promise<number> {
+  const records = await recordsOf(base);
+  const holding = async (keys: string[]): Promise<void> => {
+    if (keys.length === 0) {
+      return write((files, chunks) => {
+        for (const r of records) {
+          files.delete(r.key);
+          chunks.delete(chunkRange(r.key));
+        }
+      });
+    }
+    return navigator.locks.request(`kiln:${keys[0]}`, { ifAvailable: true }, async (lock) => {
+      if (!lock) throw new Error("The model is downloading in another tab; remove it once that finishes.");
+      return holding(keys.slice(1));
+    });
+  };
+  await holding(records.map((r) => r.key));
+  return records.reduce((sum, r) => sum + storedBytes(r), 0);
+}
