@@ -1,6 +1,7 @@
 // Downloads: resumed with HTTP Range after a reload and after a dropped connection, and
 // corrupt files rejected, discarded and fetched again on retry, whether kept as published or
-// converted as they arrive; storage that runs out mid-download keeps what was stored.
+// converted as they arrive; storage that runs out mid-download keeps what was stored; two
+// tabs on one model download it once.
 import assert from "node:assert/strict";
 import { statSync } from "node:fs";
 import { after, before, test } from "node:test";
@@ -200,5 +201,24 @@ test("storage that runs out mid-download keeps what was stored and resumes from 
   } finally {
     await context.close();
     await app.close();
+  }
+});
+
+test("two tabs on the same model download each file once", async () => {
+  const { app, hub } = servers;
+  const model = `${hub.url}/sd2-tiny`;
+  const context = await browser.newContext();
+  try {
+    const before = hub.log.length;
+    const pages = await Promise.all([context.newPage(), context.newPage()]);
+    pages.forEach((page, i) => echoConsole(page, `tab ${i + 1}`));
+    await Promise.all(pages.map((page) => page.goto(appUrl(app, model, SETTINGS))));
+    const [a, b] = await Promise.all(pages.map((page) => generate(page)));
+    assert.equal(pixelDiff(a, b).max, 0, "the same image in both tabs");
+    const weights = hub.log.slice(before).filter((e) => e.method === "GET" && e.path.startsWith("/sd2-tiny/") && e.path.endsWith(".safetensors"));
+    assert.ok(weights.length >= 3, "the weights were downloaded");
+    assert.equal(new Set(weights.map((e) => e.path)).size, weights.length, `each weight file fetched once: ${weights.map((e) => e.path).join(", ")}`);
+  } finally {
+    await context.close();
   }
 });
