@@ -40,11 +40,14 @@ export async function download(base: string, path: string, signal: AbortSignal, 
 function retrying(key: string, signal: AbortSignal, resume: (rec: FileRecord | null) => Promise<FileRecord>): Promise<FileRecord> {
   return navigator.locks.request(`kiln:${key}`, async () => {
     for (let attempt = 1; ; attempt++) {
-      const rec = await getRecord(key);
+      let rec = await getRecord(key);
       if (rec?.complete) return rec;
-      if (rec && !(rec.hash instanceof Uint8Array)) await discard(key);
+      if (rec && !(rec.hash instanceof Uint8Array)) {
+        await discard(key);
+        rec = undefined;
+      }
       try {
-        return await resume(rec?.hash instanceof Uint8Array ? rec : null);
+        return await resume(rec ?? null);
       } catch (e) {
         if (!(e instanceof NetworkError) || signal.aborted || attempt === ATTEMPTS) throw e;
         await new Promise((r) => setTimeout(r, 1000 * 2 ** attempt));
