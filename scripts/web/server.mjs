@@ -26,8 +26,9 @@ const MIME = {
  * Serves `root` on 127.0.0.1:`port` (0 picks a free port); resolves to { url, close }.
  * - cors: allow any origin to read files, ranges and their headers (as the HF hub does).
  * - log: an array that receives { method, path, range, status, sent } per request.
- * - intercept(path, body, method): may return { body, headers, cutAfter, stallAfter } to serve other
- *   bytes, add headers, or drop (cut) or hang (stall) the connection after that many body bytes.
+ * - intercept(path, body, method): may return { body, headers, stallAfter, stalled } to serve other
+ *   bytes, add headers, or hang the connection after `stallAfter` body bytes; once those are
+ *   sent, `stalled` gets a function that drops the connection.
  */
 export async function serve({ root, port = 0, cors = false, log = null, intercept = null }) {
   root = resolve(root);
@@ -84,15 +85,13 @@ export async function serve({ root, port = 0, cors = false, log = null, intercep
     entry.status = status;
     res.writeHead(status, headers);
     if (req.method === "HEAD") return res.end();
-    const limit = override.cutAfter ?? override.stallAfter;
+    const limit = override.stallAfter;
     if (limit === undefined || limit >= slice.length) {
       entry.sent = slice.length;
       return res.end(slice);
     }
     entry.sent = limit;
-    res.write(slice.subarray(0, limit), () => {
-      if (override.cutAfter !== undefined) res.destroy();
-    });
+    res.write(slice.subarray(0, limit), () => override.stalled?.(() => res.destroy()));
   }
 
   await new Promise((done) => server.listen(port, "127.0.0.1", done));

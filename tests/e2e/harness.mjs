@@ -63,10 +63,28 @@ export async function startServers() {
 
 /** Faults for `hub.fault`. */
 export const faults = {
-  /** Drops the connection after `n` bytes. */
-  cut: (n) => (_body, out) => ({ ...out, cutAfter: n }),
-  /** Sends `n` bytes, then nothing, keeping the connection open. */
-  stall: (n) => (_body, out) => ({ ...out, stallAfter: n }),
+  /**
+   * Sends `n` bytes, then nothing, keeping the connection open until the fault's `drop()`.
+   * A test drops it once the page has stored what it received, as how much of a dropped
+   * connection's last bytes reach the page depends on the machine's load.
+   */
+  stall: (n) => {
+    let dropped = false;
+    let destroy = null;
+    const fault = (_body, out) => ({
+      ...out,
+      stallAfter: n,
+      stalled: (d) => {
+        destroy = d;
+        if (dropped) d();
+      },
+    });
+    fault.drop = () => {
+      dropped = true;
+      destroy?.();
+    };
+    return fault;
+  },
   /** Flips bytes in the middle while stating the true SHA-256. */
   corrupt: () => (body, out) => {
     const bad = Buffer.from(body);
