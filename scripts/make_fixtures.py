@@ -23,6 +23,8 @@ used or downloaded.  Outputs (all under tests/fixtures/):
                              pipelines, their input images and every noise draw, + cases.json
   prompts/                   Automatic1111 prompt syntax: chunk ids and weights for both tokenizers,
                              and images made with its chunked, weighted text states (cases.json)
+  taesd-tiny/                a tiny AutoencoderTiny (TAESD, the live preview's decoder) in the
+                             published layout, + reference/: latents and diffusers' decode of them
 
 Pip packages needed (no GPU, no network beyond PyPI):
   torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow
@@ -65,6 +67,7 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -1307,14 +1310,52 @@ def make_prompts(pipes):
 
 
 # ----------------------------------------------------------------------------------------------
+# TAESD: the tiny autoencoder of the live preview
+# ----------------------------------------------------------------------------------------------
+
+TAESD_DIR = os.path.join(FIXTURES, "taesd-tiny")
+
+
+def make_taesd():
+    """A random AutoencoderTiny with TAESD's structure (4 levels, 3/3/3/1 decoder blocks, ReLU,
+    nearest x2 upsampling) at 16 channels, and its decode of random latents. The latents are
+    wider than tall, and large enough that the decoder's tanh clamp (at ±3) matters. PyTorch's
+    default init fades the signal through the ReLUs to a flat image; He init, with each block's
+    last conv scaled down so the residual sums stay in range, keeps a picture."""
+    torch.manual_seed(7)
+    vae = AutoencoderTiny(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4).eval()
+    for name, module in vae.decoder.named_modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if name.endswith("conv.4"):
+                module.weight.mul_(0.3)
+            if module is vae.decoder.layers[-1]:
+                module.weight.mul_(0.05)
+            if module.bias is not None:
+                nn.init.uniform_(module.bias, -0.1, 0.1)
+    vae.save_pretrained(TAESD_DIR)
+    latents = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(8)) * 2.0
+    decoded = vae.decode(latents).sample
+    ref = os.path.join(TAESD_DIR, "reference")
+    os.makedirs(ref, exist_ok=True)
+    np.save(os.path.join(ref, "latents.npy"), latents.numpy().astype(np.float32))
+    np.save(os.path.join(ref, "decoded.npy"), decoded.numpy().astype(np.float32))
+    print(f"taesd-tiny: decoded {tuple(latents.shape)} -> {tuple(decoded.shape)}, "
+          f"range [{decoded.min():.3f}, {decoded.max():.3f}], std {decoded.std():.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["prompts"], help="remake one part from the committed pipelines")
+    ap.add_argument("--only", choices=["prompts", "taesd"], help="remake one part (prompts: from the committed pipelines)")
     args = ap.parse_args()
     if args.only == "prompts":
         make_prompts({name: load_pipeline(os.path.join(FIXTURES, name), spec) for name, spec in MODELS.items()})
+        return
+    if args.only == "taesd":
+        make_taesd()
         return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
@@ -1345,6 +1386,7 @@ def main():
     make_add_noise_arrays()
     make_editing(pipes)
     make_prompts(pipes)
+    make_taesd()
 
 
 if __name__ == "__main__":

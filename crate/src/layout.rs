@@ -3,6 +3,7 @@
 //! `web/mod.rs`, read into the bundle at build time by `scripts/web/bundle.mjs`).
 use serde::Serialize;
 
+use crate::model::autoencoder_tiny;
 use crate::package::MANIFEST;
 use crate::pipeline::{img2img, inpaint, upscale};
 use crate::quant::Format;
@@ -42,6 +43,8 @@ pub struct Layout {
     pub weight_files: Vec<WeightFile>,
     /// A Kiln package's manifest, by which a package is told from a diffusers repo.
     pub manifest: &'static str,
+    /// The files of a TAESD repo, the sharp live preview's decoder.
+    pub preview_decoder: PreviewDecoderFiles,
     /// How a repo's weights may be kept: `original` (as published), or converted.
     pub precisions: Vec<&'static str>,
     pub schedulers: Vec<&'static str>,
@@ -67,6 +70,13 @@ pub struct WeightFile {
     pub files: [String; 2],
 }
 
+#[derive(Serialize)]
+pub struct PreviewDecoderFiles {
+    pub config: &'static str,
+    /// The weight file's names, preferred first.
+    pub weight_files: [String; 2],
+}
+
 /// diffusers' default strength per editing mode.
 #[derive(Serialize)]
 pub struct Strengths {
@@ -81,6 +91,7 @@ impl Layout {
             optional_files: &OPTIONAL_FILES,
             weight_files: WEIGHT_STEMS.map(|stem| WeightFile { stem, files: weight_file_names(stem) }).into(),
             manifest: MANIFEST,
+            preview_decoder: PreviewDecoderFiles { config: autoencoder_tiny::CONFIG, weight_files: weight_file_names(autoencoder_tiny::WEIGHT_STEM) },
             // Converting to f32 would only widen f16 weights, which the GPU does anyway.
             precisions: std::iter::once("original").chain(Format::ALL.into_iter().filter(|&f| f != Format::F32).map(Format::name)).collect(),
             schedulers: SchedulerKind::ALL.iter().map(|k| k.name()).collect(),

@@ -420,7 +420,7 @@ fn make(pipe: &StableDiffusion, job: Job, out: Output) -> Result<()> {
     let loop_start = Instant::now();
     while !run.finished() {
         run.step(pipe)?;
-        let probe = run.probe(false);
+        let probe = run.probe(None);
         probe.check(&read_back(probe.tensor.clone())?)?;
         eprintln!("step {}/{} ({:.1}s)", run.done(), run.total(), loop_start.elapsed().as_secs_f64());
     }

@@ -53,9 +53,25 @@ async function loadFolder(engine: Engine, base: string): Promise<void> {
   engine.finish_load(base);
 }
 
+/** A TAESD repo served at `base`, as the sharp preview's decoder. */
+async function loadPreviewDecoder(engine: Engine, base: string): Promise<void> {
+  const fetched = async (path: string) => {
+    const response = await fetch(`${base}/${path}`);
+    return response.ok ? new Uint8Array(await response.arrayBuffer()) : null;
+  };
+  const { config, weight_files } = LAYOUT.preview_decoder;
+  for (const file of weight_files) {
+    const weights = await fetched(file);
+    if (weights) return engine.load_preview_decoder(base, (await fetched(config))!, file, weights);
+  }
+  throw new Error(`${base} has no weight file`);
+}
+
 interface KilnOptions {
   /** A folder URL, or a preset name (`sd15`, `sd-turbo`) for random weights. */
   model: string;
+  /** A TAESD folder URL: the sharp preview is timed too (folder models only). */
+  previewDecoder?: string;
   backend: "webgpu" | "cpu";
   size: number;
   batch: number;
@@ -63,7 +79,8 @@ interface KilnOptions {
 }
 
 /** Milliseconds per step of a guided generation, steps with and without the live preview
- * alternating in one run, so both see the same machine. */
+ * alternating in one run, so both see the same machine. The preview is the sharp one when the
+ * engine holds its decoder. */
 async function stepTimes(engine: Engine, size: number, iters: number) {
   engine.start({ mode: "txt2img", prompt: "a bench", steps: 2 * iters + 1, guidance: 7.5, scheduler: "euler", seed: 1, width: size, height: size });
   engine.step();
@@ -81,7 +98,7 @@ async function stepTimes(engine: Engine, size: number, iters: number) {
 }
 
 /** Kiln's three calls; also the UNet call's inputs and output, for the peer to check against. */
-async function kiln({ model, backend, size, batch, iters }: KilnOptions) {
+async function kiln({ model, previewDecoder, backend, size, batch, iters }: KilnOptions) {
   await init({ module_or_path: new URL("./kiln_bg.wasm", location.href) });
   const engine = await Engine.create(backend);
   let bench: Bench;
@@ -89,6 +106,11 @@ async function kiln({ model, backend, size, batch, iters }: KilnOptions) {
   if (model.includes("/")) {
     await loadFolder(engine, model);
     steps = await stepTimes(engine, size, 2 * iters);
+    if (previewDecoder) {
+      await loadPreviewDecoder(engine, previewDecoder);
+      const sharp = await stepTimes(engine, size, 2 * iters);
+      steps = { ...steps, sharp: { step_ms: sharp.step_ms, step_ms_with_preview: sharp.step_ms_with_preview, preview_cost: sharp.preview_cost } };
+    }
     bench = engine.bench(size, batch);
   } else {
     bench = engine.bench_random(model, size, batch);

@@ -31,6 +31,8 @@ const models = opts.models.split(",");
 const target = resolve(process.env.CARGO_TARGET_DIR ?? "target");
 const pkg = join(target, "web-pkg");
 const FIXTURES = "tests/fixtures";
+/** The sharp preview's decoder for the fixtures' latent space (timed on folder models). */
+const TAESD = "taesd-tiny";
 /** Models with weights on disk; the others are presets with random weights. */
 const isFolder = (m) => existsSync(join(FIXTURES, m, "model_index.json"));
 
@@ -114,12 +116,13 @@ const results = [];
 for (const model of models) {
   const entry = { model, native: native(model) };
   const modelArg = isFolder(model) ? `${hub.url}/${model}` : model;
-  const { inputs, output, ...browserFigures } = await inPage((o) => self.kiln(o), { model: modelArg, backend: "webgpu", size, batch, iters }, opts.profile);
+  const previewDecoder = isFolder(model) && existsSync(join(FIXTURES, TAESD)) ? `${hub.url}/${TAESD}` : undefined;
+  const { inputs, output, ...browserFigures } = await inPage((o) => self.kiln(o), { model: modelArg, previewDecoder, backend: "webgpu", size, batch, iters }, opts.profile);
   entry.browser = browserFigures;
   entry.browser_over_native = browserFigures.unet_ms_per_call / entry.native.unet_ms_per_call;
   if (isFolder(model)) {
     // The page's CPU path (wasm). A full-size model's f32 weights would not fit wasm32's 4 GiB.
-    const { inputs: _, output: cpuOutput, ...cpu } = await inPage((o) => self.kiln(o), { model: modelArg, backend: "cpu", size, batch, iters });
+    const { inputs: _, output: cpuOutput, ...cpu } = await inPage((o) => self.kiln(o), { model: modelArg, previewDecoder, backend: "cpu", size, batch, iters });
     entry.browser_cpu = { ...cpu, max_abs_diff_vs_webgpu: maxDiff(output, cpuOutput) };
     const onnx = onnxFor(model);
     const url = `${onnxServer.url}/${onnx.slice(onnxDir.length + 1)}`;
@@ -145,6 +148,9 @@ for (const r of results) {
   const cells = [r.browser.unet_ms_per_call, o?.webgpu.unet_ms_per_call, r.browser_cpu?.unet_ms_per_call, o?.wasm.unet_ms_per_call, r.native.unet_ms_per_call].map(ms);
   console.log(`${r.model} | ${cells.join(" | ")} | ${r.browser.dispatches_per_unet_call} / ${o?.webgpu.dispatches_per_unet_call ?? "–"} | ${r.browser.submits_per_unet_call}`);
 }
-for (const { model, browser: b } of results.filter((r) => r.browser.step_ms !== undefined)) {
-  console.log(`${model}: a guided step in the page takes ${ms(b.step_ms)} ms, ${ms(b.step_ms_with_preview)} ms with the live preview (${(100 * b.preview_cost).toFixed(1)}%)`);
+for (const { model, browser, browser_cpu } of results.filter((r) => r.browser.step_ms !== undefined)) {
+  for (const [path, b] of [["WebGPU", browser], ["CPU", browser_cpu]]) {
+    const sharp = b.sharp ? `, ${ms(b.sharp.step_ms_with_preview)} ms with the sharp one against ${ms(b.sharp.step_ms)} (${(100 * b.sharp.preview_cost).toFixed(1)}%)` : "";
+    console.log(`${model} (${path}): a guided step in the page takes ${ms(b.step_ms)} ms, ${ms(b.step_ms_with_preview)} ms with the live preview (${(100 * b.preview_cost).toFixed(1)}%)${sharp}`);
+  }
 }

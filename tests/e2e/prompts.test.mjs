@@ -1,13 +1,13 @@
 // Automatic1111's prompt syntax gives the CLI's image in the page; the live preview shows the
-// image as it forms and goes when the image comes, and not at all when it is turned off; a
-// PNG's parameters (A1111's or Kiln's) restore the settings. The tests share one page, in order.
+// image as it forms and goes when the image comes, and not at all when it is turned off; the
+// sharp preview decodes it with a TAESD repo; a PNG's parameters (A1111's or Kiln's) restore the settings. The tests share one page, in order.
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { crc32 } from "node:zlib";
-import { appUrl, assertNative, echoConsole, fillSettings, generate, kiln, launch, startServers } from "./harness.mjs";
+import { appUrl, assertNative, echoConsole, errorText, fillSettings, generate, kiln, launch, startServers } from "./harness.mjs";
 
 const PROMPT = "a (lighthouse:1.3) on a cliff, [calm] sea BREAK ((stormy sky)), " + Array(70).fill("gulls").join(" ");
 const NEGATIVE = "blurry, (low quality:1.2)";
@@ -60,6 +60,39 @@ test("the live preview shows the image as it forms, then gives way to the image"
   await watchPreview();
   await generate(page);
   assert.deepEqual(await page.evaluate(() => window.previews), [], "no preview when it is off");
+});
+
+test("the sharp preview decodes with the TAESD repo given, at the image's size, fetched once", async () => {
+  const { hub } = servers;
+  await page.getByLabel("Live preview", { exact: true }).check();
+  await page.getByLabel("Sharp preview (TAESD)").check();
+  const decoder = page.getByLabel("Preview decoder (TAESD repo)");
+  // Another kind of model in the diffusers layout is refused by name.
+  await decoder.fill(`${hub.url}/sd1-tiny/vae`);
+  await page.getByRole("button", { name: "Generate", exact: true }).click();
+  assert.match(await errorText(page), /The sharp preview's decoder: .*it is a AutoencoderKL, not a tiny autoencoder/);
+
+  await decoder.fill(`${hub.url}/taesd-tiny`);
+  await watchPreview();
+  await generate(page);
+  const previews = await page.evaluate(() => window.previews);
+  assert.ok(previews.length >= 1 && previews.every((p) => p.width === 64 && p.spread > 0), `the image's size, not flat: ${JSON.stringify(previews)}`);
+  await generate(page);
+  const gets = hub.log.filter((e) => e.method === "GET" && e.path.startsWith("/taesd-tiny/")).map((e) => e.path);
+  assert.deepEqual(gets.sort(), ["/taesd-tiny/config.json", "/taesd-tiny/diffusion_pytorch_model.safetensors"], "each file fetched once");
+
+  // Reloaded, the page remembers the choice and takes the decoder from the cache.
+  await page.reload();
+  assert.equal(await page.getByLabel("Sharp preview (TAESD)").isChecked(), true);
+  await watchPreview();
+  await generate(page);
+  assert.ok((await page.evaluate(() => window.previews)).every((p) => p.width === 64));
+  assert.equal(hub.log.filter((e) => e.method === "GET" && e.path.startsWith("/taesd-tiny/")).length, 2, "no download after the reload");
+
+  await page.getByLabel("Sharp preview (TAESD)").uncheck();
+  await watchPreview();
+  await generate(page);
+  assert.ok((await page.evaluate(() => window.previews)).every((p) => p.width === 8), "the approximate preview again");
 });
 
 /** `png` with a `parameters` text chunk, as Automatic1111 writes one. */

@@ -13,6 +13,8 @@ declare module "kiln-wasm" {
     static stored_format(name: string, shape: Uint32Array, format: string): string;
     static convert(name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array, stored: string): Uint8Array;
     finish_load(model_name: string): Omit<import("./protocol").ModelInfo, "precision">;
+    load_preview_decoder(name: string, config: Uint8Array, weight_path: string, weights: Uint8Array): void;
+    drop_preview_decoder(): void;
     start(request: import("./protocol").GenerateRequest): import("./protocol").Started;
     step(): number;
     finished(): boolean;
@@ -39,6 +41,7 @@ declare module "kiln-layout" {
     optional_files: string[];
     weight_files: { stem: string; files: string[] }[];
     manifest: string;
+    preview_decoder: { config: string; weight_files: string[] };
     precisions: string[];
     schedulers: string[];
     default_strength: { img2img: number; inpaint: number };

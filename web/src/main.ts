@@ -7,7 +7,7 @@ import { GalleryView } from "./gallery-view";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
 import type { CacheAnswers, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
 import { LAYOUT, type Precision } from "./model";
-import { drawPreview } from "./preview";
+import { drawPreview, livePreview, setUpPreviewControls } from "./preview";
 import { Queue, type Job } from "./queue";
 import {
   MODES,
@@ -71,7 +71,12 @@ const ui = {
   noiseLevel: $<HTMLInputElement>("noise-level"),
   generate: $<HTMLButtonElement>("generate"),
   cancel: $<HTMLButtonElement>("cancel"),
-  previewOn: $<HTMLInputElement>("live-preview-on"),
+  previewControls: {
+    on: $<HTMLInputElement>("live-preview-on"),
+    sharp: $<HTMLInputElement>("sharp-preview"),
+    decoderField: $("preview-decoder-field"),
+    decoder: $<HTMLInputElement>("preview-decoder"),
+  },
   pngInfo: $<HTMLInputElement>("png-info"),
   pngUnused: $("png-info-unused"),
   livePreview: $<HTMLCanvasElement>("live-preview"),
@@ -532,7 +537,7 @@ function startNext(): void {
   // Ask the browser not to evict the model under storage pressure.
   void navigator.storage?.persist?.();
   setStatus(loaded?.key === modelKey(job.settings) ? "Starting…" : "Preparing the model…");
-  send({ type: "generate", ...job.ref, request: job.request, preview: ui.previewOn.checked });
+  send({ type: "generate", ...job.ref, request: job.request, preview: livePreview(ui.previewControls) });
 }
 
 /** The worker is idle again; `status` is the new progress line. The next queued job starts. */
@@ -669,6 +674,7 @@ function wire(): void {
   ui.noiseLevel.max = String(LAYOUT.max_noise_level);
   ui.maskBlur.max = String(LAYOUT.max_mask_blur);
   ui.resizeMode.replaceChildren(...LAYOUT.resize_modes.map((m) => new Option(m.label, m.name)));
+  setUpPreviewControls(ui.previewControls);
   ui.form.addEventListener("submit", (e) => {
     e.preventDefault();
     generate();

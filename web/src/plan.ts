@@ -47,15 +47,42 @@ export interface ModelPlan {
  * it tells what a download would take before one is asked for.
  */
 export async function planModel(base: string, precision: Precision, signal: AbortSignal, dry = false): Promise<ModelPlan> {
+  const repo = await planner(base, dry);
+  const manifestFile = await repo.optional(MANIFEST);
+  if (!manifestFile.absent) {
+    const raw = dry && !manifestFile.complete ? await fetchBytes(`${base}/${MANIFEST}`, signal) : await new StoredFile(await download(base, MANIFEST, signal, () => {})).all();
+    const manifest = parseManifest(raw, base);
+    const shards = manifest.shards.map(async (shard) => ({ ...(await repo.file(shard.path)), sha256: shard.sha256 }));
+    const stored = { path: MANIFEST, size: raw.length, received: raw.length, complete: true };
+    return { manifest, precision: manifest.format, files: [stored, ...(await Promise.all(shards))] };
+  }
+  const convert = precision === "original" ? undefined : precision;
+  const files = await Promise.all([
+    ...LAYOUT.required_files.map((p) => repo.file(p)),
+    ...LAYOUT.optional_files.map((p) => repo.optional(p)),
+    ...WEIGHT_STEMS.map((stem) => repo.weight(weightVariants(stem), convert)),
+  ]);
+  return { manifest: null, precision, files };
+}
+
+/** The files of the sharp preview's decoder (a TAESD repo), its weights as published. */
+export async function planPreviewDecoder(base: string): Promise<PlannedFile[]> {
+  const repo = await planner(base, false);
+  const { config, weight_files } = LAYOUT.preview_decoder;
+  return Promise.all([repo.file(config), repo.weight(weight_files)]);
+}
+
+/** Plans the files of the repo at `base` against what is stored of it (see `planModel` for `dry`). */
+async function planner(base: string, dry: boolean) {
   const stored = new Map((await recordsOf(base)).map((r) => [r.key, r]));
-  const plan = async (path: string, convert?: Precision): Promise<PlannedFile> => {
+  const file = async (path: string, convert?: Precision): Promise<PlannedFile> => {
     const rec = stored.get(keyOf(base, path, convert));
     if (rec?.complete) return { path, size: rec.size, received: rec.received, complete: true, absent: rec.absent, convert };
     return { path, size: await remoteSize(`${base}/${path}`), received: rec?.received ?? 0, complete: false, convert };
   };
   const optional = async (path: string): Promise<PlannedFile> => {
     try {
-      return await plan(path);
+      return await file(path);
     } catch (e) {
       if (!(e instanceof NotFound)) throw e;
       const rec: FileRecord = { key: keyOf(base, path), base, path, size: 0, received: 0, chunkSize: CHUNK, sha256: null, etag: null, hash: null, complete: true, absent: true };
@@ -63,32 +90,22 @@ export async function planModel(base: string, precision: Precision, signal: Abor
       return { path, size: 0, received: 0, complete: true, absent: true };
     }
   };
-  const manifestFile = await optional(MANIFEST);
-  if (!manifestFile.absent) {
-    const raw = dry && !manifestFile.complete ? await fetchBytes(`${base}/${MANIFEST}`, signal) : await new StoredFile(await download(base, MANIFEST, signal, () => {})).all();
-    const manifest = parseManifest(raw, base);
-    const shards = manifest.shards.map(async (shard) => ({ ...(await plan(shard.path)), sha256: shard.sha256 }));
-    const stored = { path: MANIFEST, size: raw.length, received: raw.length, complete: true };
-    return { manifest, precision: manifest.format, files: [stored, ...(await Promise.all(shards))] };
-  }
-  const convert = precision === "original" ? undefined : precision;
-  const weight = async (stem: string): Promise<PlannedFile> => {
-    const variants = weightVariants(stem);
+  /** The first of a weight file's `variants` the host has. */
+  const weight = async (variants: string[], convert?: Precision): Promise<PlannedFile> => {
     // A variant already (partly) stored wins, so a resume or an offline start needs no probe.
     const key = (v: string) => keyOf(base, v, convert);
     const cached = variants.find((v) => stored.get(key(v))?.complete) ?? variants.find((v) => stored.has(key(v)));
-    if (cached) return plan(cached, convert);
+    if (cached) return file(cached, convert);
     for (const path of variants) {
       try {
-        return await plan(path, convert);
+        return await file(path, convert);
       } catch (e) {
         if (!(e instanceof NotFound)) throw e;
       }
     }
     throw new NotFound(`${base} has neither ${variants.join(" nor ")}`);
   };
-  const files = await Promise.all([...LAYOUT.required_files.map((p) => plan(p)), ...LAYOUT.optional_files.map(optional), ...WEIGHT_STEMS.map(weight)]);
-  return { manifest: null, precision, files };
+  return { file, optional, weight };
 }
 
 const MANIFEST = LAYOUT.manifest;

@@ -90,6 +90,9 @@ export interface CacheAnswers {
   remove: number;
 }
 
+/** The image as it forms: not shown (null), A1111's approximation, or decoded by the TAESD repo at `decoder`. */
+export type LivePreview = { decoder: string | null } | null;
+
 /** Which model the worker should hold, and where its engine runs. */
 export interface ModelRef {
   base: string;
@@ -99,7 +102,7 @@ export interface ModelRef {
 
 export type ToWorker =
   | ({ type: "load" } & ModelRef)
-  | ({ type: "generate"; request: GenerateRequest; preview: boolean } & ModelRef)
+  | ({ type: "generate"; request: GenerateRequest; preview: LivePreview } & ModelRef)
   | { type: "cancel" }
   | { type: "png-info"; png: Uint8Array; name: string }
   | { type: "cache"; id: number; question: keyof CacheAnswers; base: string; precision: Precision };

@@ -4,10 +4,11 @@
 // lost device, since the wasm module cannot be trusted after either.
 import init, { Engine, png_info } from "kiln-wasm";
 import { CorruptDownload, NetworkError, NotFound, download, downloadConverted, type Converter } from "./download";
-import { checkSpace, downloadNeeds, modelStatus, planModel, removeModel, type PackageManifest, type PlannedFile } from "./plan";
+import { checkSpace, downloadNeeds, modelStatus, planModel, planPreviewDecoder, removeModel, type PackageManifest, type PlannedFile } from "./plan";
 import { StorageShort, StoredFile, discardDamaged, openStored, storedPath } from "./store";
 import type { CacheAnswers, ErrorKind, FileProgress, FromWorker, GenerateRequest, ModelRef, ToWorker } from "./protocol";
 import { WEIGHT_STEMS } from "./model";
+import { PreviewPacer } from "./pacer";
 
 const scope = self as unknown as DedicatedWorkerGlobalScope;
 
@@ -41,6 +42,8 @@ if (typeof GPUAdapter !== "undefined") {
 let engine: Engine | null = null;
 /** The model the engine holds: base URL and the precision asked for. */
 let loaded: string | null = null;
+/** The sharp preview's decoder the engine holds: its repo's base URL. */
+let previewDecoder: string | null = null;
 let tasks: Promise<void> = Promise.resolve();
 let current: AbortController | null = null;
 /**
@@ -107,7 +110,10 @@ async function run(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache
   const abort = (current = new AbortController());
   try {
     await ensureModel(msg, abort.signal);
-    if (msg.type === "generate") await generate(msg.request, msg.preview, abort.signal);
+    if (msg.type === "generate") {
+      await ensurePreviewDecoder(msg.preview?.decoder ?? null, abort.signal);
+      await generate(msg.request, msg.preview !== null, abort.signal);
+    }
   } catch (e) {
     if (abort.signal.aborted) post({ type: "cancelled" });
     else {
@@ -189,6 +195,26 @@ async function ensureModel({ base, precision, backend }: ModelRef, signal: Abort
   const info = engine.finish_load(plan.manifest?.name ?? base);
   loaded = `${base}#${precision}`;
   post({ type: "loaded", base, info: { ...info, precision: plan.precision } });
+}
+
+/**
+ * Gives the engine the sharp preview's decoder from the TAESD repo at `base` (downloaded into
+ * the cache like a model's files the first time), or takes it away for null.
+ */
+async function ensurePreviewDecoder(base: string | null, signal: AbortSignal): Promise<void> {
+  if (base === previewDecoder) return;
+  engine!.drop_preview_decoder();
+  previewDecoder = null;
+  if (!base) return;
+  const files = await planPreviewDecoder(base);
+  if (files.some((f) => !f.complete)) await downloadAll(base, files, signal);
+  const [config, weights] = await Promise.all(files.map((f) => openStored(base, f.path)));
+  try {
+    engine!.load_preview_decoder(base, await config.all(), weights.record.path, await weights.all());
+  } catch (e) {
+    throw failure("model", e, "The sharp preview's decoder: ");
+  }
+  previewDecoder = base;
 }
 
 /** Converts one safetensors tensor for the cache in the engine's formats (see docs/packages.md). */
@@ -303,14 +329,18 @@ async function generate(request: GenerateRequest, preview: boolean, signal: Abor
     throw failure("settings", e);
   }
   post({ type: "started", started });
+  const pacer = new PreviewPacer(preview, previewDecoder !== null);
   try {
     while (!running.finished()) {
       if (signal.aborted) {
         running.cancel();
         throw new Error("cancelled");
       }
+      const begun = performance.now();
       const done = running.step();
-      const image = await running.wait(preview && !running.finished());
+      const previewed = pacer.wanted() && !running.finished();
+      const image = await running.wait(previewed);
+      pacer.took(performance.now() - begun, previewed);
       if (kernelFailure) throw new Error(kernelFailure);
       post({ type: "step", done, total: started.total, preview: image }, image ? [image.rgba.buffer] : []);
     }

@@ -1,5 +1,6 @@
 //! Stable Diffusion's components, one module each, named as diffusers names them.
 pub mod attention;
+pub mod autoencoder_tiny;
 pub mod clip;
 pub mod config;
 pub mod embeddings;

@@ -50,6 +50,13 @@ impl Conv2d {
         Self::load_padded(w, c_in, c_out, kernel, stride, (padding, padding))
     }
 
+    /// A conv without a bias (`bias=False`), symmetric padding and stride 1.
+    pub fn load_unbiased(w: &Weights, c_in: usize, c_out: usize, kernel: usize, padding: usize) -> Result<Self> {
+        let weight = w.matrix("weight", &[c_out, c_in, kernel, kernel])?;
+        let bias = Tensor::zeros([c_out], &weight.device());
+        Ok(Self { weight, bias, kernel, stride: 1, padding: (padding, padding) })
+    }
+
     /// A conv with `(begin, end)` padding on both spatial axes (the VAE encoder's
     /// downsampler pads only right and bottom).
     pub fn load_padded(w: &Weights, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: (usize, usize)) -> Result<Self> {

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use super::img2img::Img2Img;
 use super::inpaint::Inpaint;
 use super::png::{self, GenerationParams};
-use super::preview::{self, Preview};
+use super::preview::{Preview, Previewer, Rendered};
 use super::upscale::Upscale;
 use super::{Denoising, Request, StableDiffusion};
 use crate::error::{Error, Result};
@@ -105,14 +105,14 @@ impl Run {
 
     /// The sums of the latents and of the text states, to read back after a step: waiting for
     /// these 8 bytes makes progress real and lets a cancel land within a step, and any NaN or
-    /// Inf in either makes its sum non-finite ([`Probe::check`]). With `preview`, followed by
-    /// the denoised latents for [`Probe::preview`].
-    pub fn probe(&self, preview: bool) -> Probe {
+    /// Inf in either makes its sum non-finite ([`Probe::check`]). With a `preview`, followed by
+    /// the preview of the denoised latents, for [`Probe::preview`].
+    pub fn probe(&self, preview: Option<Previewer>) -> Probe {
         let sums = vec![self.denoising.latents.clone().sum(), self.context_sum.clone()];
-        let denoised = self.denoising.denoised().filter(|_| preview);
-        let shape = denoised.as_ref().map(Tensor::dims);
-        let tensor = Tensor::cat(sums.into_iter().chain(denoised.map(|d| d.flatten::<1>(0, 3))).collect(), 0);
-        Probe { tensor, done: self.done(), total: self.total(), shape }
+        let rendered = preview.zip(self.denoising.denoised()).map(|(previewer, denoised)| previewer.render(denoised));
+        let preview = rendered.as_ref().map(|(_, form)| *form);
+        let tensor = Tensor::cat(sums.into_iter().chain(rendered.map(|(values, _)| values)).collect(), 0);
+        Probe { tensor, done: self.done(), total: self.total(), preview }
     }
 
     /// Decodes the latents into `[3·H·W]` values mapped to [0, 1] (unclamped), still on the
@@ -137,8 +137,8 @@ pub struct Probe {
     pub tensor: Tensor<1>,
     done: usize,
     total: usize,
-    /// The denoised latents' shape, when they follow the sums.
-    shape: Option<[usize; 4]>,
+    /// What follows the sums, if anything.
+    preview: Option<Rendered>,
 }
 
 impl Probe {
@@ -151,9 +151,9 @@ impl Probe {
         }
     }
 
-    /// The image as it forms, from the `values` read back (when asked for and the latent
-    /// space has RGB factors).
+    /// The image as it forms, from the `values` read back (when asked for, and drawn by the
+    /// approximation only where the latent space has RGB factors).
     pub fn preview(&self, values: &[f32]) -> Option<Preview> {
-        preview::rgba(values.get(2..)?, self.shape?)
+        self.preview?.rgba(values.get(2..)?)
     }
 }

@@ -15,10 +15,12 @@ use wasm_bindgen::prelude::*;
 
 use crate::bench::Components;
 use crate::files::MemoryFiles;
+use crate::model::autoencoder_tiny::{self, AutoencoderTiny};
 use crate::pipeline::image_processor::Image8;
 use crate::pipeline::img2img::{self, Img2Img};
 use crate::pipeline::infotext::{self, Infotext};
 use crate::pipeline::inpaint::{self, Inpaint};
+use crate::pipeline::preview::{self, Previewer};
 use crate::pipeline::resize::ResizeMode;
 use crate::pipeline::upscale::{self, Upscale};
 use crate::pipeline::{Job, Mode, Request, Run, StableDiffusion};
@@ -220,6 +222,8 @@ pub struct Engine {
     files: HashMap<String, Vec<u8>>,
     uploads: HashMap<String, Uploaded>,
     pipe: Option<StableDiffusion>,
+    /// The sharp preview's tiny autoencoder, when the page turned it on.
+    preview_decoder: Option<AutoencoderTiny>,
     run: Option<Run>,
 }
 
@@ -240,7 +244,7 @@ impl Engine {
             "cpu" => Device::flex(),
             other => return Err(js_err(format!("unknown backend {other:?} (webgpu or cpu)"))),
         };
-        Ok(Engine { device, files: HashMap::new(), uploads: HashMap::new(), pipe: None, run: None })
+        Ok(Engine { device, files: HashMap::new(), uploads: HashMap::new(), pipe: None, preview_decoder: None, run: None })
     }
 
     /// A small file (config, tokenizer) by its repo path, e.g. `unet/config.json`.
@@ -312,6 +316,20 @@ impl Engine {
         serde_wasm_bindgen::to_value(&info).map_err(js_err)
     }
 
+    /// Loads the sharp preview's decoder from a TAESD repo's `config.json` and weight file
+    /// (`weight_path`, one of the names `layout().preview_decoder` lists); `name` is the repo.
+    pub fn load_preview_decoder(&mut self, name: String, config: Vec<u8>, weight_path: String, weights: Vec<u8>) -> Result<(), JsError> {
+        self.preview_decoder = None;
+        let files = MemoryFiles { name, files: HashMap::from([(autoencoder_tiny::CONFIG.to_owned(), config), (weight_path, weights)]) };
+        self.preview_decoder = Some(AutoencoderTiny::load(&files, &self.device).map_err(js_err)?);
+        Ok(())
+    }
+
+    /// Goes back to the approximate preview, freeing the decoder.
+    pub fn drop_preview_decoder(&mut self) {
+        self.preview_decoder = None;
+    }
+
     /// The loaded model's components with the inputs of one step at `size`² with `batch`
     /// latents, for timing; the engine gives the model up.
     pub fn bench(&mut self, size: usize, batch: usize) -> Result<Bench, JsError> {
@@ -331,7 +349,8 @@ impl Engine {
         let req: WebRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
         let run = pipe.run(req.into_job()?).map_err(js_err)?;
         let (width, height) = run.size();
-        let started = Started { total: run.total(), width, height, warnings: run.warnings().to_vec() };
+        let misfit = self.preview_decoder.as_ref().and_then(|decoder| preview::misfit(decoder, pipe));
+        let started = Started { total: run.total(), width, height, warnings: run.warnings().iter().cloned().chain(misfit).collect() };
         self.run = Some(run);
         serde_wasm_bindgen::to_value(&started).map_err(js_err)
     }
@@ -349,10 +368,11 @@ impl Engine {
 
     /// Resolves once the GPU has caught up with the queued steps (an 8-byte readback), so
     /// progress is real and a cancel lands within one step; rejects on NaN or Inf. With
-    /// `preview`, resolves to the image as it forms (`{ width, height, rgba }`, one pixel per
-    /// latent pixel) when the model has one, else to `undefined`.
+    /// `preview`, resolves to the image as it forms (`{ width, height, rgba }`: by the sharp
+    /// preview's decoder when one is loaded and fits the model, else one pixel per latent
+    /// pixel when the latent space has RGB factors), else to `undefined`.
     pub fn wait(&self, preview: bool) -> js_sys::Promise {
-        let probe = self.run.as_ref().map(|run| run.probe(preview));
+        let probe = self.run.as_ref().map(|run| run.probe(preview.then(|| self.previewer())));
         wasm_bindgen_futures::future_to_promise(async move {
             let Some(probe) = probe else { return Ok(JsValue::UNDEFINED) };
             let values = read_back(probe.tensor.clone()).await?;
@@ -382,6 +402,16 @@ impl Engine {
             let bytes = run.png(&values).map_err(run_error)?;
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         }))
+    }
+}
+
+impl Engine {
+    /// The sharp preview when its decoder is loaded and fits the model, else the approximation.
+    fn previewer(&self) -> Previewer<'_> {
+        match (&self.preview_decoder, &self.pipe) {
+            (Some(decoder), Some(pipe)) if preview::misfit(decoder, pipe).is_none() => Previewer::Tiny(decoder),
+            _ => Previewer::Approx,
+        }
     }
 }
 
