@@ -22,6 +22,7 @@ use kiln::{Error, Result, npy};
 mod cli {
     pub mod bench;
     pub mod download;
+    pub mod host;
     pub mod output;
 }
 

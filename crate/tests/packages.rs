@@ -1,5 +1,6 @@
-//! Kiln packages (`kiln pack`): what is loaded back equals the dequantized originals, a damaged
-//! shard is refused, and images from quantized packages stay close to diffusers' f32 images.
+//! Kiln packages (`kiln pack`): the q8/q4 bytes equal an independent reference's, what is
+//! loaded back equals the dequantized originals, a damaged shard is refused, and images from
+//! quantized packages stay close to diffusers' f32 images.
 mod common;
 
 use std::collections::HashMap;
@@ -23,6 +24,27 @@ fn packed(model: &str, format: Format) -> PathBuf {
 
 fn manifest(dir: &Path) -> Manifest {
     Manifest::parse(&dir.join(package::MANIFEST), &std::fs::read_to_string(dir.join(package::MANIFEST)).unwrap()).unwrap()
+}
+
+/// A byte array saved by `scripts/quant_reference.py`.
+fn reference_bytes(name: &str) -> Vec<u8> {
+    let bytes = std::fs::read(common::fixtures().join("quant").join(name)).unwrap();
+    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec::<u8>().unwrap()
+}
+
+/// `scripts/quant_reference.py` implements docs/packages.md's formats on its own; Kiln must
+/// write the same bytes for its test vector and read those bytes as the same values.
+#[test]
+fn quantized_formats_equal_an_independent_reference() {
+    let values = kiln::npy::read(&common::fixtures().join("quant/values.npy")).unwrap().values;
+    for format in [Format::Q8, Format::Q4] {
+        let name = format.name();
+        let bytes = reference_bytes(&format!("{name}.npy"));
+        assert_eq!(format.encode(&values), bytes, "{name}: encoded bytes");
+        let decoded = kiln::npy::read(&common::fixtures().join(format!("quant/{name}_decoded.npy"))).unwrap().values;
+        let ours = format.decode(&bytes, values.len()).unwrap();
+        assert!(ours.iter().zip(&decoded).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: decoded values");
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 // (a stand-in for the Hugging Face hub, with a request log and injectable faults), and
 // headless Chromium, whose WebGPU runs on SwiftShader.
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
@@ -113,10 +113,29 @@ export async function fillSettings(page, { prompt, seed, steps, guidance, width,
   if (scheduler !== undefined) await page.getByLabel("Scheduler", { exact: true }).selectOption(scheduler);
 }
 
-/** Runs the native CLI (KILN_BIN names a built binary; else `cargo run`) with `args`. */
+/** The native CLI as a command and its first arguments: KILN_BIN names a built binary; else `cargo run`. */
+function kilnCommand() {
+  return process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--bin", "kiln", "--"]];
+}
+
+/** Runs the native CLI with `args`. */
 export function runKiln(args) {
-  const [cmd, prefix] = process.env.KILN_BIN ? [process.env.KILN_BIN, []] : ["cargo", ["run", "--quiet", "--bin", "kiln", "--"]];
+  const [cmd, prefix] = kilnCommand();
   execFileSync(cmd, [...prefix, ...args], { stdio: "pipe" }); // its stderr is in the error, should it fail
+}
+
+/**
+ * Runs the native CLI with `args` and `env` added, without blocking this process (which may be
+ * serving the host the CLI downloads from); resolves to its exit code and stderr.
+ */
+export function runKilnAsync(args, env = {}) {
+  const [cmd, prefix] = kilnCommand();
+  return new Promise((resolve) => {
+    const child = spawn(cmd, [...prefix, ...args], { env: { ...process.env, ...env }, stdio: ["ignore", "ignore", "pipe"] });
+    let stderr = "";
+    child.stderr.on("data", (d) => (stderr += d));
+    child.on("close", (code) => resolve({ code, stderr }));
+  });
 }
 
 /** Runs the native CLI with `args` and `--out`; returns the PNG. */

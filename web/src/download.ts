@@ -8,6 +8,7 @@
 import { Sha256 } from "kiln-wasm";
 import { parseHeader, headerLength, type TensorEntry } from "./safetensors";
 import { CHUNK, StoredFile, discard, getRecord, keyOf, storedPath, write, type FileRecord } from "./store";
+import { NetworkError, hostFetch, network, refusal, statedSha256 } from "./host";
 import type { Precision } from "./model";
 
 /** Attempts per file when the connection drops; each continues where the last stopped. */
@@ -18,10 +19,6 @@ export type Converter = (tensor: TensorEntry, bytes: Uint8Array, precision: Prec
 
 /** A file that arrived but failed verification. It has been discarded. */
 export class CorruptDownload extends Error {}
-/** The host has no such file (HTTP 404). */
-export class NotFound extends Error {}
-/** The connection failed or dropped; what was stored is kept for the next attempt. */
-export class NetworkError extends Error {}
 
 /**
  * Stores `${base}/${path}` completely and verified, continuing whatever part is already
@@ -136,7 +133,7 @@ async function fetchConverted(
   };
   const reader = res.body!.getReader();
   for (;;) {
-    const { done, value } = await network(() => reader.read());
+    const { done, value } = await network(url, () => reader.read());
     if (done) break;
     const grown = new Uint8Array(pending.length + value.length);
     grown.set(pending);
@@ -175,6 +172,8 @@ async function fetchConverted(
   return finishConverted(rec, hasher, arrived);
 }
 
+const SHA_MISMATCH = "its SHA-256 differs from the one the host or manifest states";
+
 /** Verifies a converted file whose source has streamed by (`arrived` bytes of it), as `finish` does. */
 function finishConverted(rec: FileRecord, hasher: Sha256, arrived: number): Promise<FileRecord> {
   const header = rec.converted!.header;
@@ -183,7 +182,7 @@ function finishConverted(rec: FileRecord, hasher: Sha256, arrived: number): Prom
     : arrived !== header.fileSize
       ? `its header describes ${header.fileSize} bytes but ${arrived} arrived`
       : rec.sha256 && hasher.hex() !== rec.sha256
-        ? "its SHA-256 differs from the one the host states"
+        ? SHA_MISMATCH
         : null;
   return settle(rec, problem);
 }
@@ -194,42 +193,12 @@ function finishConverted(rec: FileRecord, hasher: Sha256, arrived: number): Prom
  */
 async function requestRest(url: string, rec: FileRecord | null, signal: AbortSignal) {
   const from = rec?.received ?? 0;
-  const res = await network(() => fetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} }));
-  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
-  if (res.status !== 200 && res.status !== 206) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const res = await hostFetch(url, { cache: "no-store", signal, headers: from > 0 ? { Range: `bytes=${from}-` } : {} });
+  if (res.status !== 200 && res.status !== 206) throw refusal(url, res);
   const etag = res.headers.get("x-linked-etag") ?? res.headers.get("etag");
   const range = /^bytes (\d+)-\d+\/(\d+)$/.exec(res.headers.get("content-range") ?? "");
   const resumes = !rec || from === 0 || (res.status === 206 && Number(range?.[1]) === from && rec.etag === etag);
   return { res, etag, range, resumes };
-}
-
-/** Runs a fetch step, turning a lost connection into a NetworkError. */
-export async function network<T>(step: () => Promise<T>): Promise<T> {
-  try {
-    return await step();
-  } catch (e) {
-    throw new NetworkError(`The connection failed (${(e as Error).message}).`);
-  }
-}
-
-/** The SHA-256 the host states: the HF hub puts it in `x-linked-etag` (LFS files) or `etag`. */
-async function statedSha256(res: Response, base: string, path: string): Promise<string | null> {
-  for (const name of ["x-linked-etag", "etag"]) {
-    const value = res.headers.get(name)?.replace(/^W\//, "").replaceAll('"', "");
-    if (value && /^[0-9a-f]{64}$/i.test(value)) return value.toLowerCase();
-  }
-  return hubPointerSha256(base, path);
-}
-
-/**
- * On huggingface.co the `x-linked-etag` sits on the redirect to the CDN, which fetch follows
- * unseen; the same SHA-256 is in the file's LFS pointer at `…/raw/<revision>/<path>`.
- */
-async function hubPointerSha256(base: string, path: string): Promise<string | null> {
-  const hub = /^(https:\/\/huggingface\.co\/.+)\/resolve\/([^/]+)$/.exec(base);
-  if (!hub || !path.endsWith(".safetensors")) return null;
-  const res = await fetch(`${hub[1]}/raw/${hub[2]}/${path}`, { cache: "no-store" }).catch(() => null);
-  return (res?.ok && /^oid sha256:([0-9a-f]{64})$/m.exec(await res.text())?.[1]) || null;
 }
 
 async function fetchRest(
@@ -270,7 +239,7 @@ async function fetchRest(
   const buffer = new Uint8Array(rec.chunkSize);
   let fill = 0;
   for (;;) {
-    const { done, value } = await network(() => reader.read());
+    const { done, value } = await network(url, () => reader.read());
     if (done) break;
     for (let i = 0; i < value.length; ) {
       const n = Math.min(buffer.length - fill, value.length - i);
@@ -326,7 +295,7 @@ async function settle(rec: FileRecord, problem: string | null): Promise<FileReco
 async function verify(rec: FileRecord, hasher: Sha256, status: number): Promise<string | null> {
   // A compressed 200 response decodes to more bytes than its Content-Length states.
   if (rec.size !== null && rec.received > rec.size && status === 206) return `${rec.received} bytes where the host stated ${rec.size}`;
-  if (rec.sha256 && hasher.hex() !== rec.sha256) return "its SHA-256 differs from the one the host or manifest states";
+  if (rec.sha256 && hasher.hex() !== rec.sha256) return SHA_MISMATCH;
   const file = new StoredFile(rec);
   if (rec.path.endsWith(".safetensors")) {
     let header;

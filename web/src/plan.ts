@@ -2,7 +2,8 @@
 // will take, and the model's removal. A model is a diffusers repo or a Kiln package
 // (docs/packages.md: manifest.json and shards, each checked against the manifest's SHA-256).
 import { CHUNK, StorageShort, StoredFile, chunkRange, keyOf, openStored, recordsOf, storedBytes, write, type FileRecord } from "./store";
-import { NetworkError, NotFound, CorruptDownload, download, network } from "./download";
+import { CorruptDownload, download } from "./download";
+import { NotFound, hostFetch, network, refusal } from "./host";
 import { freeStorage, tooLarge } from "./quota";
 import { LAYOUT, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
 import type { CacheStatus, DownloadNeeds } from "./protocol";
@@ -139,15 +140,14 @@ async function storedManifest(base: string): Promise<PackageManifest> {
 
 /** A small file's bytes, not stored. */
 async function fetchBytes(url: string, signal: AbortSignal): Promise<Uint8Array> {
-  const res = await network(() => fetch(url, { cache: "no-store", signal }));
-  if (!res.ok) throw new NetworkError(`${url}: HTTP ${res.status}`);
-  return new Uint8Array(await network(() => res.arrayBuffer()));
+  const res = await hostFetch(url, { cache: "no-store", signal });
+  if (!res.ok) throw refusal(url, res);
+  return new Uint8Array(await network(url, () => res.arrayBuffer()));
 }
 
 async function remoteSize(url: string): Promise<number | null> {
-  const res = await network(() => fetch(url, { method: "HEAD", cache: "no-store" }));
-  if (res.status === 404) throw new NotFound(`${url} was not found (HTTP 404)`);
-  if (!res.ok) throw new NetworkError(`${url}: HTTP ${res.status}`);
+  const res = await hostFetch(url, { method: "HEAD", cache: "no-store" });
+  if (!res.ok) throw refusal(url, res);
   const n = res.headers.get("content-length");
   return n === null ? null : Number(n);
 }

@@ -3,7 +3,8 @@
 // a cancel lands within one step. The page replaces the whole worker after a crash or a
 // lost device, since the wasm module cannot be trusted after either.
 import init, { Engine, png_info } from "kiln-wasm";
-import { CorruptDownload, NetworkError, NotFound, download, downloadConverted, type Converter } from "./download";
+import { CorruptDownload, download, downloadConverted, type Converter } from "./download";
+import { NetworkError, NotFound } from "./host";
 import { checkSpace, downloadNeeds, modelStatus, planModel, planPreviewDecoder, removeModel, type PackageManifest, type PlannedFile } from "./plan";
 import { StorageShort, StoredFile, discardDamaged, openStored, storedPath } from "./store";
 import type { CacheAnswers, ErrorKind, FileProgress, FromWorker, GenerateRequest, ModelRef, ToWorker } from "./protocol";

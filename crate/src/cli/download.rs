@@ -4,14 +4,18 @@
 //! only when complete and checked (package shards: their SHA-256; JSON files: that they parse),
 //! so an interrupted download or an error page is never mistaken for a finished file; weight
 //! files must be as long as their safetensors header says, which catches a body cut short by a
-//! host that sent no length. A host that stops sending is given up on after [`stall_limit`].
-//! Once every file is there, a marker says so and later runs need no network at all.
+//! host that sent no length, and have the SHA-256 the host states (`host.rs`). A host that
+//! stops sending is given up on after [`stall_limit`]. Once every file is there, a marker
+//! says so and later runs need no network at all.
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
+use super::host::{self, stall_limit};
 use kiln::layout::{WEIGHT_STEMS, text_files};
 use kiln::package::{self, Manifest};
 use kiln::weights::weight_file_names;
@@ -32,24 +36,6 @@ fn cache_dir(url: &str) -> PathBuf {
     dir
 }
 
-/// How long a host may send nothing (to connect, to answer, in the middle of a body) before
-/// the download fails: 30 s, or `KILN_STALL_SECONDS` (the tests' stalled host).
-fn stall_limit() -> Duration {
-    let seconds = std::env::var("KILN_STALL_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    Duration::from_secs(seconds)
-}
-
-/// The body of `url`, `None` on 404.
-fn get(url: &str) -> Result<Option<ureq::Body>> {
-    let limit = Some(stall_limit());
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_connect(limit).timeout_recv_response(limit).build().into();
-    match agent.get(url).call() {
-        Ok(response) => Ok(Some(response.into_body())),
-        Err(ureq::Error::StatusCode(404)) => Ok(None),
-        Err(e) => Err(Error::Invalid(format!("{url}: {e}"))),
-    }
-}
-
 /// Downloads `base/path` into `dir/path` unless it is there, streaming it to disk; a path
 /// ending in `.json` must parse, one ending in `.safetensors` must be whole, and `check` vets
 /// the file's bytes (when given) before they count as cached. Returns whether the file
@@ -60,14 +46,17 @@ fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Res
         return Ok(true);
     }
     let url = format!("{base}/{path}");
-    let Some(body) = get(&url)? else { return Ok(false) };
+    let Some(answer) = host::get(&url)? else { return Ok(false) };
     eprintln!("downloading {url}");
     let parent = target.parent().expect("a file path");
     std::fs::create_dir_all(parent).map_err(|e| Error::write(parent, e))?;
     let part = target.with_extension("part");
     let file = std::fs::File::create(&part).map_err(|e| Error::write(&part, e))?;
-    copy_watched(body, file, &url)?;
+    let digest = copy_watched(answer.body, file, &url)?;
     let vetted = || -> Result<()> {
+        if answer.sha256.as_ref().is_some_and(|stated| *stated != digest) {
+            return Err(Error::Invalid("its SHA-256 differs from the one the host states; run again to download it anew".into()));
+        }
         if path.ends_with(".safetensors") {
             check_length(&part)?;
         }
@@ -90,18 +79,21 @@ fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Res
 
 /// Streams `body` into `file` on a thread of its own, failing when no byte has arrived for
 /// [`stall_limit`] (a blocked read cannot be interrupted; the command exits soon after).
-fn copy_watched(body: ureq::Body, mut file: std::fs::File, url: &str) -> Result<()> {
+/// Returns the body's SHA-256 in hex.
+fn copy_watched(body: ureq::Body, mut file: std::fs::File, url: &str) -> Result<String> {
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
-    let copy = std::thread::spawn(move || -> std::io::Result<()> {
+    let copy = std::thread::spawn(move || -> std::io::Result<String> {
         // The reader fails when the connection closes before a stated length.
-        let (mut reader, mut buffer) = (body.into_reader(), vec![0u8; 1 << 16]);
+        let (mut reader, mut buffer, mut hasher) = (body.into_reader(), vec![0u8; 1 << 16], Sha256::new());
         loop {
             let n = reader.read(&mut buffer)?;
             if n == 0 {
-                return file.sync_all();
+                file.sync_all()?;
+                return Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect());
             }
             file.write_all(&buffer[..n])?;
+            hasher.update(&buffer[..n]);
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
     });
