@@ -4,7 +4,7 @@
 // busy host, a CDN that sends wrong bytes, and (the page) a file that changes mid-download;
 // each failure names the file and what to do, and both make the same image from it.
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
@@ -59,6 +59,9 @@ test("the CLI follows the hub's redirects, waits for a busy host, checks the sta
   const corrupt = await cliGenerate(model);
   assert.equal(corrupt.code, 2, corrupt.stderr);
   assert.match(corrupt.stderr, /unet\/diffusion_pytorch_model\.safetensors: its SHA-256 differs from the one the host states; run again/);
+  const cached = readdirSync(corrupt.cache, { recursive: true });
+  assert.ok(cached.some((f) => f.endsWith("unet/config.json")), cached.join(", "));
+  assert.deepEqual(cached.filter((f) => f.includes("unet/diffusion_pytorch_model")), [], "nothing of the corrupt file is cached");
 
   // A host that asks for a long wait is reported at once, not waited for.
   hub.refuse("sd1-tiny/model_index.json", { status: 429, retryAfter: 3600 });
