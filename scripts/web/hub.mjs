@@ -31,10 +31,6 @@ export async function serveHub({ root, owner = "kiln-test" }) {
   const open = new Set();
 
   const contents = async (file) => changed.get(file) ?? readFile(join(root, normalize(file)));
-  const cors = (res, exposed) => {
-    res.setHeader("Access-Control-Allow-Origin", "*");
-    res.setHeader("Access-Control-Expose-Headers", exposed);
-  };
 
   /** Sends `body` (whole or the asked range), unless a stall drill holds it after some bytes. */
   const send = (req, res, entry, body, headers, file) => {
@@ -63,15 +59,20 @@ export async function serveHub({ root, owner = "kiln-test" }) {
     res.end(text);
   };
 
-  const hub = createServer(async (req, res) => {
-    const url = new URL(req.url, "http://hub");
-    const entry = { origin: "hub", method: req.method, path: url.pathname, range: req.headers.range ?? null };
-    log.push(entry);
-    cors(res, "ETag, X-Repo-Commit, Content-Range, Accept-Ranges");
-    if (req.method === "OPTIONS") {
+  /** A server for origin `name` that logs each request, exposes `exposed` and answers preflights. */
+  const originServer = (name, exposed, handle) =>
+    createServer((req, res) => {
+      const url = new URL(req.url, `http://${name}`);
+      const entry = { origin: name, method: req.method, path: url.pathname, range: req.headers.range ?? null };
+      log.push(entry);
+      res.setHeader("Access-Control-Allow-Origin", "*");
+      res.setHeader("Access-Control-Expose-Headers", exposed);
+      if (req.method !== "OPTIONS") return handle(req, res, url, entry);
       res.setHeader("Access-Control-Allow-Headers", "Range");
-      return reply(res, entry, 204);
-    }
+      reply(res, entry, 204);
+    });
+
+  const hub = originServer("hub", "ETag, X-Repo-Commit, Content-Range, Accept-Ranges", async (req, res, url, entry) => {
     const parts = /^\/([^/]+)\/([^/]+)\/(resolve|raw)\/([^/]+)\/(.+)$/.exec(decodeURIComponent(url.pathname));
     if (!parts || parts[1] !== owner) return reply(res, entry, 404, { "X-Error-Code": "RepoNotFound" }, "Repository not found");
     const [, , repo, kind, revision, path] = parts;
@@ -103,15 +104,7 @@ export async function serveHub({ root, owner = "kiln-test" }) {
   });
 
   // The CDN knows files by digest only: a changed file is another URL.
-  const cdnServer = createServer(async (req, res) => {
-    const url = new URL(req.url, "http://cdn");
-    const entry = { origin: "cdn", method: req.method, path: url.pathname, range: req.headers.range ?? null };
-    log.push(entry);
-    cors(res, "Content-Range, Accept-Ranges, ETag");
-    if (req.method === "OPTIONS") {
-      res.setHeader("Access-Control-Allow-Headers", "Range");
-      return reply(res, entry, 204);
-    }
+  const cdnServer = originServer("cdn", "Content-Range, Accept-Ranges, ETag", async (req, res, url, entry) => {
     const file = blobs.get(url.pathname.replace("/repos/", ""));
     let body = file && (await contents(file));
     if (!body || sha256(body) !== url.pathname.replace("/repos/", "")) return reply(res, entry, 404);
