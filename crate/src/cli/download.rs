@@ -90,7 +90,7 @@ fn copy_watched(body: ureq::Body, mut file: std::fs::File, url: &str) -> Result<
             let n = reader.read(&mut buffer)?;
             if n == 0 {
                 file.sync_all()?;
-                return Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect());
+                return Ok(package::hex(&hasher.finalize()));
             }
             file.write_all(&buffer[..n])?;
             hasher.update(&buffer[..n]);
