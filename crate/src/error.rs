@@ -38,6 +38,10 @@ pub enum Error {
     /// A request the model cannot serve (bad size, bad latents shape, ...).
     #[error("{0}")]
     Invalid(String),
+
+    /// The device failed a run: a buffer it refused, out of memory, or lost.
+    #[error("the GPU did not finish the run: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -49,5 +53,13 @@ impl Error {
 
     pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Write { path: path.into(), source }
+    }
+
+    /// A failed read-back of burn's, as its innermost cause: the full text nests every
+    /// operation the failure skipped, with backtraces.
+    pub fn gpu(e: impl std::fmt::Display) -> Self {
+        let text = e.to_string();
+        let cause = text.rsplit("Caused by:").next().and_then(|c| c.lines().map(str::trim).find(|l| !l.is_empty()));
+        Error::Gpu(cause.unwrap_or("no reason given").to_owned())
     }
 }

@@ -3,6 +3,7 @@
 //! `model` holds the networks, `schedulers` the samplers, `pipeline` ties them together
 //! as diffusers' pipelines do. Nothing here knows about the browser or the command line.
 pub mod bench;
+pub mod device;
 pub mod error;
 pub mod files;
 pub mod kernels;

@@ -44,14 +44,24 @@ enum Backend {
     Cpu,
 }
 
+/// Test-only: caps the GPU's `maxStorageBufferBindingSize` and `maxBufferSize` at this many
+/// KiB, so that a test plays a small adapter.
+const MAX_BINDING_VAR: &str = "KILN_TEST_MAX_BINDING_KIB";
+
 impl Backend {
-    fn device(self) -> Device {
+    fn device(self) -> Result<Device> {
         match self {
-            Backend::Wgpu => Device::wgpu_options().init().unwrap_or_else(|e| {
-                eprintln!("warning: no wgpu device ({e}); using the CPU backend");
-                Device::flex()
-            }),
-            Backend::Cpu => Device::flex(),
+            Backend::Wgpu => match std::env::var(MAX_BINDING_VAR) {
+                Ok(kib) => {
+                    let kib: u64 = kib.parse().map_err(|_| Error::Invalid(format!("{MAX_BINDING_VAR}={kib} is not a whole number of KiB")))?;
+                    futures_lite::future::block_on(kiln::device::capped_gpu(kib << 10)).map_err(|e| Error::Invalid(format!("no wgpu device with {MAX_BINDING_VAR}={kib}: {e}")))
+                }
+                Err(_) => Ok(Device::wgpu_options().init().unwrap_or_else(|e| {
+                    eprintln!("warning: no wgpu device ({e}); using the CPU backend");
+                    Device::flex()
+                })),
+            },
+            Backend::Cpu => Ok(Device::flex()),
         }
     }
 }
@@ -250,7 +260,7 @@ fn main() -> ExitCode {
         Command::Info { file, json } => info(&file, json),
         Command::Bench { model, size, batch, iters, backend, formats, steps, outputs } => {
             let report = if formats.is_empty() {
-                bench::run(&backend.device(), &bench::BenchArgs { models: vec![model], size, batch, iters })
+                backend.device().and_then(|device| bench::run(&device, &bench::BenchArgs { models: vec![model], size, batch, iters }))
             } else {
                 // One model per format comparison: SD 1.5 unless another is named.
                 let model = if model == "all" { "sd15".to_owned() } else { model };
@@ -367,7 +377,7 @@ fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
     let latents = args.latents.as_deref().map(npy::read).transpose()?;
 
     let started = Instant::now();
-    let device = args.backend.device();
+    let device = args.backend.device()?;
     let format = args.weights.as_deref().map(Format::from_name).transpose()?;
     let model = match args.model.to_str().filter(|m| m.starts_with("http://") || m.starts_with("https://")) {
         Some(url) => download::model(url)?,
@@ -429,7 +439,7 @@ fn make(pipe: &StableDiffusion, job: Job, out: Output) -> Result<()> {
 }
 
 fn read_back(values: Tensor<1>) -> Result<Vec<f32>> {
-    values.into_data().try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("reading the GPU's result back failed: {e:?}")))
+    values.try_into_data().map_err(Error::gpu)?.try_to_vec::<f32>().map_err(|e| Error::Invalid(format!("reading the GPU's result back failed: {e:?}")))
 }
 
 /// A seed from the clock, as A1111's "-1" does; it is printed and stored in the PNG.

@@ -66,9 +66,6 @@ pub fn element_count(shape: &[usize]) -> Option<usize> {
     Some(if shape.contains(&0) { 0 } else { nonzero })
 }
 
-/// WebGPU's default `maxStorageBufferBindingSize`, and lavapipe's: no tensor may be larger.
-pub const MAX_BINDING_BYTES: usize = 128 << 20;
-
 /// A tensor's shape as the matrix a [`Weights::matrix`] holds: `[shape[0], the rest]`.
 fn matrix_shape(shape: &[usize]) -> [usize; 2] {
     match shape {
@@ -102,7 +99,7 @@ impl Uploaded {
         }
         let stored = if on_demand(&self.stem, name) {
             Stored::Packed(format, bytes.to_vec())
-        } else if n == 0 || shape.len() < 2 || name.ends_with("embedding.weight") || n * 4 > MAX_BINDING_BYTES {
+        } else if n == 0 || shape.len() < 2 || name.ends_with("embedding.weight") || n as u64 * 4 > crate::device::max_binding_bytes(device) {
             Stored::Host(format.decode(bytes, n)?)
         } else {
             Stored::Device(quant::matrix(format, bytes, matrix_shape(&shape), device).map_err(|e| bad(e.to_string()))?)

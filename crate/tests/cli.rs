@@ -229,11 +229,69 @@ fn bad_sizes_are_refused() {
     fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "a (cat:1.2.3)", "--out", out], "the emphasis weight \"1.2.3\" in \":1.2.3)\" is not a number");
     let latents = fixture("editing/img2img-ddim-0.8.latents.npy");
     fails_with(&["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--count", "2", "--latents", &latents, "--out", out], "needs seeds, not --latents");
-    // A size whose image would not fit one GPU buffer is refused before anything runs.
-    fails_with(
-        &["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--width", "4096", "--height", "4096", "--out", out],
-        "a 4096×4096 image takes 192 MiB on the GPU, more than the 128 MiB one buffer holds",
+    // A size whose largest buffer would not fit one binding is refused before anything runs,
+    // here on an adapter with WebGPU's guaranteed 128 MiB.
+    let big = kiln_capped(128 << 10, &["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--width", "4096", "--height", "4096", "--out", out]);
+    assert_eq!(big.status.code(), Some(2), "{}", stderr(&big));
+    assert!(
+        stderr(&big).contains(
+            "4096×4096 needs 256.0 MiB in one GPU buffer for the UNet's widest activation, more than this device's maxStorageBufferBindingSize of 128.0 MiB; the largest size of this aspect ratio that fits is 2880×2880"
+        ),
+        "{}",
+        stderr(&big)
     );
+}
+
+/// `kiln` on the default adapter with its buffer limits capped at `kib` KiB, as a small GPU.
+fn kiln_capped(kib: u64, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).env("KILN_TEST_MAX_BINDING_KIB", kib.to_string()).args(args).output().expect("kiln runs")
+}
+
+/// A `width` × `height` RGB PNG with a deterministic pattern.
+fn write_pattern(path: &std::path::Path, width: u32, height: u32) {
+    let pixels: Vec<u8> = (0..height).flat_map(|y| (0..width).flat_map(move |x| [(x * 7 + y * 3) as u8, (x * y) as u8, (x + 5 * y) as u8])).collect();
+    let mut encoder = png::Encoder::new(std::fs::File::create(path).expect("create PNG"), width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.write_header().and_then(|mut w| w.write_image_data(&pixels)).expect("write PNG");
+}
+
+/// On a device whose bindings hold 8 MiB (the smallest cubecl's 8 MiB memory pages run on), a
+/// size that cannot fit is refused before any step with the size that can, and that size runs:
+/// the VAE decodes in windows that fit, where the upscaler's own 128-pixel tiles would not.
+#[test]
+fn small_devices_decode_in_windows_or_refuse_before_starting() {
+    let dir = temp_dir("small-device");
+    let (model, out) = (fixture("sd-x4-upscaler-tiny"), dir.join("out.png"));
+    let refused = kiln_capped(8 << 10, &["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--width", "1024", "--height", "1024", "--out", out.to_str().unwrap()]);
+    assert!(
+        stderr(&refused).contains("1024×1024 needs 16.0 MiB in one GPU buffer for the UNet's widest activation, more than this device's maxStorageBufferBindingSize of 8.0 MiB; the largest size of this aspect ratio that fits is 704×704"),
+        "{}",
+        stderr(&refused)
+    );
+    let (large, fits) = (dir.join("256.png"), dir.join("208.png"));
+    write_pattern(&large, 256, 256);
+    write_pattern(&fits, 208, 208);
+    let (large, fits, out_str) = (large.to_str().unwrap(), fits.to_str().unwrap(), out.to_str().unwrap());
+    let upscale = |image| ["upscale", "--model", &model, "--prompt", "x", "--image", image, "--steps", "1", "--seed", "5", "--out", out_str];
+
+    let refused = kiln_capped(8 << 10, &upscale(large));
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("256×256 needs 12.0 MiB in one GPU buffer for the image, more than this device's maxStorageBufferBindingSize of 8.0 MiB; the largest size of this aspect ratio that fits is 208×208"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!stderr(&refused).contains("step") && !out.exists(), "nothing ran: {}", stderr(&refused));
+
+    let capped = kiln_capped(8 << 10, &upscale(fits));
+    assert!(capped.status.success(), "{}", stderr(&capped));
+    let (windowed, w, h) = common::read_png(&std::fs::read(&out).expect("PNG written"));
+    assert_eq!((w, h), (832, 832));
+    let (whole, ..) = succeeds(&upscale(fits), &out, "step 1/1");
+    // The same denoised latents decoded in 88-latent windows instead of the 128-pixel tiles:
+    // only the blends at the windows' seams differ.
+    let (max, mean) = common::pixel_diff(&windowed, &whole);
+    assert!(max <= 16 && mean <= 1.0, "max {max}, mean {mean}");
 }
 
 #[test]

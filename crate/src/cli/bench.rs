@@ -63,9 +63,9 @@ fn sync(device: &Device) -> Result<()> {
 /// `kiln bench --formats`. One format runs here; several run each in a fresh `kiln` process
 /// (memory pools keep some pages after clean-up, which would count against the next format),
 /// and each gets its error against the first: latent RMSE and 8-bit image PSNR.
-pub fn formats(args: &FormatArgs, device: impl FnOnce() -> Device) -> Result<Value> {
+pub fn formats(args: &FormatArgs, device: impl FnOnce() -> Result<Device>) -> Result<Value> {
     let runs = match args.formats[..] {
-        [format] => vec![generate(&device(), args, format)?],
+        [format] => vec![generate(&device()?, args, format)?],
         _ => args.formats.iter().map(|&format| in_child(args, format)).collect::<Result<Vec<_>>>()?,
     };
     let first = &runs[0];

@@ -166,6 +166,25 @@ impl UNetConfig {
     pub fn downsample_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
+
+    /// f32 bytes of the widest activation one pass makes per batch item on a `width` × `height`
+    /// latent grid. At each level: the feed-forward's GEGLU output (4 × the channels) where the
+    /// level has attention, and an up block's input (its channels with the deeper level's
+    /// concatenated). Attention itself keeps no score matrix (`kernels::attention`).
+    pub fn widest_activation_bytes(&self, width: usize, height: usize) -> u64 {
+        let c = &self.block_out_channels;
+        let n = c.len();
+        (0..n)
+            .map(|level| {
+                let attention = [&self.down_block_types[level], &self.up_block_types[n - 1 - level]].iter().any(|t| t.starts_with("CrossAttn"));
+                let feed_forward = if attention { 4 * c[level] } else { 0 };
+                let up_input = c[level] + c.get(level + 1).copied().unwrap_or(c[level]).max(c[level]);
+                let pixels = (width >> level) as u64 * (height >> level) as u64;
+                4 * feed_forward.max(up_input) as u64 * pixels
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 pub struct UNet2DConditionModel {

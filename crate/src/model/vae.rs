@@ -66,6 +66,12 @@ impl VaeConfig {
         4 * channels * self.scale_factor().pow(2)
     }
 
+    /// f32 bytes per image pixel of the encoder's largest activation: its first block's
+    /// `block_out_channels[0]` channels at the full resolution.
+    pub fn encoder_bytes_per_pixel(&self) -> usize {
+        4 * self.block_out_channels.first().copied().unwrap_or(0)
+    }
+
     fn check(&self) -> std::result::Result<(), String> {
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {

@@ -2,6 +2,7 @@
 //! loop, browser worker) can report progress and cancel between steps. Text-to-image is here;
 //! `img2img`, `inpaint` and `upscale` prepare their own latents and conditioning and then share
 //! the same [`Denoising`] loop.
+mod buffers;
 pub mod image_processor;
 pub mod img2img;
 pub mod infotext;
@@ -25,6 +26,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use buffers::Footprint;
 use crate::files::{Folder, ModelFiles, json, short_name};
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::tokenizer::{ClipTokenizer, TokenizerFiles};
@@ -33,7 +35,7 @@ use crate::model::vae::AutoencoderKL;
 use crate::package;
 use crate::quant::Format;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
-use crate::weights::{MAX_BINDING_BYTES, Uploaded, Weights};
+use crate::weights::{Uploaded, Weights};
 use rng::NormalRng;
 
 #[derive(Deserialize)]
@@ -200,7 +202,7 @@ impl StableDiffusion {
         let width = req.width.or(latent_dim(3)).unwrap_or(self.default_size());
         let height = req.height.or(latent_dim(2)).unwrap_or(self.default_size());
         self.check_size("", width, height)?;
-        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
+        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE, self.image_footprint(width, height, false))?;
         let noise = setup.normals(req.latents, self.latent_shape(width, height), "initial latents")?;
         let latents = noise.mul_scalar(setup.scheduler.init_noise_sigma());
         Ok(setup.denoising(latents, 0, Conditioning::default(), req.step_noise, width, height))
@@ -229,8 +231,7 @@ impl StableDiffusion {
         Err(Error::Invalid(format!("{}: {mode} needs a UNet with {in_channels} input channels; this is {what}", self.name)))
     }
 
-    /// Sizes must be positive multiples of [`Self::size_multiple`], and the image must fit one
-    /// GPU buffer ([`check_output_size`]); `what` names the image.
+    /// Sizes must be positive multiples of [`Self::size_multiple`]; `what` names the image.
     fn check_size(&self, what: &str, width: usize, height: usize) -> Result<()> {
         let multiple = self.size_multiple();
         for (name, v) in [("width", width), ("height", height)] {
@@ -242,23 +243,32 @@ impl StableDiffusion {
                 )));
             }
         }
-        check_output_size(width, height)
+        Ok(())
     }
 
-    /// What every mode does first: checks the settings, builds the scheduler and encodes the prompt.
-    fn setup(&self, req: &Request, default_steps: usize, default_guidance: f64) -> Result<Setup> {
+    /// How a run that makes (and with `encodes_image`, starts from) a `width` × `height` image
+    /// uses GPU buffers.
+    fn image_footprint(&self, width: usize, height: usize, encodes_image: bool) -> Footprint {
+        let multiple = self.size_multiple();
+        Footprint { width, height, multiple, latent_step: self.vae.config.scale_factor(), output_scale: 1, tile: None, encodes_image }
+    }
+
+    /// What every mode does first: checks the settings and that `size` fits the device, builds
+    /// the scheduler and encodes the prompt.
+    fn setup(&self, req: &Request, default_steps: usize, default_guidance: f64, size: Footprint) -> Result<Setup> {
         let steps = req.steps.unwrap_or(default_steps);
         let guidance = req.guidance.unwrap_or(default_guidance);
         if !guidance.is_finite() {
             return Err(Error::Invalid(format!("guidance scale {guidance} is not a number")));
         }
+        // diffusers guides only above 1; SD-Turbo and LCM run at 0 or 1 with one UNet pass.
+        let guided = guidance > 1.0;
+        self.check_buffers(&size, if guided { 2 } else { 1 })?;
         let kind = match req.scheduler {
             Some(kind) => kind,
             None => self.default_scheduler()?,
         };
         let scheduler = schedulers::build(kind, &self.scheduler_config, steps)?;
-        // diffusers guides only above 1; SD-Turbo and LCM run at 0 or 1 with one UNet pass.
-        let guided = guidance > 1.0;
         let text = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
         Ok(Setup { scheduler, kind, steps, guidance, text, warnings: Vec::new(), rng: NormalRng::new(req.seed.unwrap_or(0)), device: self.device.clone() })
     }
@@ -277,20 +287,6 @@ impl StableDiffusion {
         let f = self.vae.config.scale_factor();
         [1, self.latent_channels(), height / f, width / f]
     }
-}
-
-/// The output image is one f32 tensor `[1, 3, H, W]` on the device, so it must fit one GPU
-/// binding (WebGPU's default 128 MiB: about 11 megapixels).
-fn check_output_size(width: usize, height: usize) -> Result<()> {
-    let bytes = 3 * 4 * width as u64 * height as u64;
-    if bytes > MAX_BINDING_BYTES as u64 {
-        return Err(Error::Invalid(format!(
-            "a {width}×{height} image takes {} MiB on the GPU, more than the {} MiB one buffer holds",
-            bytes >> 20,
-            MAX_BINDING_BYTES >> 20
-        )));
-    }
-    Ok(())
 }
 
 /// A validated request's shared state, before the mode-specific latents exist.
@@ -556,13 +552,15 @@ pub fn predict(unet: &UNet2DConditionModel, input: Tensor<4>, t: f64, text: &Tex
 }
 
 /// Scaled latents to an image `[1, 3, H, W]` mapped to [0, 1], unclamped ([`png::to_rgb8`]
-/// clamps): decoded in `tiles` (the upscaler's), else
-/// in windows when the image is too large to decode at once, else whole.
+/// clamps): decoded in `tiles` (the upscaler's) when its windows fit one GPU binding, else in
+/// windows that do when the image is too large to decode at once, else whole.
 pub fn decode_latents(vae: &AutoencoderKL, latents: Tensor<4>, tiles: Option<&tiles::Tiles>) -> Tensor<4> {
     let latents = latents.div_scalar(vae.config.scaling_factor);
     let [_, _, h, w] = latents.dims();
-    let fitted = tiles.is_none().then(|| tiles::Tiles::for_vae_decode(&vae.config, w, h)).flatten();
-    let image = match tiles.or(fitted.as_ref()) {
+    let max_binding = crate::device::max_binding_bytes(&latents.device());
+    let given = tiles.filter(|t| t.fit_decoder(&vae.config, max_binding));
+    let fitted = given.is_none().then(|| tiles::Tiles::for_vae_decode(&vae.config, w, h, max_binding)).flatten();
+    let image = match given.or(fitted.as_ref()) {
         Some(tiles) => tiles.decode(latents, vae.config.scale_factor(), |window| vae.decode(window)),
         None => vae.decode(latents),
     };

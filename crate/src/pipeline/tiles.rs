@@ -4,7 +4,6 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::model::vae::VaeConfig;
-use crate::weights::MAX_BINDING_BYTES;
 
 /// Tile size and minimum overlap, in pixels of the grid being tiled (the upscaler's input, the VAE's latents).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,16 +46,24 @@ impl Tiles {
     }
 
     /// Windows for decoding a latent grid of `width` × `height` whose decoder activations
-    /// would outgrow one GPU binding (SD at 512² and above); `None` when the whole grid fits.
-    /// Square tiles as large as fit, on multiples of 8, overlapping by a quarter.
-    pub fn for_vae_decode(config: &VaeConfig, width: usize, height: usize) -> Option<Self> {
-        let per_latent = config.decoder_bytes_per_latent().max(1);
+    /// would outgrow one GPU binding of `max_binding` bytes (SD at 512² and above on a device
+    /// with WebGPU's guaranteed 128 MiB); `None` when the whole grid fits. Square tiles as
+    /// large as fit, on multiples of 8, overlapping by a quarter.
+    pub fn for_vae_decode(config: &VaeConfig, width: usize, height: usize, max_binding: u64) -> Option<Self> {
+        let per_latent = config.decoder_bytes_per_latent().max(1) as u64;
         // In u64: on wasm32 the product of a large image would wrap.
-        if per_latent as u64 * width as u64 * height as u64 <= MAX_BINDING_BYTES as u64 {
+        if per_latent * width as u64 * height as u64 <= max_binding {
             return None;
         }
-        let side = (((MAX_BINDING_BYTES / per_latent) as f64).sqrt() as usize / 8 * 8).max(8);
+        let side = (((max_binding / per_latent) as f64).sqrt() as usize / 8 * 8).max(8);
         Self::new(TileSize { size: side, overlap: side / 4 }, width, height, 1).expect("a valid tile size")
+    }
+
+    /// Whether the VAE decoder's activations for the largest window fit one binding of
+    /// `max_binding` bytes.
+    pub fn fit_decoder(&self, config: &VaeConfig, max_binding: u64) -> bool {
+        let (h, w) = (self.size.size.min(self.extent.0), self.size.size.min(self.extent.1));
+        config.decoder_bytes_per_latent() as u64 * h as u64 * w as u64 <= max_binding
     }
 
     /// Runs `f` on each window of `input` (`[B, C, H, W]` on the latent grid) and blends the

@@ -10,6 +10,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::image_processor::Image8;
 use super::tiles::{TileSize, Tiles};
+use super::buffers::Footprint;
 use super::{Conditioning, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::files::{ModelFiles, short_name};
@@ -91,9 +92,6 @@ impl StableDiffusion {
                 return Err(Error::Invalid(format!("the image's {name} {v} is not a positive multiple of {multiple} (the UNet's down-sampling)")));
             }
         }
-        // The output is the image × the VAE's factor, one tensor.
-        let f = self.vae.config.scale_factor();
-        super::check_output_size(f * width, f * height)?;
         let classes = self.unet.config.num_class_embeds.unwrap_or(0);
         let max_level = upscaler.max_noise_level.min(classes.saturating_sub(1));
         if input.noise_level > max_level {
@@ -103,7 +101,10 @@ impl StableDiffusion {
             Some(tile) => Tiles::new(tile, width, height, multiple)?,
             None => None,
         };
-        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE)?;
+        // The latents have the input's size; the output is the VAE's factor larger.
+        let f = self.vae.config.scale_factor();
+        let size = Footprint { width, height, multiple, latent_step: 1, output_scale: f, tile: input.tiles.map(|t| t.size), encodes_image: false };
+        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE, size)?;
         // diffusers draws the image's noise first, then the latents.
         let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
         let image_noise = setup.normals(input.low_res_noise, [1, 3, height, width], "low-resolution image noise")?;

@@ -473,6 +473,6 @@ fn read_f32(tensor: Tensor<1>) -> js_sys::Promise {
 
 /// A tensor's values on the host, once the device has computed them.
 async fn read_back(tensor: Tensor<1>) -> Result<Vec<f32>, JsValue> {
-    let data = tensor.into_data_async().await.map_err(|e| JsValue::from(js_err(format!("GPU error: {e:?}"))))?;
+    let data = tensor.into_data_async().await.map_err(|e| JsValue::from(js_err(crate::Error::gpu(e))))?;
     data.try_to_vec::<f32>().map_err(|e| JsValue::from(js_err(format!("{e:?}"))))
 }
