@@ -19,9 +19,8 @@ pub fn max_binding_bytes(device: &Device) -> u64 {
 }
 
 /// The default adapter as a device whose `maxStorageBufferBindingSize` and `maxBufferSize` are
-/// at most `max_binding` bytes, so that wgpu itself refuses any larger buffer. A browser
-/// raises a request below its guaranteed 128 MiB to that, so there the cap only matters
-/// on adapters that offer more.
+/// at most `max_binding` bytes, so that wgpu itself refuses any larger buffer (the CLI's
+/// `KILN_TEST_MAX_BINDING_KIB`). cubecl's memory pools need at least 8 MiB.
 pub async fn capped_gpu(max_binding: u64) -> Result<Device, String> {
     let instance = wgpu::Instance::default();
     let adapter = instance.request_adapter(&wgpu::RequestAdapterOptions::default()).await.map_err(|e| e.to_string())?;

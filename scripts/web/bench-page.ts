@@ -1,6 +1,6 @@
 // The page side of scripts/bench-web: Kiln's engine and ONNX Runtime Web timed in the same
 // browser, on the same inputs. scripts/web/bench.mjs bundles it, serves it and drives it.
-import init, { Bench, Engine } from "kiln-wasm";
+import init, { Bench, Engine, Model, is_weight_dtype } from "kiln-wasm";
 import * as ort from "onnxruntime-web/webgpu";
 import { LAYOUT } from "../../web/src/model";
 import { headerLength, parseHeader } from "../../web/src/safetensors";
@@ -36,10 +36,11 @@ async function time(iters: number, call: () => Promise<unknown>) {
 }
 
 /** A pipeline folder served at `base`, uploaded as the app's worker does. */
-async function loadFolder(engine: Engine, base: string): Promise<void> {
+async function loadFolder(engine: Engine, base: string): Promise<Model> {
+  const loader = engine.loader();
   for (const path of [...LAYOUT.required_files, ...LAYOUT.optional_files]) {
     const response = await fetch(`${base}/${path}`);
-    if (response.ok) engine.set_file(path, new Uint8Array(await response.arrayBuffer()));
+    if (response.ok) loader.set_file(path, new Uint8Array(await response.arrayBuffer()));
   }
   for (const { stem, files } of LAYOUT.weight_files) {
     let response;
@@ -47,14 +48,14 @@ async function loadFolder(engine: Engine, base: string): Promise<void> {
     const bytes = new Uint8Array(await response!.arrayBuffer());
     const header = parseHeader(bytes.subarray(8, 8 + headerLength(bytes)));
     for (const t of header.tensors) {
-      if (Engine.is_weight_dtype(t.dtype)) engine.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), bytes.subarray(t.begin, t.end));
+      if (is_weight_dtype(t.dtype)) loader.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), bytes.subarray(t.begin, t.end));
     }
   }
-  engine.finish_load(base);
+  return loader.finish(base);
 }
 
 /** A TAESD repo served at `base`, as the sharp preview's decoder. */
-async function loadPreviewDecoder(engine: Engine, base: string): Promise<void> {
+async function loadPreviewDecoder(model: Model, base: string): Promise<void> {
   const fetched = async (path: string) => {
     const response = await fetch(`${base}/${path}`);
     return response.ok ? new Uint8Array(await response.arrayBuffer()) : null;
@@ -62,7 +63,7 @@ async function loadPreviewDecoder(engine: Engine, base: string): Promise<void> {
   const { config, weight_files } = LAYOUT.preview_decoder;
   for (const file of weight_files) {
     const weights = await fetched(file);
-    if (weights) return engine.load_preview_decoder(base, (await fetched(config))!, file, weights);
+    if (weights) return model.load_preview_decoder(base, (await fetched(config))!, file, weights);
   }
   throw new Error(`${base} has no weight file`);
 }
@@ -80,20 +81,20 @@ interface KilnOptions {
 
 /** Milliseconds per step of a guided generation, steps with and without the live preview
  * alternating in one run, so both see the same machine. The preview is the sharp one when the
- * engine holds its decoder. */
-async function stepTimes(engine: Engine, size: number, iters: number) {
-  engine.start({ mode: "txt2img", prompt: "a bench", steps: 2 * iters + 1, guidance: 7.5, scheduler: "euler", seed: 1, width: size, height: size });
-  engine.step();
-  await engine.wait(true);
+ * model holds its decoder. */
+async function stepTimes(model: Model, size: number, iters: number) {
+  const generation = model.start({ mode: "txt2img", prompt: "a bench", steps: 2 * iters + 1, guidance: 7.5, scheduler: "euler", seed: 1, width: size, height: size });
+  generation.step();
+  await generation.wait(true);
   const ms = { plain: 0, preview: 0 };
   for (let i = 0; i < 2 * iters; i++) {
     const preview = i % 2 === 1;
     const start = performance.now();
-    engine.step();
-    await engine.wait(preview);
+    generation.step();
+    await generation.wait(preview);
     ms[preview ? "preview" : "plain"] += (performance.now() - start) / iters;
   }
-  engine.cancel();
+  generation.free();
   return { step_ms: ms.plain, step_ms_with_preview: ms.preview, preview_cost: (ms.preview - ms.plain) / ms.plain };
 }
 
@@ -104,14 +105,14 @@ async function kiln({ model, previewDecoder, backend, size, batch, iters }: Kiln
   let bench: Bench;
   let steps = {};
   if (model.includes("/")) {
-    await loadFolder(engine, model);
-    steps = await stepTimes(engine, size, 2 * iters);
+    const loaded = await loadFolder(engine, model);
+    steps = await stepTimes(loaded, size, 2 * iters);
     if (previewDecoder) {
-      await loadPreviewDecoder(engine, previewDecoder);
-      const sharp = await stepTimes(engine, size, 2 * iters);
+      await loadPreviewDecoder(loaded, previewDecoder);
+      const sharp = await stepTimes(loaded, size, 2 * iters);
       steps = { ...steps, sharp: { step_ms: sharp.step_ms, step_ms_with_preview: sharp.step_ms_with_preview, preview_cost: sharp.preview_cost } };
     }
-    bench = engine.bench(size, batch);
+    bench = loaded.bench(size, batch);
   } else {
     bench = engine.bench_random(model, size, batch);
   }

@@ -3,7 +3,8 @@
 // input, Delete). "Delete all" empties it; its size is shown beside the model cache's.
 import { freeStorage } from "./quota";
 import { bytes } from "./format";
-import { addImage, deleteAllImages, deleteImage, gallerySize, listImages, type GalleryImage } from "./gallery";
+import type { GalleryImage } from "./gallery";
+import type { GalleryAnswers, GalleryAsk } from "./protocol";
 import { caption, fromQuery } from "./settings";
 
 export interface GalleryElements {
@@ -26,6 +27,8 @@ export class GalleryView {
 
   constructor(
     private readonly ui: GalleryElements,
+    /** Asks the gallery, which the worker keeps. */
+    private readonly ask: <A extends GalleryAsk>(ask: A) => Promise<GalleryAnswers[A["op"]]>,
     private readonly open: (image: GalleryImage) => void,
     private readonly deleted: () => void,
   ) {
@@ -38,7 +41,7 @@ export class GalleryView {
     this.showing(null);
     const showing = this.showings;
     try {
-      const { id } = await addImage(query, name, png);
+      const { id } = await this.ask({ op: "add", query, name, png });
       if (showing === this.showings) this.showing(id);
       await this.refresh();
     } catch (e) {
@@ -47,11 +50,12 @@ export class GalleryView {
   }
 
   async refresh(problem = ""): Promise<void> {
-    const all = await listImages();
+    const all = await this.ask({ op: "list" });
     for (const url of this.urls) URL.revokeObjectURL(url);
     this.urls = all.map((image) => URL.createObjectURL(image.thumb));
     this.ui.list.replaceChildren(...all.map((image, i) => this.item(image, this.urls[i])));
-    this.size = `${all.length} ${all.length === 1 ? "image" : "images"}, ${bytes(gallerySize(all))}`;
+    const taken = all.reduce((sum, image) => sum + image.png.size + image.thumb.size, 0);
+    this.size = `${all.length} ${all.length === 1 ? "image" : "images"}, ${bytes(taken)}`;
     const info = all.length > 0 ? `${this.size}, newest first. Open one to see it with its settings.` : "Every image you generate is kept here, in this browser.";
     this.ui.info.textContent = problem ? `${problem} ${info}` : info;
     this.ui.deleteAll.disabled = all.length === 0;
@@ -91,7 +95,7 @@ export class GalleryView {
 
   private async deleteShown(): Promise<void> {
     if (this.shown === null) return;
-    await deleteImage(this.shown);
+    await this.ask({ op: "delete", id: this.shown });
     this.showing(null);
     this.deleted();
     await this.refresh();
@@ -99,7 +103,7 @@ export class GalleryView {
 
   private async deleteAll(): Promise<void> {
     if (!confirm(`Delete all ${this.size} from the gallery? This cannot be undone.`)) return;
-    await deleteAllImages();
+    await this.ask({ op: "clear" });
     if (this.shown !== null) this.deleted();
     this.showing(null);
     await this.refresh();

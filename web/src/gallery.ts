@@ -1,7 +1,9 @@
 // The gallery: every result kept in this browser with the settings that made it and a small
 // thumbnail. Its own IndexedDB database ("kiln-gallery"), apart from the model cache, so
-// neither's version or keys constrain the other. The settings are kept as a share link's
-// query string, so an image reopens exactly as its link would.
+// neither's version or keys constrain the other; like the cache, only the worker opens it, and
+// the page asks for it (`GalleryAsk`). The settings are kept as a share link's query string, so
+// an image reopens exactly as its link would.
+import type { GalleryAnswers, GalleryAsk } from "./protocol";
 
 export interface GalleryImage {
   id: number;
@@ -42,8 +44,24 @@ async function images<T>(mode: IDBTransactionMode, step: (store: IDBObjectStore)
   });
 }
 
+/** Answers one of the page's asks. */
+export async function answerGallery(ask: GalleryAsk): Promise<GalleryAnswers[GalleryAsk["op"]]> {
+  switch (ask.op) {
+    case "add":
+      return addImage(ask.query, ask.name, ask.png);
+    case "list":
+      return listImages();
+    case "delete":
+      await images("readwrite", (store) => store.delete(ask.id));
+      return null;
+    case "clear":
+      await images("readwrite", (store) => store.clear());
+      return null;
+  }
+}
+
 /** Keeps a result; fails (QuotaExceededError) when the browser's storage is full. */
-export async function addImage(query: string, name: string, png: Uint8Array): Promise<GalleryImage> {
+async function addImage(query: string, name: string, png: Uint8Array): Promise<GalleryImage> {
   const blob = new Blob([png as BlobPart], { type: "image/png" });
   const { thumb, width, height } = await thumbnail(blob);
   const image: Omit<GalleryImage, "id"> = { created: Date.now(), query, name, png: blob, thumb, width, height };
@@ -52,21 +70,8 @@ export async function addImage(query: string, name: string, png: Uint8Array): Pr
 }
 
 /** Every kept image, newest first. */
-export async function listImages(): Promise<GalleryImage[]> {
+async function listImages(): Promise<GalleryImage[]> {
   return (await images("readonly", (store) => store.getAll() as IDBRequest<GalleryImage[]>)).reverse();
-}
-
-export async function deleteImage(id: number): Promise<void> {
-  await images("readwrite", (store) => store.delete(id));
-}
-
-export async function deleteAllImages(): Promise<void> {
-  await images("readwrite", (store) => store.clear());
-}
-
-/** The bytes the gallery takes. */
-export function gallerySize(all: GalleryImage[]): number {
-  return all.reduce((sum, image) => sum + image.png.size + image.thumb.size, 0);
 }
 
 async function thumbnail(png: Blob): Promise<{ thumb: Blob; width: number; height: number }> {

@@ -5,7 +5,7 @@ import { bytes, duration } from "./format";
 import type { GalleryImage } from "./gallery";
 import { GalleryView } from "./gallery-view";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
-import type { CacheAnswers, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
+import type { CacheAnswers, GalleryAnswers, GalleryAsk, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
 import { LAYOUT, type Precision } from "./model";
 import { drawPreview, livePreview, setUpPreviewControls } from "./preview";
 import { Queue, type Job } from "./queue";
@@ -116,6 +116,7 @@ let run: { job: Job; startedAt: number } | null = null;
 const queue = new Queue(ui.queue, ui.cancelAll);
 const gallery = new GalleryView(
   { list: ui.gallery, info: ui.galleryInfo, deleteAll: ui.deleteAll, deleteResult: ui.deleteResult, storage: ui.storage },
+  (ask) => askGallery(ask),
   (image) => void openImage(image),
   () => {
     ui.result.hidden = true;
@@ -330,31 +331,41 @@ function modelRef(): ModelRef {
   return { base: settings.model, precision: settings.precision, backend: backend!.kind };
 }
 
-/** Questions to the worker about the model cache, by id, until it answers or is replaced. */
-const cacheQuestions = new Map<number, { resolve: (answer: never) => void; reject: (e: Error) => void }>();
+/** Questions to the worker about its stores (the model cache, the gallery), by id, until it answers or is replaced. */
+const questions = new Map<number, { resolve: (answer: never) => void; reject: (e: Error) => void }>();
 let lastQuestion = 0;
 
-/** Asks the worker (the only thread that opens the model cache) about the current model. */
-function askCache<Q extends keyof CacheAnswers>(question: Q): Promise<CacheAnswers[Q]> {
+/** Asks the worker, the only thread that opens the stores, the question `message(id)`. */
+function askWorker<T>(message: (id: number) => Extract<ToWorker, { type: "cache" | "gallery" }>): Promise<T> {
   const id = ++lastQuestion;
-  const { model: base, precision } = settings;
   // Any worker answers for any model; where there is none, one is started for this model
   // (before the question is filed, as starting one drops the questions of the last).
   const answering = worker ?? workerFor(modelKey(settings));
   return new Promise((resolve, reject) => {
-    cacheQuestions.set(id, { resolve: resolve as (answer: never) => void, reject });
-    answering.postMessage({ type: "cache", id, question, base, precision } satisfies ToWorker);
+    questions.set(id, { resolve: resolve as (answer: never) => void, reject });
+    answering.postMessage(message(id));
   });
 }
 
-function answerCache({ id, answer, problem }: Extract<FromWorker, { type: "cache" }>): void {
-  const asked = cacheQuestions.get(id);
-  cacheQuestions.delete(id);
+/** Asks about the current model in the cache. */
+function askCache<Q extends keyof CacheAnswers>(question: Q): Promise<CacheAnswers[Q]> {
+  const { model: base, precision } = settings;
+  return askWorker((id) => ({ type: "cache", id, question, base, precision }));
+}
+
+/** Asks the gallery. */
+function askGallery<A extends GalleryAsk>(ask: A): Promise<GalleryAnswers[A["op"]]> {
+  return askWorker((id) => ({ type: "gallery", id, ask }));
+}
+
+function answerQuestion({ id, answer, problem }: Extract<FromWorker, { type: "cache" | "gallery" }>): void {
+  const asked = questions.get(id);
+  questions.delete(id);
   if (problem !== undefined) asked?.reject(new Error(problem));
   else asked?.resolve(answer as never);
 }
 
-function send(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" }>): void {
+function send(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" | "gallery" }>): void {
   workerFor(modelKey({ model: msg.base, precision: msg.precision })).postMessage(msg);
 }
 
@@ -398,8 +409,8 @@ function applyPngInfo({ name, info, problem }: Extract<FromWorker, { type: "png-
 function stopWorker(): void {
   worker?.terminate();
   worker = workerModel = loaded = null;
-  for (const { reject } of cacheQuestions.values()) reject(new Error("the worker was replaced"));
-  cacheQuestions.clear();
+  for (const { reject } of questions.values()) reject(new Error("the worker was replaced"));
+  questions.clear();
 }
 
 function receive(msg: FromWorker): void {
@@ -442,7 +453,8 @@ function receive(msg: FromWorker): void {
       applyPngInfo(msg);
       break;
     case "cache":
-      answerCache(msg);
+    case "gallery":
+      answerQuestion(msg);
       break;
     case "error":
       fail(msg.kind, msg.message);

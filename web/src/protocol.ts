@@ -1,5 +1,6 @@
 // Messages between the page (main.ts) and the engine's worker (worker.ts).
 import type { Backend } from "./backend";
+import type { GalleryImage } from "./gallery";
 import type { Precision } from "./model";
 import type { Mode } from "./settings";
 
@@ -27,7 +28,7 @@ export interface GenerateRequest {
   noise_level?: number;
 }
 
-/** What `Engine.finish_load` reports about the loaded model, and the precision its weights are in. */
+/** What `Model.info` reports about the loaded model, and the precision its weights are in. */
 export interface ModelInfo {
   default_size: number;
   size_multiple: number;
@@ -90,6 +91,17 @@ export interface CacheAnswers {
   remove: number;
 }
 
+/** What the page asks of the gallery, which only the worker opens (`gallery.ts`). */
+export type GalleryAsk = { op: "add"; query: string; name: string; png: Uint8Array } | { op: "list" } | { op: "delete"; id: number } | { op: "clear" };
+
+/** The gallery's answer to each ask. */
+export interface GalleryAnswers {
+  add: GalleryImage;
+  list: GalleryImage[];
+  delete: null;
+  clear: null;
+}
+
 /** The image as it forms: not shown (null), A1111's approximation, or decoded by the TAESD repo at `decoder`. */
 export type LivePreview = { decoder: string | null } | null;
 
@@ -105,7 +117,8 @@ export type ToWorker =
   | ({ type: "generate"; request: GenerateRequest; preview: LivePreview } & ModelRef)
   | { type: "cancel" }
   | { type: "png-info"; png: Uint8Array; name: string }
-  | { type: "cache"; id: number; question: keyof CacheAnswers; base: string; precision: Precision };
+  | { type: "cache"; id: number; question: keyof CacheAnswers; base: string; precision: Precision }
+  | { type: "gallery"; id: number; ask: GalleryAsk };
 
 /** What the engine's `png_info` reads from a PNG's `parameters` text (Kiln's or A1111's). */
 export interface PngInfo {
@@ -141,4 +154,5 @@ export type FromWorker =
   | { type: "cancelled" }
   | { type: "png-info"; name: string; info: PngInfo | null; problem?: string }
   | { type: "cache"; id: number; answer?: CacheAnswers[keyof CacheAnswers]; problem?: string }
+  | { type: "gallery"; id: number; answer?: GalleryAnswers[keyof GalleryAnswers]; problem?: string }
   | { type: "error"; kind: ErrorKind; message: string };

@@ -2,8 +2,9 @@
 // cache to the GPU, and runs generations one step at a time so the page sees progress and
 // a cancel lands within one step. The page replaces the whole worker after a crash or a
 // lost device, since the wasm module cannot be trusted after either.
-import init, { Engine, png_info } from "kiln-wasm";
+import init, { Engine, type Generation, type Loader, type Model, convert as convertTensor, is_weight_dtype, png_info, stored_format } from "kiln-wasm";
 import { CorruptDownload, download, downloadConverted, type Converter } from "./download";
+import { answerGallery } from "./gallery";
 import { NetworkError, NotFound } from "./host";
 import { checkSpace, downloadNeeds, modelStatus, planModel, planPreviewDecoder, removeModel, type PackageManifest, type PlannedFile } from "./plan";
 import { StorageShort, StoredFile, discardDamaged, openStored, storedPath } from "./store";
@@ -41,9 +42,10 @@ if (typeof GPUAdapter !== "undefined") {
 }
 
 let engine: Engine | null = null;
-/** The model the engine holds: base URL and the precision asked for. */
+let model: Model | null = null;
+/** The model loaded: base URL and the precision asked for. */
 let loaded: string | null = null;
-/** The sharp preview's decoder the engine holds: its repo's base URL. */
+/** The sharp preview's decoder the model holds: its repo's base URL. */
 let previewDecoder: string | null = null;
 let tasks: Promise<void> = Promise.resolve();
 let current: AbortController | null = null;
@@ -61,6 +63,13 @@ scope.onmessage = (event: MessageEvent<ToWorker>) => {
   }
   if (msg.type === "cache") {
     void answerCache(msg);
+    return;
+  }
+  if (msg.type === "gallery") {
+    answerGallery(msg.ask).then(
+      (answer) => post({ type: "gallery", id: msg.id, answer }),
+      (e) => post({ type: "gallery", id: msg.id, problem: describe(e) }),
+    );
     return;
   }
   if (msg.type === "cancel") {
@@ -107,7 +116,7 @@ scope.addEventListener("error", (event: ErrorEvent) => {
   crash(event.message);
 });
 
-async function run(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" }>): Promise<void> {
+async function run(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" | "gallery" }>): Promise<void> {
   const abort = (current = new AbortController());
   try {
     await ensureModel(msg, abort.signal);
@@ -181,7 +190,9 @@ async function createEngine(backend: ModelRef["backend"]): Promise<Engine> {
 async function ensureModel({ base, precision, backend }: ModelRef, signal: AbortSignal): Promise<void> {
   if (loaded === `${base}#${precision}`) return;
   engine ??= await createEngine(backend);
-  loaded = null;
+  // The old model's GPU memory is freed before the new one's tensors arrive.
+  model?.free();
+  [model, loaded, previewDecoder] = [null, null, null];
   const damaged = await discardDamaged(base);
   if (damaged.length) console.warn(`Kiln: ${damaged.join(", ")} lost stored chunks and will be downloaded again`);
   const plan = await planModel(base, precision, signal);
@@ -191,11 +202,17 @@ async function ensureModel({ base, precision, backend }: ModelRef, signal: Abort
     await downloadAll(base, needed, signal);
   }
   const files = await Promise.all(needed.map((f) => openStored(base, storedPath(f))));
-  if (plan.manifest) await uploadPackage(engine, plan.manifest, files, signal);
-  else await upload(engine, files, signal);
-  const info = engine.finish_load(plan.manifest?.name ?? base);
+  const loader = engine.loader();
+  try {
+    if (plan.manifest) await uploadPackage(loader, plan.manifest, files, signal);
+    else await upload(loader, files, signal);
+  } catch (e) {
+    loader.free();
+    throw e;
+  }
+  model = loader.finish(plan.manifest?.name ?? base);
   loaded = `${base}#${precision}`;
-  post({ type: "loaded", base, info: { ...info, precision: plan.precision } });
+  post({ type: "loaded", base, info: { ...model.info(), precision: plan.precision } });
 }
 
 /**
@@ -204,14 +221,14 @@ async function ensureModel({ base, precision, backend }: ModelRef, signal: Abort
  */
 async function ensurePreviewDecoder(base: string | null, signal: AbortSignal): Promise<void> {
   if (base === previewDecoder) return;
-  engine!.drop_preview_decoder();
+  model!.drop_preview_decoder();
   previewDecoder = null;
   if (!base) return;
   const files = await planPreviewDecoder(base);
   if (files.some((f) => !f.complete)) await downloadAll(base, files, signal);
   const [config, weights] = await Promise.all(files.map((f) => openStored(base, f.path)));
   try {
-    engine!.load_preview_decoder(base, await config.all(), weights.record.path, await weights.all());
+    model!.load_preview_decoder(base, await config.all(), weights.record.path, await weights.all());
   } catch (e) {
     throw failure("model", e, "The sharp preview's decoder: ");
   }
@@ -220,10 +237,10 @@ async function ensurePreviewDecoder(base: string | null, signal: AbortSignal): P
 
 /** Converts one safetensors tensor for the cache in the engine's formats (see docs/packages.md). */
 const convert: Converter = (t, bytes, precision) => {
-  if (!Engine.is_weight_dtype(t.dtype)) return null;
+  if (!is_weight_dtype(t.dtype)) return null;
   const shape = Uint32Array.from(t.shape);
-  const format = Engine.stored_format(t.name, shape, precision);
-  return { format, bytes: Engine.convert(t.name, t.dtype, shape, bytes, format) };
+  const format = stored_format(t.name, shape, precision);
+  return { format, bytes: convertTensor(t.name, t.dtype, shape, bytes, format) };
 };
 
 /** Downloads what is missing, one file at a time, reporting every file and the rate. */
@@ -256,13 +273,13 @@ async function downloadAll(base: string, plan: PlannedFile[], signal: AbortSigna
   }
 }
 
-/** Hands the small files to the engine and streams every tensor from the cache to the GPU. */
-async function upload(engine: Engine, files: StoredFile[], signal: AbortSignal): Promise<void> {
+/** Hands the small files to the loader and streams every tensor from the cache to the GPU. */
+async function upload(loader: Loader, files: StoredFile[], signal: AbortSignal): Promise<void> {
   const weights = [];
   for (const file of files) {
     if (file.record.converted) weights.push({ file, header: null });
     else if (file.record.path.endsWith(".safetensors")) weights.push({ file, header: await file.safetensorsHeader() });
-    else engine.set_file(file.record.path, await file.all());
+    else loader.set_file(file.record.path, await file.all());
   }
   // Converted files count their converted bytes; originals their file bytes.
   const size = (f: StoredFile) => f.record.converted?.tensors.reduce((sum, t) => sum + t.length, 0) ?? f.record.received;
@@ -272,13 +289,13 @@ async function upload(engine: Engine, files: StoredFile[], signal: AbortSignal):
     for (const t of file.record.converted?.tensors ?? []) {
       if (signal.aborted) throw new Error("cancelled");
       const bytes = (await file.chunk(t.chunk)).subarray(t.offset, t.offset + t.length);
-      engine.add_stored(stem, t.name, t.format, Uint32Array.from(t.shape), bytes);
+      loader.add_stored(stem, t.name, t.format, Uint32Array.from(t.shape), bytes);
       progress(t.length);
     }
     for (const t of header?.tensors ?? []) {
       if (signal.aborted) throw new Error("cancelled");
-      if (Engine.is_weight_dtype(t.dtype)) {
-        engine.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), await file.read(t.begin, t.end));
+      if (is_weight_dtype(t.dtype)) {
+        loader.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), await file.read(t.begin, t.end));
       }
       progress(t.end - t.begin);
     }
@@ -287,9 +304,9 @@ async function upload(engine: Engine, files: StoredFile[], signal: AbortSignal):
 }
 
 /** A package: its embedded files, then every tensor, read across the shards it spans. */
-async function uploadPackage(engine: Engine, manifest: PackageManifest, files: StoredFile[], signal: AbortSignal): Promise<void> {
+async function uploadPackage(loader: Loader, manifest: PackageManifest, files: StoredFile[], signal: AbortSignal): Promise<void> {
   const encoder = new TextEncoder();
-  for (const [path, text] of Object.entries(manifest.files)) engine.set_file(path, encoder.encode(text));
+  for (const [path, text] of Object.entries(manifest.files)) loader.set_file(path, encoder.encode(text));
   const shards = manifest.shards.map((s) => files.find((f) => f.record.path === s.path)!);
   const progress = uploadProgress(manifest.tensors.reduce((sum, t) => sum + t.length, 0));
   for (const t of manifest.tensors) {
@@ -302,7 +319,7 @@ async function uploadPackage(engine: Engine, manifest: PackageManifest, files: S
       bytes.set(await shards[shard].read(offset, offset + take), filled);
       [shard, offset, filled] = [shard + 1, 0, filled + take];
     }
-    engine.add_stored(t.file, t.name, t.format, Uint32Array.from(t.shape), bytes);
+    loader.add_stored(t.file, t.name, t.format, Uint32Array.from(t.shape), bytes);
     progress(t.length);
   }
   progress(Infinity);
@@ -322,33 +339,34 @@ function uploadProgress(total: number): (bytes: number) => void {
 }
 
 async function generate(request: GenerateRequest, preview: boolean, signal: AbortSignal): Promise<void> {
-  const running = engine!;
-  let started;
+  let generation: Generation;
   try {
-    started = running.start(request);
+    generation = model!.start(request);
   } catch (e) {
     throw failure("settings", e);
   }
+  const started = generation.info();
   post({ type: "started", started });
   const pacer = new PreviewPacer(preview, previewDecoder !== null);
+  let finishing = false;
   try {
-    while (!running.finished()) {
-      if (signal.aborted) {
-        running.cancel();
-        throw new Error("cancelled");
-      }
+    while (!generation.finished()) {
+      if (signal.aborted) throw new Error("cancelled");
       const begun = performance.now();
-      const done = running.step();
-      const previewed = pacer.wanted() && !running.finished();
-      const image = await running.wait(previewed);
+      const done = generation.step();
+      const previewed = pacer.wanted() && !generation.finished();
+      const image = await generation.wait(previewed);
       pacer.took(performance.now() - begun, previewed);
       if (kernelFailure) throw new Error(kernelFailure);
       post({ type: "step", done, total: started.total, preview: image }, image ? [image.rgba.buffer] : []);
     }
-    const png = await running.finish();
+    finishing = true;
+    const png = await generation.finish();
     if (kernelFailure) throw new Error(kernelFailure);
     post({ type: "image", png }, [png.buffer]);
   } catch (e) {
+    // Freed here, a generation that did not finish is cancelled (`finish` consumed the other).
+    if (!finishing) generation.free();
     if (signal.aborted) throw e;
     // NaN or Inf in the weights or an overflow: the engine is sound, the model or the settings are not.
     if (e instanceof Error && e.name === "NonFinite") throw failure("non-finite", e);

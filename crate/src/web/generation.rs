@@ -1,0 +1,92 @@
+//! One generation in progress: the worker steps it, waits on it (with a preview), and
+//! finishes it into a PNG. Freeing it cancels it.
+use std::rc::Rc;
+
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+
+use super::{js_err, read_back, run_error};
+use crate::model::autoencoder_tiny::AutoencoderTiny;
+use crate::pipeline::preview::Previewer;
+use crate::pipeline::{Run, StableDiffusion};
+
+#[derive(Serialize)]
+struct Started {
+    total: usize,
+    width: usize,
+    height: usize,
+    warnings: Vec<String>,
+}
+
+#[wasm_bindgen]
+pub struct Generation {
+    pipe: Rc<StableDiffusion>,
+    /// The sharp preview's decoder, when one is loaded and fits the model.
+    preview_decoder: Option<Rc<AutoencoderTiny>>,
+    run: Run,
+    /// Why the loaded preview decoder does not fit the model, if it does not.
+    misfit: Option<String>,
+}
+
+impl Generation {
+    pub(super) fn new(pipe: Rc<StableDiffusion>, preview_decoder: Option<Rc<AutoencoderTiny>>, run: Run, misfit: Option<String>) -> Self {
+        Self { pipe, preview_decoder, run, misfit }
+    }
+}
+
+#[wasm_bindgen]
+impl Generation {
+    /// Its UNet calls in all, the output size, and what the user should know (a resized input,
+    /// a preview decoder that does not fit the model).
+    pub fn info(&self) -> Result<JsValue, JsError> {
+        let (width, height) = self.run.size();
+        let warnings = self.run.warnings().iter().cloned().chain(self.misfit.clone()).collect();
+        serde_wasm_bindgen::to_value(&Started { total: self.run.total(), width, height, warnings }).map_err(js_err)
+    }
+
+    /// Queues one denoising step; returns how many are done.
+    pub fn step(&mut self) -> Result<usize, JsError> {
+        self.run.step(&self.pipe).map_err(js_err)?;
+        Ok(self.run.done())
+    }
+
+    pub fn finished(&self) -> bool {
+        self.run.finished()
+    }
+
+    /// Resolves once the GPU has caught up with the queued steps (an 8-byte readback), so
+    /// progress is real and a cancel lands within one step; rejects on NaN or Inf. With
+    /// `preview`, resolves to the image as it forms (`{ width, height, rgba }`: by the sharp
+    /// preview's decoder when there is one, else one pixel per latent pixel when the latent
+    /// space has RGB factors), else to `undefined`.
+    pub fn wait(&self, preview: bool) -> js_sys::Promise {
+        let previewer = match &self.preview_decoder {
+            Some(decoder) => Previewer::Tiny(decoder),
+            None => Previewer::Approx,
+        };
+        let probe = self.run.probe(preview.then_some(previewer));
+        wasm_bindgen_futures::future_to_promise(async move {
+            let values = read_back(probe.tensor.clone()).await?;
+            probe.check(&values).map_err(run_error)?;
+            // Built by hand: serde would send the pixels as a plain array, not a typed one.
+            Ok(probe.preview(&values).map_or(JsValue::UNDEFINED, |p| {
+                let object = js_sys::Object::new();
+                for (key, value) in [("width", JsValue::from(p.width)), ("height", p.height.into()), ("rgba", js_sys::Uint8ClampedArray::from(p.rgba.as_slice()).into())] {
+                    js_sys::Reflect::set(&object, &key.into(), &value).expect("a plain object takes any key");
+                }
+                object.into()
+            }))
+        })
+    }
+
+    /// Decodes the image and resolves to PNG bytes carrying the generation parameters.
+    pub fn finish(self) -> js_sys::Promise {
+        let image = self.run.decode(&self.pipe);
+        let run = self.run;
+        wasm_bindgen_futures::future_to_promise(async move {
+            let values = read_back(image).await?;
+            let bytes = run.png(&values).map_err(run_error)?;
+            Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
+        })
+    }
+}
