@@ -25,7 +25,33 @@ export class CorruptDownload extends Error {}
  * stored. `onProgress` gets the file's stored-or-buffered byte count as data arrives.
  */
 export async function download(base: string, path: string, signal: AbortSignal, onProgress: (received: number) => void, sha256?: string): Promise<FileRecord> {
-  return retrying(keyOf(base, path), signal, (rec) => fetchRest(base, path, rec, signal, onProgress, sha256));
+  const key = keyOf(base, path);
+  const sink: Sink = { start: () => ({ key, path, chunkSize: CHUNK }), whole: (rec) => rec.size !== null && rec.received === rec.size, writer: chunkWriter };
+  return retrying(key, signal, (rec) => fetchInto(base, path, rec, sink, signal, onProgress, sha256));
+}
+
+/**
+ * Stores the weight file `${base}/${path}` converted to `precision`, continuing after the
+ * last converted tensor already stored. Only the converted bytes are kept; the source is
+ * hashed as it streams by and checked like any download before the record is complete.
+ */
+export async function downloadConverted(
+  base: string,
+  path: string,
+  precision: Precision,
+  convert: Converter,
+  signal: AbortSignal,
+  onProgress: (received: number) => void,
+): Promise<FileRecord> {
+  const key = keyOf(base, path, precision);
+  const sink: Sink = {
+    start: () => ({ key, path: storedPath({ path, convert: precision }), chunkSize: 0, converted: { header: null, tensors: [], chunks: 0 } }),
+    // Every tensor converted and stored, but not yet verified (the tab closed, or the
+    // connection dropped after the last tensor): there is nothing left to ask the host for.
+    whole: (rec) => !!rec.converted?.header && rec.received === rec.converted.header.fileSize,
+    writer: (rec, hasher) => tensorWriter(rec, hasher, (t, bytes) => convert(t, bytes, precision)),
+  };
+  return retrying(key, signal, (rec) => fetchInto(base, path, rec, sink, signal, onProgress));
 }
 
 /**
@@ -53,59 +79,118 @@ function retrying(key: string, signal: AbortSignal, resume: (rec: FileRecord | n
   });
 }
 
-/**
- * Stores the weight file `${base}/${path}` converted to `precision`, continuing after the
- * last converted tensor already stored. Only the converted bytes are kept; the source is
- * hashed as it streams by and checked like any download before the record is complete.
- */
-export async function downloadConverted(
-  base: string,
-  path: string,
-  precision: Precision,
-  convert: Converter,
-  signal: AbortSignal,
-  onProgress: (received: number) => void,
-): Promise<FileRecord> {
-  return retrying(keyOf(base, path, precision), signal, (rec) => fetchConverted(base, path, precision, rec, convert, signal, onProgress));
+/** Where a download's bytes go: whole chunks of the file, or its tensors converted. */
+interface Sink {
+  /** The fields of a new record that are the sink's: its key, stored path and layout. */
+  start(): Pick<FileRecord, "key" | "path" | "chunkSize" | "converted">;
+  /** Whether `rec` holds every byte already, so that only the check is left. */
+  whole(rec: FileRecord): boolean;
+  /** Continues `rec`, whose source bytes so far `hasher` has digested. */
+  writer(rec: FileRecord, hasher: Sha256): SinkWriter;
 }
 
-async function fetchConverted(
+interface SinkWriter {
+  /** Takes the source bytes that follow; stores what is complete. */
+  take(bytes: Uint8Array): Promise<void>;
+  /** The source bytes arrived so far, stored or held. */
+  arrived(): number;
+  /** Whether the source ended before the file did. */
+  short(): boolean;
+  /** Stores what a later attempt can continue from, after a short body. */
+  keep(): Promise<void>;
+  /** Stores the rest and verifies the file: marked complete, or discarded. */
+  finish(status: number): Promise<FileRecord>;
+}
+
+/**
+ * Streams `${base}/${path}` into `sink` from where `rec` stopped, asking the host for the
+ * rest (HTTP Range). A stored part the reply does not continue is dropped.
+ */
+async function fetchInto(
   base: string,
   path: string,
-  precision: Precision,
   rec: FileRecord | null,
-  convert: Converter,
+  sink: Sink,
   signal: AbortSignal,
   onProgress: (n: number) => void,
+  sha256?: string,
 ): Promise<FileRecord> {
+  if (rec && sink.whole(rec)) return sink.writer(rec, Sha256.restore(rec.hash!)).finish(206);
   const url = `${base}/${path}`;
-  // Every tensor converted and stored, but not yet verified (the tab closed, or the connection
-  // dropped after the last tensor): there is nothing left to ask the host for.
-  const header = rec?.converted?.header;
-  if (rec && header && rec.received === header.fileSize) return finishConverted(rec, Sha256.restore(rec.hash!), Math.max(rec.received, rec.size ?? 0));
   const { res, etag, range, resumes } = await requestRest(url, rec, signal);
   if (rec && !resumes) {
+    // The host ignored the range or the file changed since: the stored part is worthless.
     await discard(rec.key);
-    await res.body?.cancel();
-    return fetchConverted(base, path, precision, null, convert, signal, onProgress);
+    rec = null;
+    if (res.status === 206) {
+      await res.body?.cancel();
+      return fetchInto(base, path, null, sink, signal, onProgress, sha256);
+    }
   }
   const length = res.headers.get("content-length");
   rec ??= {
-    key: keyOf(base, path, precision),
+    ...sink.start(),
     base,
-    path: storedPath({ path, convert: precision }),
     size: range ? Number(range[2]) : length === null ? null : Number(length),
     received: 0,
-    chunkSize: 0,
-    sha256: await statedSha256(res, base, path),
+    sha256: sha256 ?? (await statedSha256(res, base, path)),
     etag,
     hash: new Sha256().save(),
     complete: false,
-    converted: { header: null, tensors: [], chunks: 0 },
   };
+  const writer = sink.writer(rec, Sha256.restore(rec.hash!));
+  const reader = res.body!.getReader();
+  for (;;) {
+    const { done, value } = await network(url, () => reader.read());
+    if (done) break;
+    await writer.take(value);
+    onProgress(writer.arrived());
+  }
+  // A body that ends short without an error is a dropped connection too: keep what can be
+  // continued, and let the next attempt ask for the rest.
+  if (writer.short()) {
+    await writer.keep();
+    throw new NetworkError(`The connection closed after ${writer.arrived()}${rec.size === null ? "" : ` of ${rec.size}`} bytes of ${path}.`);
+  }
+  return writer.finish(res.status);
+}
+
+/** The file as it is, in chunks of `rec.chunkSize`; a partial chunk is stored only at the end. */
+function chunkWriter(rec: FileRecord, hasher: Sha256): SinkWriter {
+  const buffer = new Uint8Array(rec.chunkSize);
+  let fill = 0;
+  return {
+    async take(value) {
+      for (let i = 0; i < value.length; ) {
+        const n = Math.min(buffer.length - fill, value.length - i);
+        buffer.set(value.subarray(i, i + n), fill);
+        fill += n;
+        i += n;
+        if (fill === buffer.length) {
+          await store(rec, hasher, buffer);
+          fill = 0;
+        }
+      }
+    },
+    arrived: () => rec.received + fill,
+    short: () => rec.size !== null && rec.received + fill < rec.size,
+    // Chunks are found by their index, so only whole ones are kept.
+    keep: async () => {},
+    async finish(status) {
+      if (fill > 0) await store(rec, hasher, buffer.slice(0, fill));
+      return settle(rec, await verify(rec, hasher, status));
+    },
+  };
+}
+
+/**
+ * The file's tensors, each passed through `convert` as soon as its bytes are in, stored a
+ * chunk of converted tensors at a time; the source bytes are hashed and dropped once their
+ * tensors are stored.
+ */
+function tensorWriter(rec: FileRecord, hasher: Sha256, convert: (t: TensorEntry, bytes: Uint8Array) => { format: string; bytes: Uint8Array } | null): SinkWriter {
   const state = rec.converted!;
-  const hasher = Sha256.restore(rec.hash!);
-  // Source bytes from `rec.received` on: hashed and dropped once their tensors are stored.
+  // Source bytes from `rec.received` on.
   let pending = new Uint8Array(0);
   let out: Uint8Array[] = [];
   let outBytes = 0;
@@ -115,77 +200,71 @@ async function fetchConverted(
   let next = left < 0 ? state.header!.tensors.length : left;
   /** Stores the tensors in `out` and the record, as of source offset `converted`. */
   const flush = async () => {
-    const used = converted - rec!.received;
+    const used = converted - rec.received;
     hasher.update(pending.subarray(0, used));
     pending = pending.slice(used);
     const chunk = new Uint8Array(outBytes);
     out.reduce((at, part) => (chunk.set(part, at), at + part.length), 0);
     const index = state.chunks;
-    const updated: FileRecord = { ...rec!, received: converted, hash: hasher.save(), converted: { ...state, chunks: index + (outBytes > 0 ? 1 : 0) } };
+    const updated: FileRecord = { ...rec, received: converted, hash: hasher.save(), converted: { ...state, chunks: index + (outBytes > 0 ? 1 : 0) } };
     await write((files, chunks) => {
-      if (outBytes > 0) chunks.put(chunk, [rec!.key, index]);
+      if (outBytes > 0) chunks.put(chunk, [rec.key, index]);
       files.put(updated);
     });
-    Object.assign(rec!, updated);
+    Object.assign(rec, updated);
     Object.assign(state, updated.converted);
     out = [];
     outBytes = 0;
   };
-  const reader = res.body!.getReader();
-  for (;;) {
-    const { done, value } = await network(url, () => reader.read());
-    if (done) break;
-    const grown = new Uint8Array(pending.length + value.length);
-    grown.set(pending);
-    grown.set(value, pending.length);
-    pending = grown;
-    if (!state.header && pending.length >= 8) {
-      const n = headerLength(pending.subarray(0, 8));
-      if (pending.length >= 8 + n) {
-        state.header = parseHeader(pending.subarray(8, 8 + n));
-        converted = 8 + n;
+  const arrived = () => rec.received + pending.length;
+  return {
+    async take(value) {
+      const grown = new Uint8Array(pending.length + value.length);
+      grown.set(pending);
+      grown.set(value, pending.length);
+      pending = grown;
+      if (!state.header && pending.length >= 8) {
+        const n = headerLength(pending.subarray(0, 8));
+        if (pending.length >= 8 + n) {
+          state.header = parseHeader(pending.subarray(8, 8 + n));
+          converted = 8 + n;
+        }
       }
-    }
-    const tensors = state.header?.tensors ?? [];
-    while (next < tensors.length && tensors[next].end <= rec.received + pending.length) {
-      const t = tensors[next++];
-      const result = convert(t, pending.subarray(t.begin - rec.received, t.end - rec.received), precision);
-      if (result) {
-        state.tensors.push({ name: t.name, format: result.format, shape: t.shape, chunk: state.chunks, offset: outBytes, length: result.bytes.length });
-        out.push(result.bytes);
-        outBytes += result.bytes.length;
+      const tensors = state.header?.tensors ?? [];
+      while (next < tensors.length && tensors[next].end <= arrived()) {
+        const t = tensors[next++];
+        const result = convert(t, pending.subarray(t.begin - rec.received, t.end - rec.received));
+        if (result) {
+          state.tensors.push({ name: t.name, format: result.format, shape: t.shape, chunk: state.chunks, offset: outBytes, length: result.bytes.length });
+          out.push(result.bytes);
+          outBytes += result.bytes.length;
+        }
+        converted = t.end;
+        if (outBytes >= CHUNK) await flush();
       }
-      converted = t.end;
-      if (outBytes >= CHUNK) await flush();
-    }
-    onProgress(rec.received + pending.length);
-  }
-  const arrived = rec.received + pending.length;
-  const unconverted = !state.header || next < state.header.tensors.length;
-  // Short of the stated size (or, with none stated, of the header's tensors): a dropped
-  // connection. Keep what is converted; the next attempt asks for the rest.
-  if (rec.size === null ? unconverted : arrived < rec.size) {
-    await flush();
-    throw new NetworkError(`The connection closed after ${arrived} bytes of ${path}.`);
-  }
-  await flush();
-  return finishConverted(rec, hasher, arrived);
+    },
+    arrived,
+    // With no size stated, the header's tensors tell whether all arrived.
+    short: () => (rec.size === null ? !state.header || next < state.header.tensors.length : arrived() < rec.size),
+    keep: flush,
+    async finish() {
+      // More than the header describes, stated or arrived, is a mismatch too.
+      const total = Math.max(arrived(), rec.size ?? 0);
+      await flush();
+      const header = state.header;
+      const problem = !header
+        ? "it ends inside its safetensors header"
+        : total !== header.fileSize
+          ? `its header describes ${header.fileSize} bytes but ${total} arrived`
+          : rec.sha256 && hasher.hex() !== rec.sha256
+            ? SHA_MISMATCH
+            : null;
+      return settle(rec, problem);
+    },
+  };
 }
 
 const SHA_MISMATCH = "its SHA-256 differs from the one the host or manifest states";
-
-/** Verifies a converted file whose source has streamed by (`arrived` bytes of it), as `finish` does. */
-function finishConverted(rec: FileRecord, hasher: Sha256, arrived: number): Promise<FileRecord> {
-  const header = rec.converted!.header;
-  const problem = !header
-    ? "it ends inside its safetensors header"
-    : arrived !== header.fileSize
-      ? `its header describes ${header.fileSize} bytes but ${arrived} arrived`
-      : rec.sha256 && hasher.hex() !== rec.sha256
-        ? SHA_MISMATCH
-        : null;
-  return settle(rec, problem);
-}
 
 /**
  * GETs `url` from where `rec` stopped. `resumes` is false when a stored part exists but the
@@ -201,67 +280,6 @@ async function requestRest(url: string, rec: FileRecord | null, signal: AbortSig
   return { res, etag, range, resumes };
 }
 
-async function fetchRest(
-  base: string,
-  path: string,
-  rec: FileRecord | null,
-  signal: AbortSignal,
-  onProgress: (n: number) => void,
-  sha256?: string,
-): Promise<FileRecord> {
-  if (rec && rec.size !== null && rec.received === rec.size) return finish(rec, Sha256.restore(rec.hash!), 206);
-  const url = `${base}/${path}`;
-  const { res, etag, range, resumes } = await requestRest(url, rec, signal);
-  if (rec && !resumes) {
-    // The host ignored the range or the file changed since: the stored part is worthless.
-    await discard(rec.key);
-    rec = null;
-    if (res.status === 206) {
-      await res.body?.cancel();
-      return fetchRest(base, path, null, signal, onProgress, sha256);
-    }
-  }
-  const length = res.headers.get("content-length");
-  rec ??= {
-    key: keyOf(base, path),
-    base,
-    path,
-    size: range ? Number(range[2]) : length === null ? null : Number(length),
-    received: 0,
-    chunkSize: CHUNK,
-    sha256: sha256 ?? (await statedSha256(res, base, path)),
-    etag,
-    hash: new Sha256().save(),
-    complete: false,
-  };
-  const hasher = Sha256.restore(rec.hash!);
-  const reader = res.body!.getReader();
-  const buffer = new Uint8Array(rec.chunkSize);
-  let fill = 0;
-  for (;;) {
-    const { done, value } = await network(url, () => reader.read());
-    if (done) break;
-    for (let i = 0; i < value.length; ) {
-      const n = Math.min(buffer.length - fill, value.length - i);
-      buffer.set(value.subarray(i, i + n), fill);
-      fill += n;
-      i += n;
-      if (fill === buffer.length) {
-        await store(rec, hasher, buffer);
-        fill = 0;
-      }
-    }
-    onProgress(rec.received + fill);
-  }
-  // A body that ends short without an error is a dropped connection too: keep the whole
-  // chunks, and let the next attempt fetch the rest.
-  if (rec.size !== null && rec.received + fill < rec.size) {
-    throw new NetworkError(`The connection closed after ${rec.received + fill} of ${rec.size} bytes of ${path}.`);
-  }
-  if (fill > 0) await store(rec, hasher, buffer.slice(0, fill));
-  return finish(rec, hasher, res.status);
-}
-
 /** Appends one chunk and the record counting it, atomically. */
 async function store(rec: FileRecord, hasher: Sha256, bytes: Uint8Array): Promise<void> {
   const index = rec.received / rec.chunkSize;
@@ -272,11 +290,6 @@ async function store(rec: FileRecord, hasher: Sha256, bytes: Uint8Array): Promis
     files.put(next);
   });
   Object.assign(rec, next);
-}
-
-/** Verifies a fully stored file and marks it complete, or discards it. */
-async function finish(rec: FileRecord, hasher: Sha256, status: number): Promise<FileRecord> {
-  return settle(rec, await verify(rec, hasher, status));
 }
 
 /** Discards a file that has a `problem`; else marks it complete. */
