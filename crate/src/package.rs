@@ -124,10 +124,14 @@ pub fn hex(digest: &[u8]) -> String {
 
 /// Checks a shard's bytes against its manifest entry.
 pub fn verify_shard(entry: &ShardEntry, bytes: &[u8]) -> Result<()> {
-    if bytes.len() != entry.length {
-        return Err(Error::Invalid(format!("{}: {} bytes, the manifest says {}; the package is incomplete", entry.path, bytes.len(), entry.length)));
+    check_shard(entry, bytes.len(), &sha256_hex(bytes))
+}
+
+/// [`verify_shard`] on a shard's length and SHA-256 (hex), when they were taken as it streamed.
+pub fn check_shard(entry: &ShardEntry, length: usize, found: &str) -> Result<()> {
+    if length != entry.length {
+        return Err(Error::Invalid(format!("{}: {length} bytes, the manifest says {}; the package is incomplete", entry.path, entry.length)));
     }
-    let found = sha256_hex(bytes);
     if found != entry.sha256 {
         return Err(Error::Invalid(format!("{}: SHA-256 {found} does not match the manifest's {}; the shard is corrupt", entry.path, entry.sha256)));
     }

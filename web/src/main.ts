@@ -1,6 +1,7 @@
 // The page: controls, share links, input images, progress and errors. The engine, the
 // downloads and the GPU all live in the worker; this thread only renders and relays.
 import { chooseBackend, type Backend } from "./backend";
+import { listItem } from "./dom";
 import { bytes, duration } from "./format";
 import type { GalleryImage } from "./gallery";
 import { GalleryView } from "./gallery-view";
@@ -401,7 +402,7 @@ function applyPngInfo({ name, info, problem }: Extract<FromWorker, { type: "png-
   settings = fromPngInfo(readControls(), info);
   showSettings(settings);
   publish();
-  ui.pngUnused.querySelector("ul")!.replaceChildren(...info.unused.map(([field, value]) => item(`${field}: ${value}`)));
+  ui.pngUnused.querySelector("ul")!.replaceChildren(...info.unused.map(([field, value]) => listItem(`${field}: ${value}`)));
   ui.pngUnused.hidden = info.unused.length === 0;
   if (!busy) setStatus(`Settings read from ${name}.`);
 }
@@ -429,7 +430,7 @@ function receive(msg: FromWorker): void {
       if (!run) finish("Model ready.");
       break;
     case "started":
-      ui.warnings.replaceChildren(...msg.started.warnings.map((w) => item(w)));
+      ui.warnings.replaceChildren(...msg.started.warnings.map((w) => listItem(w)));
       progress(0, msg.started.total);
       setStatus(`Generating ${[`${msg.started.width}×${msg.started.height}`, queue.position()].filter(Boolean).join(", ")}: step 0 of ${msg.started.total}`);
       break;
@@ -665,14 +666,8 @@ function showDownload(p: DownloadProgress): void {
   const left = p.rate > 0 ? ` · about ${duration((total - received) / p.rate)} left` : "";
   setStatus(`Downloading the model: ${bytes(received)} of ${bytes(total)} · ${bytes(p.rate)}/s${left}`);
   ui.files.replaceChildren(
-    ...p.files.map((f) => item(`${f.path}: ${f.size !== null && f.received >= f.size ? `${bytes(f.size)}, done` : `${bytes(f.received)} of ${f.size === null ? "?" : bytes(f.size)}`}`)),
+    ...p.files.map((f) => listItem(`${f.path}: ${f.size !== null && f.received >= f.size ? `${bytes(f.size)}, done` : `${bytes(f.received)} of ${f.size === null ? "?" : bytes(f.size)}`}`)),
   );
-}
-
-function item(text: string): HTMLLIElement {
-  const li = document.createElement("li");
-  li.textContent = text;
-  return li;
 }
 
 // ---- start ----

@@ -1,6 +1,7 @@
 // Generations waiting their turn. Generate while one runs adds to the queue, and a batch adds
 // one job per seed; the list shows the running job and every waiting one with a button that
 // removes it, and progress counts the whole queue ("image 2 of 4") until it runs empty.
+import { listItem } from "./dom";
 import type { GenerateRequest, ModelRef } from "./protocol";
 import { caption, type Settings } from "./settings";
 
@@ -56,9 +57,9 @@ export class Queue {
   }
 
   private render(): void {
-    const now = this.running ? [item(`Now: ${caption(this.running.settings)}`)] : [];
+    const now = this.running ? [listItem(`Now: ${caption(this.running.settings)}`)] : [];
     const waiting = this.waiting.map((job) => {
-      const li = item(`Waiting: ${caption(job.settings)} `);
+      const li = listItem(`Waiting: ${caption(job.settings)} `);
       const remove = document.createElement("button");
       remove.type = "button";
       remove.textContent = "Remove";
@@ -76,8 +77,3 @@ export class Queue {
   }
 }
 
-function item(text: string): HTMLLIElement {
-  const li = document.createElement("li");
-  li.textContent = text;
-  return li;
-}

@@ -1,7 +1,8 @@
 //! Models given to the CLI by URL: a Kiln package (its `manifest.json` answers) or a diffusers
 //! repo (`…/resolve/main` on the Hugging Face hub, or any static host with the same layout).
 //! Files land in a cache folder under their repo paths, each streamed to `*.part` and renamed
-//! only when complete and checked (package shards: their SHA-256; JSON files: that they parse),
+//! only when complete and checked (package shards: their length and SHA-256, hashed as they
+//! stream; JSON files: that they parse),
 //! so an interrupted download or an error page is never mistaken for a finished file; weight
 //! files must be as long as their safetensors header says, which catches a body cut short by a
 //! host that sent no length, and have the SHA-256 the host states (`host.rs`). A host that
@@ -36,11 +37,20 @@ fn cache_dir(url: &str) -> PathBuf {
     dir
 }
 
-/// Downloads `base/path` into `dir/path` unless it is there, streaming it to disk; a path
-/// ending in `.json` must parse, one ending in `.safetensors` must be whole, and `check` vets
-/// the file's bytes (when given) before they count as cached. Returns whether the file
-/// exists upstream.
-fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Result<()>>) -> Result<bool> {
+/// What a file must pass before it counts as cached, besides the SHA-256 its host states.
+enum Vet<'a> {
+    /// What its name says: a `.json` file must parse, a `.safetensors` one must be whole.
+    ByName,
+    /// Its bytes must pass this (the package manifest must parse).
+    Bytes(&'a dyn Fn(&[u8]) -> Result<()>),
+    /// A package shard: the length and SHA-256 its manifest entry states, the digest taken as
+    /// it streamed to disk (no second read).
+    Shard(&'a package::ShardEntry),
+}
+
+/// Downloads `base/path` into `dir/path` unless it is there, streaming it to disk, and keeps it
+/// once it passes `vet`. Returns whether the file exists upstream.
+fn fetch(base: &str, dir: &Path, path: &str, vet: Vet) -> Result<bool> {
     let target = dir.join(path);
     if target.exists() {
         return Ok(true);
@@ -57,17 +67,24 @@ fn fetch(base: &str, dir: &Path, path: &str, check: Option<&dyn Fn(&[u8]) -> Res
         if answer.sha256.as_ref().is_some_and(|stated| *stated != digest) {
             return Err(Error::Invalid("its SHA-256 differs from the one the host states; run again to download it anew".into()));
         }
+        if let Vet::Shard(shard) = vet {
+            let length = std::fs::metadata(&part).map_err(|e| Error::io(&part, e))?.len();
+            return package::check_shard(shard, length as usize, &digest);
+        }
         if path.ends_with(".safetensors") {
             check_length(&part)?;
         }
-        if !path.ends_with(".json") && check.is_none() {
+        if !path.ends_with(".json") && matches!(vet, Vet::ByName) {
             return Ok(());
         }
         let bytes = std::fs::read(&part).map_err(|e| Error::io(&part, e))?;
         if path.ends_with(".json") {
             serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| Error::Invalid(format!("not JSON ({e}); the host answered with something else")))?;
         }
-        check.map_or(Ok(()), |check| check(&bytes))
+        match vet {
+            Vet::Bytes(check) => check(&bytes),
+            _ => Ok(()),
+        }
     };
     if let Err(e) = vetted() {
         let _ = std::fs::remove_file(&part);
@@ -150,18 +167,18 @@ pub fn model(url: &str) -> Result<PathBuf> {
     }
     let path = dir.join(package::MANIFEST);
     let parse = |bytes: &[u8]| Manifest::parse(&path, &String::from_utf8_lossy(bytes));
-    if fetch(base, &dir, package::MANIFEST, Some(&|bytes| parse(bytes).map(drop)))? {
+    if fetch(base, &dir, package::MANIFEST, Vet::Bytes(&|bytes| parse(bytes).map(drop)))? {
         let manifest = parse(&std::fs::read(&path).map_err(|e| Error::io(&path, e))?)?;
         for shard in &manifest.shards {
-            fetch(base, &dir, &shard.path, Some(&|bytes| package::verify_shard(shard, bytes)))?;
+            fetch(base, &dir, &shard.path, Vet::Shard(shard))?;
         }
     } else {
         for path in text_files() {
-            fetch(base, &dir, path, None)?;
+            fetch(base, &dir, path, Vet::ByName)?;
         }
         for stem in WEIGHT_STEMS {
             let [preferred, other] = weight_file_names(stem);
-            if !fetch(base, &dir, &preferred, None)? && !fetch(base, &dir, &other, None)? {
+            if !fetch(base, &dir, &preferred, Vet::ByName)? && !fetch(base, &dir, &other, Vet::ByName)? {
                 return Err(Error::Invalid(format!("{base}: neither {preferred} nor {other} exists")));
             }
         }
