@@ -26,7 +26,6 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use buffers::Footprint;
 use crate::files::{Folder, ModelFiles, json, short_name};
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::tokenizer::{ClipTokenizer, TokenizerFiles};
@@ -36,6 +35,7 @@ use crate::package;
 use crate::quant::Format;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::weights::{Uploaded, Weights};
+use buffers::Footprint;
 use rng::NormalRng;
 
 #[derive(Deserialize)]
