@@ -263,6 +263,7 @@ fn small_devices_decode_in_windows_or_refuse_before_starting() {
     let dir = temp_dir("small-device");
     let (model, out) = (fixture("sd-x4-upscaler-tiny"), dir.join("out.png"));
     let refused = kiln_capped(8 << 10, &["generate", "--model", &fixture("sd1-tiny"), "--prompt", "x", "--width", "1024", "--height", "1024", "--out", out.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(
         stderr(&refused).contains("1024×1024 needs 16.0 MiB in one GPU buffer for the UNet's widest activation, more than this device's maxStorageBufferBindingSize of 8.0 MiB; the largest size of this aspect ratio that fits is 704×704"),
         "{}",

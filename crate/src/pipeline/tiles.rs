@@ -50,11 +50,10 @@ impl Tiles {
     /// with WebGPU's guaranteed 128 MiB); `None` when the whole grid fits. Square tiles as
     /// large as fit, on multiples of 8, overlapping by a quarter.
     pub fn for_vae_decode(config: &VaeConfig, width: usize, height: usize, max_binding: u64) -> Option<Self> {
-        let per_latent = config.decoder_bytes_per_latent().max(1) as u64;
-        // In u64: on wasm32 the product of a large image would wrap.
-        if per_latent * width as u64 * height as u64 <= max_binding {
+        if decoder_fits(config, width, height, max_binding) {
             return None;
         }
+        let per_latent = config.decoder_bytes_per_latent().max(1) as u64;
         let side = (((max_binding / per_latent) as f64).sqrt() as usize / 8 * 8).max(8);
         Self::new(TileSize { size: side, overlap: side / 4 }, width, height, 1).expect("a valid tile size")
     }
@@ -62,8 +61,7 @@ impl Tiles {
     /// Whether the VAE decoder's activations for the largest window fit one binding of
     /// `max_binding` bytes.
     pub fn fit_decoder(&self, config: &VaeConfig, max_binding: u64) -> bool {
-        let (h, w) = (self.size.size.min(self.extent.0), self.size.size.min(self.extent.1));
-        config.decoder_bytes_per_latent() as u64 * h as u64 * w as u64 <= max_binding
+        decoder_fits(config, self.size.size.min(self.extent.1), self.size.size.min(self.extent.0), max_binding)
     }
 
     /// Runs `f` on each window of `input` (`[B, C, H, W]` on the latent grid) and blends the
@@ -109,6 +107,12 @@ impl Tiles {
 
 /// Window starts along an axis of `length`: as few windows as keep `overlap`, spread evenly,
 /// rounded down to multiples of `multiple` (the last ends at the border).
+/// Whether the VAE decoder's activations for a `width` × `height` latent grid fit one binding
+/// of `max_binding` bytes. In u64: on wasm32 the product of a large image would wrap.
+fn decoder_fits(config: &VaeConfig, width: usize, height: usize, max_binding: u64) -> bool {
+    config.decoder_bytes_per_latent() as u64 * width as u64 * height as u64 <= max_binding
+}
+
 fn starts(length: usize, size: TileSize, multiple: usize) -> Vec<usize> {
     if length <= size.size {
         return vec![0];
