@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::clip::ClipTextModel;
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{AddedConditioning, TextConditioning, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::pipeline::StableDiffusion;
 use crate::pipeline::rng::NormalRng;
@@ -63,7 +63,8 @@ impl Components {
 
     /// A loaded pipeline's components (its own weights).
     pub fn from_pipeline(pipe: StableDiffusion, size: usize, batch: usize) -> Result<Self> {
-        let text_encoder = pipe.text_encoder()?;
+        // The first text encoder: the benchmarked families have one.
+        let text_encoder = pipe.text_encoders[0].model()?;
         let device = pipe.device().clone();
         Self::new(pipe.name, text_encoder, pipe.unet, pipe.vae, size, batch, &device)
     }
@@ -96,7 +97,7 @@ impl Components {
     pub fn unet_call(&self) -> Tensor<4> {
         let sample = Tensor::<4>::from_data(TensorData::new(self.sample.clone(), self.sample_shape), &self.device);
         let context = Tensor::<3>::from_data(TensorData::new(self.context.clone(), self.context_shape), &self.device);
-        self.unet.forward(sample, TIMESTEP, &context)
+        self.unet.forward(sample, TIMESTEP, &TextConditioning { hidden: context, pooled: None }, AddedConditioning::None)
     }
 
     /// One VAE decode of one image's latents (the first latents of the sample).

@@ -3,42 +3,33 @@
 //! `web/mod.rs`, read into the bundle at build time by `scripts/web/bundle.mjs`).
 use serde::Serialize;
 
+use crate::messages::ModeName;
 use crate::model::autoencoder_tiny;
 use crate::package::MANIFEST;
-use crate::pipeline::{img2img, inpaint, upscale};
+use crate::pipeline::{family, img2img, inpaint, upscale};
 use crate::quant::Format;
 use crate::pipeline::resize::ResizeMode;
 use crate::schedulers::SchedulerKind;
 use crate::weights::weight_file_names;
 
-/// The text files every pipeline has, by repo path.
-pub const REQUIRED_FILES: [&str; 5] = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"];
-
-/// Text files a pipeline may have: the tokenizer's (vocab.json + merges.txt or tokenizer.json,
-/// with or without its configs; the engine says what is missing) and the x4 upscaler's
-/// low-resolution scheduler.
-pub const OPTIONAL_FILES: [&str; 6] = [
-    "low_res_scheduler/scheduler_config.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-];
+/// Every text file the engine reads, required ones first ([`family`] lists them per family).
+pub fn text_files() -> impl Iterator<Item = String> {
+    family::required_files().into_iter().chain(family::optional_files())
+}
 
 /// The weight files of a pipeline, without extension (the names the engine uploads them under).
-pub const WEIGHT_STEMS: [&str; 3] = ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
-
-/// Every text file the engine reads, required ones first.
-pub fn text_files() -> impl Iterator<Item = &'static str> {
-    REQUIRED_FILES.into_iter().chain(OPTIONAL_FILES)
+pub fn weight_stems() -> Vec<String> {
+    family::weight_stems()
 }
 
 /// The facts the page needs, in one object.
 #[derive(Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
 pub struct Layout {
-    pub required_files: &'static [&'static str],
-    pub optional_files: &'static [&'static str],
+    /// Text files every model folder has.
+    pub required_files: Vec<String>,
+    /// Text files a folder may have: its family and tokenizer say which it needs.
+    pub optional_files: Vec<String>,
     /// Each weight file's names, preferred first.
     pub weight_files: Vec<WeightFile>,
     /// A Kiln package's manifest, by which a package is told from a diffusers repo.
@@ -47,6 +38,8 @@ pub struct Layout {
     pub preview_decoder: PreviewDecoderFiles,
     /// How a repo's weights may be kept: `original` (as published), or converted.
     pub precisions: Vec<&'static str>,
+    /// The modes, as requests name them, in the order the page lists them.
+    pub modes: Vec<ModeName>,
     pub schedulers: Vec<&'static str>,
     pub default_strength: Strengths,
     pub default_noise_level: usize,
@@ -59,18 +52,21 @@ pub struct Layout {
 
 /// A choice as the engine takes it (`name`) and as A1111 labels it.
 #[derive(Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
 pub struct Named {
     pub name: &'static str,
     pub label: &'static str,
 }
 
 #[derive(Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
 pub struct WeightFile {
-    pub stem: &'static str,
+    pub stem: String,
     pub files: [String; 2],
 }
 
 #[derive(Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
 pub struct PreviewDecoderFiles {
     pub config: &'static str,
     /// The weight file's names, preferred first.
@@ -79,6 +75,7 @@ pub struct PreviewDecoderFiles {
 
 /// diffusers' default strength per editing mode.
 #[derive(Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
 pub struct Strengths {
     pub img2img: f64,
     pub inpaint: f64,
@@ -87,13 +84,14 @@ pub struct Strengths {
 impl Layout {
     pub fn get() -> Self {
         Layout {
-            required_files: &REQUIRED_FILES,
-            optional_files: &OPTIONAL_FILES,
-            weight_files: WEIGHT_STEMS.map(|stem| WeightFile { stem, files: weight_file_names(stem) }).into(),
+            required_files: family::required_files(),
+            optional_files: family::optional_files(),
+            weight_files: weight_stems().into_iter().map(|stem| WeightFile { files: weight_file_names(&stem), stem }).collect(),
             manifest: MANIFEST,
             preview_decoder: PreviewDecoderFiles { config: autoencoder_tiny::CONFIG, weight_files: weight_file_names(autoencoder_tiny::WEIGHT_STEM) },
             // Converting to f32 would only widen f16 weights, which the GPU does anyway.
             precisions: std::iter::once("original").chain(Format::ALL.into_iter().filter(|&f| f != Format::F32).map(Format::name)).collect(),
+            modes: ModeName::ALL.into(),
             schedulers: SchedulerKind::ALL.iter().map(|k| k.name()).collect(),
             default_strength: Strengths { img2img: img2img::DEFAULT_STRENGTH, inpaint: inpaint::DEFAULT_STRENGTH },
             default_noise_level: upscale::DEFAULT_NOISE_LEVEL,

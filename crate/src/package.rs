@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::files::{MemoryFiles, ModelFiles};
-use crate::layout::{WEIGHT_STEMS, text_files};
+use crate::layout::text_files;
+use crate::pipeline::family::Family;
 use crate::quant::{BLOCK, Format};
 use crate::weights::{Uploaded, Weights, for_each_tensor};
 
@@ -29,6 +30,7 @@ pub const VERSION: u32 = 1;
 pub const SHARD_SIZE: usize = 64 << 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export, rename = "PackageManifest"))]
 pub struct Manifest {
     /// The layout version ([`VERSION`]).
     pub kiln_package: u32,
@@ -40,12 +42,14 @@ pub struct Manifest {
     pub block_size: usize,
     pub shard_size: usize,
     /// Repo path → text (configs, tokenizer).
+    #[cfg_attr(test, ts(type = "Record<string, string>"))]
     pub files: BTreeMap<String, String>,
     pub shards: Vec<ShardEntry>,
     pub tensors: Vec<TensorEntry>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export, rename = "PackageShard"))]
 pub struct ShardEntry {
     pub path: String,
     pub length: usize,
@@ -54,6 +58,7 @@ pub struct ShardEntry {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export, rename = "PackageTensor"))]
 pub struct TensorEntry {
     /// The weight file's stem (`unet/diffusion_pytorch_model`).
     pub file: String,
@@ -173,20 +178,18 @@ impl ShardWriter {
 
 /// Converts the diffusers pipeline in `files` to a package in `out` (created if needed).
 pub fn pack(files: &dyn ModelFiles, format: Format, out: &Path) -> Result<Manifest> {
-    if files.read("model_index.json")?.is_none() {
-        return Err(Error::Invalid(format!("{} is not a diffusers pipeline: model_index.json is missing", files.name())));
-    }
+    let family = Family::of_folder(files)?;
     std::fs::create_dir_all(out).map_err(|e| Error::write(out, e))?;
     let mut embedded = BTreeMap::new();
     for path in text_files() {
-        if files.read(path)?.is_some() {
-            embedded.insert(path.to_owned(), files.require_text(path)?);
+        if files.read(&path)?.is_some() {
+            embedded.insert(path.clone(), files.require_text(&path)?);
         }
     }
     let mut writer = ShardWriter { dir: out.to_owned(), current: Vec::new(), shards: Vec::new() };
     let mut tensors = Vec::new();
-    for stem in WEIGHT_STEMS {
-        for_each_tensor(files, stem, format, |name, source_dtype, shape, values| {
+    for stem in family.weight_stems() {
+        for_each_tensor(files, &stem, format, |name, source_dtype, shape, values| {
             let stored = format.for_tensor(name, shape);
             let encoded = stored.encode(&values);
             let (shard, offset) = writer.append(&encoded)?;

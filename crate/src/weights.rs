@@ -37,7 +37,7 @@ enum Source {
 /// [`Weights::matrix`]); on the host as f32 for norms and biases (the layers hold them in f32),
 /// embedding tables (read row by row; see `clip.rs`) and anything larger than one GPU binding
 /// may be; or on the host as stored, for the components built only while they run (see
-/// [`on_demand`]).
+/// [`crate::pipeline::family::on_demand`]).
 pub struct Uploaded {
     label: PathBuf,
     stem: String,
@@ -48,13 +48,6 @@ enum Stored {
     Device(Tensor<2>),
     Host(Vec<f32>),
     Packed(Format, Vec<u8>),
-}
-
-/// Whether tensor `name` of weight file `stem` belongs to a component the pipeline builds each
-/// time it needs it and drops after: the text encoder (once per prompt) and the VAE's encoder
-/// (once per input image). Their GPU memory is then free while the UNet runs.
-pub fn on_demand(stem: &str, name: &str) -> bool {
-    stem.starts_with("text_encoder/") || (stem.starts_with("vae/") && (name.starts_with("encoder.") || name.starts_with("quant_conv.")))
 }
 
 /// How many values a tensor of `shape` holds, when they can be addressed as f32 bytes. A
@@ -97,7 +90,7 @@ impl Uploaded {
         if bytes.len() != format.stored_len(n) {
             return Err(bad(format!("{} bytes for shape {shape:?} in {}", bytes.len(), format.name())));
         }
-        let stored = if on_demand(&self.stem, name) {
+        let stored = if crate::pipeline::family::on_demand(&self.stem, name) {
             Stored::Packed(format, bytes.to_vec())
         } else if n == 0 || shape.len() < 2 || name.ends_with("embedding.weight") || n as u64 * 4 > crate::device::max_binding_bytes(device) {
             Stored::Host(format.decode(bytes, n)?)

@@ -14,7 +14,7 @@ use kiln::pipeline::png::to_rgb8;
 use kiln::pipeline::tiles::{TileSize, Tiles};
 use kiln::pipeline::{Request, StableDiffusion};
 use kiln::quant::Format;
-use kiln::weights::on_demand;
+use kiln::pipeline::family::on_demand;
 
 /// The tests share the device and one counts its bytes in use, so they run one at a time.
 static ALONE: Mutex<()> = Mutex::new(());

@@ -52,9 +52,9 @@ fn loaded_packages_equal_the_dequantized_originals() {
     let device = Device::flex();
     let source = Folder(common::fixtures().join("sd1-tiny"));
     let mut originals = HashMap::new();
-    for stem in kiln::layout::WEIGHT_STEMS {
-        weights::for_each_tensor(&source, stem, Format::F32, |name, _, _, values| {
-            originals.insert((stem.to_owned(), name.to_owned()), values);
+    for stem in kiln::layout::weight_stems() {
+        weights::for_each_tensor(&source, &stem, Format::F32, |name, _, _, values| {
+            originals.insert((stem.clone(), name.to_owned()), values);
             Ok(())
         })
         .unwrap();

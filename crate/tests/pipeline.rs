@@ -55,13 +55,13 @@ fn seeded_latents_are_identical_across_runs_and_backends() {
 fn inconsistent_configs_are_refused_at_load() {
     let dir = common::fixtures().join("sd1-tiny");
     // The fixture's files as the engine reads them (those it has).
-    let paths = kiln::layout::text_files().map(String::from).chain(kiln::layout::WEIGHT_STEMS.map(|s| format!("{s}.safetensors")));
+    let paths = kiln::layout::text_files().chain(kiln::layout::weight_stems().into_iter().map(|s| format!("{s}.safetensors")));
     let files: std::collections::HashMap<String, Vec<u8>> = paths.filter_map(|path| Some((path.clone(), std::fs::read(dir.join(&path)).ok()?))).collect();
     let cases = [
         ("vae/config.json", "norm_num_groups", 5, "do not split into norm_num_groups=5"),
         ("unet/config.json", "norm_num_groups", 0, "heads and 0 groups"),
         ("tokenizer/tokenizer_config.json", "model_max_length", 1, "no room for the start and end tokens"),
-        ("text_encoder/config.json", "vocab_size", 1000, "token ids up to 49407 but the text encoder's vocab_size is 1000"),
+        ("text_encoder/config.json", "vocab_size", 1000, "tokenizer has token ids up to 49407 but text_encoder's vocab_size is 1000"),
     ];
     let device = Device::flex();
     for (path, key, value, expected) in cases {

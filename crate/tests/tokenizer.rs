@@ -23,7 +23,7 @@ struct Case {
 }
 
 fn tokenizer(model: &str) -> ClipTokenizer {
-    let files = TokenizerFiles::read(&Folder(common::fixtures().join(model))).expect("tokenizer files");
+    let files = TokenizerFiles::read(&Folder(common::fixtures().join(model)), "tokenizer").expect("tokenizer files");
     ClipTokenizer::load(&files, 77).expect("tokenizer loads")
 }
 

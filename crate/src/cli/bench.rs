@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use kiln::bench::{Components, config, preset};
 use kiln::model::clip::{ClipTextConfig, ClipTextModel};
-use kiln::model::unet::UNet2DConditionModel;
+use kiln::model::unet::{AddedConditioning, TextConditioning, UNet2DConditionModel};
 use kiln::model::vae::AutoencoderKL;
 use kiln::pipeline::rng::NormalRng;
 use kiln::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, TextStates, decode_latents, predict};
@@ -159,7 +159,7 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
         .iter()
         .map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(text_config.max_position_embeddings).collect())
         .collect();
-    let text = TextStates::Paired(ClipTextModel::load(&w[0], text_config)?.forward(&ids));
+    let text = TextStates::Paired(TextConditioning { hidden: ClipTextModel::load(&w[0], text_config)?.forward(&ids), pooled: None });
     sample(&mut peak)?;
     device.memory_cleanup();
     let package_bytes: u64 = w.iter().map(|w| w.random_stats().1).sum();
@@ -171,7 +171,7 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
     for index in 0..scheduler.timesteps().len() {
         let t = scheduler.timesteps()[index];
         let input = scheduler.scale_model_input(latents.clone(), index);
-        let prediction = predict(&unet, input, t, &text, None, DEFAULT_GUIDANCE);
+        let prediction = predict(&unet, input, t, &text, AddedConditioning::None, DEFAULT_GUIDANCE);
         latents = scheduler.step(prediction, index, latents, &mut || unreachable!("Euler draws no noise"));
         sample(&mut peak)?;
     }

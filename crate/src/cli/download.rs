@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::host::{self, stall_limit};
-use kiln::layout::{WEIGHT_STEMS, text_files};
+use kiln::files::Folder;
+use kiln::layout::text_files;
 use kiln::package::{self, Manifest};
+use kiln::pipeline::family::Family;
 use kiln::weights::weight_file_names;
 use kiln::{Error, Result};
 
@@ -174,10 +176,10 @@ pub fn model(url: &str) -> Result<PathBuf> {
         }
     } else {
         for path in text_files() {
-            fetch(base, &dir, path, Vet::ByName)?;
+            fetch(base, &dir, &path, Vet::ByName)?;
         }
-        for stem in WEIGHT_STEMS {
-            let [preferred, other] = weight_file_names(stem);
+        for stem in Family::of_folder(&Folder(dir.clone()))?.weight_stems() {
+            let [preferred, other] = weight_file_names(&stem);
             if !fetch(base, &dir, &preferred, Vet::ByName)? && !fetch(base, &dir, &other, Vet::ByName)? {
                 return Err(Error::Invalid(format!("{base}: neither {preferred} nor {other} exists")));
             }

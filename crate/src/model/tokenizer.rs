@@ -33,7 +33,11 @@ pub struct Tokens {
     pub dropped: usize,
 }
 
-/// The files of a `tokenizer/` folder, as text.
+/// The files a tokenizer folder may have (vocab.json + merges.txt or tokenizer.json, with or
+/// without its configs; [`ClipTokenizer::load`] says what is missing).
+pub const FILES: [&str; 5] = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+
+/// The files of a tokenizer folder, as text.
 pub struct TokenizerFiles {
     pub vocab_json: Option<String>,
     pub merges_txt: Option<String>,
@@ -43,22 +47,17 @@ pub struct TokenizerFiles {
 }
 
 impl TokenizerFiles {
-    /// The files under `tokenizer/`.
-    pub fn read(files: &dyn ModelFiles) -> Result<Self> {
+    /// The files under `folder/` (`tokenizer`, say).
+    pub fn read(files: &dyn ModelFiles, folder: &str) -> Result<Self> {
         let text = |name: &str| -> Result<Option<String>> {
-            let path = format!("tokenizer/{name}");
+            let path = format!("{folder}/{name}");
             match files.read(&path)? {
                 Some(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| Error::Tokenizer(format!("{path} is not UTF-8 text"))),
                 None => Ok(None),
             }
         };
-        Ok(Self {
-            vocab_json: text("vocab.json")?,
-            merges_txt: text("merges.txt")?,
-            tokenizer_json: text("tokenizer.json")?,
-            tokenizer_config_json: text("tokenizer_config.json")?,
-            special_tokens_map_json: text("special_tokens_map.json")?,
-        })
+        let [vocab_json, merges_txt, tokenizer_json, tokenizer_config_json, special_tokens_map_json] = FILES.map(text);
+        Ok(Self { vocab_json: vocab_json?, merges_txt: merges_txt?, tokenizer_json: tokenizer_json?, tokenizer_config_json: tokenizer_config_json?, special_tokens_map_json: special_tokens_map_json? })
     }
 }
 

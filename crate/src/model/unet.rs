@@ -187,6 +187,25 @@ impl UNetConfig {
     }
 }
 
+/// What a UNet call attends to: the text encoders' states, and the pooled embedding of the
+/// families whose UNet also adds it to the time embedding (none of today's: SDXL's slot).
+#[derive(Clone)]
+pub struct TextConditioning {
+    pub hidden: Tensor<3>,
+    pub pooled: Option<Tensor<2>>,
+}
+
+/// What a family adds to the UNet's time embedding besides the text (diffusers' `class_labels`
+/// and `added_cond_kwargs`). Used only when the UNet has the matching table; the pipelines
+/// check the pairing ([`crate::pipeline::family`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub enum AddedConditioning {
+    #[default]
+    None,
+    /// A row of the class table: the x4 upscaler's noise level.
+    ClassLabel(usize),
+}
+
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     pub time_embedding: TimestepEmbedding,
@@ -256,22 +275,17 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// Predicts noise (or v) for `sample` `[B, C, h, w]` at `timestep` given the text states `[B, 77, D]`.
-    pub fn forward(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>) -> Tensor<4> {
-        self.forward_with_class(sample, timestep, context, None)
-    }
-
-    /// [`Self::forward`] with a class label (below `num_class_embeds`) added to the time
-    /// embedding, as the x4 upscaler conditions on its noise level. The label is used only
-    /// when the model has a class table; the pipelines check the pairing.
-    pub fn forward_with_class(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>, class_label: Option<usize>) -> Tensor<4> {
+    /// Predicts noise (or v) for `sample` `[B, C, h, w]` at `timestep`, attending to the text
+    /// states `[B, L, D]`, with `added` in the time embedding.
+    pub fn forward(&self, sample: Tensor<4>, timestep: f64, text: &TextConditioning, added: AddedConditioning) -> Tensor<4> {
         let batch = sample.dims()[0];
         let cfg = &self.config;
         let t_emb = timestep_embedding(timestep, batch, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift, &sample.device());
         let mut temb = self.time_embedding.forward(t_emb);
-        if let (Some(table), Some(label)) = (&self.class_embedding, class_label) {
+        if let (Some(table), AddedConditioning::ClassLabel(label)) = (&self.class_embedding, added) {
             temb = temb + table.clone().narrow(0, label, 1).repeat_dim(0, batch);
         }
+        let context = &text.hidden;
 
         let sample = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample };
         let mut x = self.conv_in.forward(sample);

@@ -65,7 +65,7 @@ impl StableDiffusion {
     /// Validates `req` and `input`, encodes the image and prompt, and noises the image latents
     /// to the first timestep that runs.
     pub fn start_img2img(&self, req: Request, input: Img2Img) -> Result<super::Denoising> {
-        self.require_unet("image-to-image", self.latent_channels(), false)?;
+        self.require_unet("image-to-image", self.latent_channels())?;
         let strength = check_strength(input.strength)?;
         let (width, height) = self.output_size(&req, &input.image)?;
         let (fitted, resized) = input.resize.fit(input.image, width, height, "init image");

@@ -48,7 +48,7 @@ impl StableDiffusion {
     pub fn start_inpaint(&self, req: Request, input: Inpaint) -> Result<super::Denoising> {
         let channels = self.latent_channels();
         let conditioned = self.unet.config.in_channels == 2 * channels + 1;
-        self.require_unet("inpainting", if conditioned { 2 * channels + 1 } else { channels }, false)?;
+        self.require_unet("inpainting", if conditioned { 2 * channels + 1 } else { channels })?;
         let (image_width, image_height) = (input.image.width, input.image.height);
         if (input.mask.width, input.mask.height) != (image_width, image_height) {
             return Err(Error::Invalid(format!(

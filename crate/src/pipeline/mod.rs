@@ -3,6 +3,7 @@
 //! `img2img`, `inpaint` and `upscale` prepare their own latents and conditioning and then share
 //! the same [`Denoising`] loop.
 mod buffers;
+pub mod family;
 pub mod image_processor;
 pub mod img2img;
 pub mod infotext;
@@ -13,6 +14,7 @@ pub mod preview;
 pub mod prompt;
 pub mod resize;
 pub mod rng;
+pub mod text;
 pub mod tiles;
 pub mod upscale;
 
@@ -23,44 +25,34 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::files::{Folder, ModelFiles, json, short_name};
-use crate::model::clip::{ClipTextConfig, ClipTextModel};
-use crate::model::tokenizer::{ClipTokenizer, TokenizerFiles};
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{AddedConditioning, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::package;
 use crate::quant::Format;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::weights::{Uploaded, Weights};
 use buffers::Footprint;
+use family::{Conditioner, Family, ModelIndex};
 use rng::NormalRng;
-
-#[derive(Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: String,
-    /// The x4 upscaler's highest noise level (diffusers' default 350).
-    max_noise_level: Option<usize>,
-}
+pub use text::TextStates;
+use text::TextEncoder;
 
 pub struct StableDiffusion {
     /// The model's short name, written into PNG metadata.
     pub name: String,
-    tokenizer: ClipTokenizer,
-    /// The text encoder's weights: the model is built for each prompt encoding and dropped
-    /// after, so its GPU memory is free while the UNet runs.
-    text_encoder: Weights,
-    clip_config: ClipTextConfig,
+    pub family: &'static Family,
+    /// The family's text encoders, in its order.
+    pub text_encoders: Vec<TextEncoder>,
     /// The last encoding, reused while the prompts stay the same (a new seed, say).
     last_prompt: Mutex<Option<(PromptKey, TextStates)>>,
     pub unet: UNet2DConditionModel,
+    /// What the UNet takes besides the text.
+    conditioner: Conditioner,
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
-    /// Present for `StableDiffusionUpscalePipeline` folders.
-    pub upscaler: Option<upscale::UpscalerConfig>,
     device: Device,
 }
 
@@ -104,37 +96,16 @@ impl StableDiffusion {
     /// Builds the pipeline from `files` (configs, tokenizer) and `weights`, which maps a
     /// weight file's stem (`unet/diffusion_pytorch_model`) to its tensors.
     pub fn assemble(files: &dyn ModelFiles, weights: &dyn Fn(&str) -> Result<Weights>, device: &Device) -> Result<Self> {
-        if files.read("model_index.json")?.is_none() {
-            return Err(Error::Invalid(format!("{} is not a diffusers pipeline: model_index.json is missing", files.name())));
-        }
-        let index: ModelIndex = json(files, "model_index.json")?;
-        if !index.class_name.starts_with("StableDiffusion") {
-            return Err(Error::Invalid(format!("{}: pipeline class {} is not a Stable Diffusion pipeline", files.name(), index.class_name)));
-        }
-        let clip_config: ClipTextConfig = json(files, "text_encoder/config.json")?;
-        let tokenizer = ClipTokenizer::load(&TokenizerFiles::read(files)?, clip_config.max_position_embeddings)?;
-        let id_bound = tokenizer.id_bound();
-        if id_bound > clip_config.vocab_size {
-            return Err(Error::Invalid(format!(
-                "{}: the tokenizer has token ids up to {} but the text encoder's vocab_size is {}",
-                files.name(),
-                id_bound - 1,
-                clip_config.vocab_size
-            )));
-        }
-        let text_encoder = weights("text_encoder/model")?;
-        // Built once now, so a damaged text encoder is refused when the model loads.
-        ClipTextModel::load(&text_encoder, clip_config.clone())?;
+        let index = ModelIndex::read(files)?;
+        let family = Family::of(&index, &files.name())?;
+        let text_encoders = family.text_encoders.iter().map(|folders| TextEncoder::load(files, folders, weights(&folders.weights())?)).collect::<Result<_>>()?;
         let unet = UNet2DConditionModel::load(&weights("unet/diffusion_pytorch_model")?, json(files, "unet/config.json")?)?;
+        let conditioner = family.conditioner(files, &index, &unet.config)?;
         let vae = AutoencoderKL::load(&weights("vae/diffusion_pytorch_model")?, json(files, "vae/config.json")?)?;
         let scheduler_config = SchedulerConfig::from_json(&files.require_text("scheduler/scheduler_config.json")?)?;
-        let upscaler = match index.class_name.as_str() {
-            "StableDiffusionUpscalePipeline" => Some(upscale::UpscalerConfig::load(files, index.max_noise_level)?),
-            _ => None,
-        };
         device.memory_cleanup();
         let last_prompt = Mutex::default();
-        Ok(Self { name: short_name(files), tokenizer, text_encoder, clip_config, last_prompt, unet, vae, scheduler_config, upscaler, device: device.clone() })
+        Ok(Self { name: short_name(files), family, text_encoders, last_prompt, unet, conditioner, vae, scheduler_config, device: device.clone() })
     }
 
     /// Loads a Kiln package (a folder with `manifest.json`) as it is stored, or a diffusers
@@ -150,11 +121,6 @@ impl StableDiffusion {
         }
         let missing = |stem: &str| Error::Invalid(format!("{}: the package has no tensors of {stem}", dir.display()));
         Self::assemble(&loaded.files, &|stem| loaded.weights.get(stem).cloned().ok_or_else(|| missing(stem)), device)
-    }
-
-    /// The text encoder, built from its weights for one use (see the field's comment).
-    pub fn text_encoder(&self) -> Result<ClipTextModel> {
-        ClipTextModel::load(&self.text_encoder, self.clip_config.clone())
     }
 
     pub fn device(&self) -> &Device {
@@ -175,28 +141,22 @@ impl StableDiffusion {
         Ok(self.scheduler_config.default_kind()?)
     }
 
-    /// The prompts' text states, A1111's prompt syntax applied ([`prompt`]); the negative
-    /// prompt's only with guidance.
+    /// The prompts' text states ([`text::encode`]), the last ones again for the same prompts.
     fn encode_prompt(&self, prompt: &str, negative: &str, guided: bool) -> Result<TextStates> {
         let key = (prompt.to_owned(), negative.to_owned(), guided);
         let mut last = self.last_prompt.lock().expect("no panic while encoding");
         if let Some((_, states)) = last.as_ref().filter(|(k, _)| *k == key) {
             return Ok(states.clone());
         }
-        let positive = prompt::chunks(&self.tokenizer, prompt)?;
-        let negative = if guided { prompt::chunks(&self.tokenizer, negative)? } else { Vec::new() };
-        let chunks: Vec<_> = negative.iter().chain(&positive).collect();
-        let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
-        let hidden = emphasize(self.text_encoder()?.forward(&ids), &chunks);
+        let states = text::encode(&self.text_encoders, prompt, negative, guided)?;
         self.device.memory_cleanup();
-        let states = TextStates::new(hidden, negative.len(), guided);
         *last = Some((key, states.clone()));
         Ok(states)
     }
 
     /// Validates `req`, encodes the prompt and prepares the initial latents.
     pub fn start(&self, req: Request) -> Result<Denoising> {
-        self.require_unet("text-to-image", self.latent_channels(), false)?;
+        self.require_unet("text-to-image", self.latent_channels())?;
         let f = self.vae.config.scale_factor();
         let latent_dim = |axis: usize| req.latents.as_ref().and_then(|l| l.shape.get(axis)).map(|d| d * f);
         let width = req.width.or(latent_dim(3)).unwrap_or(self.default_size());
@@ -213,18 +173,16 @@ impl StableDiffusion {
         self.vae.config.latent_channels
     }
 
-    /// Refuses a checkpoint made for another mode: diffusers picks the pipeline by the UNet's
-    /// input channels (4 plain, 9 inpainting, 7 the x4 upscaler) and class table.
-    fn require_unet(&self, mode: &str, in_channels: usize, class_labels: bool) -> Result<()> {
+    /// Refuses a checkpoint made for another mode: the upscaler's family, and what diffusers
+    /// tells by the UNet's input channels (4 plain, 9 inpainting).
+    fn require_unet(&self, mode: &str, in_channels: usize) -> Result<()> {
         let config = &self.unet.config;
-        let latent = self.latent_channels();
-        if config.in_channels == in_channels && config.num_class_embeds.is_some() == class_labels {
+        let what = if let Conditioner::NoiseLevel(_) = self.conditioner {
+            format!("{} (its UNet takes the low-resolution image and a noise level): use `kiln upscale`", self.family.name)
+        } else if config.in_channels == in_channels {
             return Ok(());
-        }
-        let what = if config.in_channels == 2 * latent + 1 {
+        } else if config.in_channels == 2 * self.latent_channels() + 1 {
             "an inpainting model (its UNet also takes a mask and the masked image): use `kiln inpaint`".to_string()
-        } else if config.num_class_embeds.is_some() {
-            "an upscaler (its UNet takes the low-resolution image and a noise level): use `kiln upscale`".to_string()
         } else {
             format!("a UNet with {} input channels", config.in_channels)
         };
@@ -353,8 +311,8 @@ struct Conditioning {
     /// Channels concatenated after the scaled latents `[1, C', h, w]` (inpainting's mask and
     /// masked-image latents, the upscaler's noisy low-resolution image).
     extra_channels: Option<Tensor<4>>,
-    /// The upscaler's noise level, for the UNet's class embedding.
-    class_label: Option<usize>,
+    /// What the family adds to the UNet's time embedding (the upscaler's noise level).
+    added: AddedConditioning,
     /// Inpainting with a plain 4-channel UNet.
     blend: Option<MaskBlend>,
     /// Overlapping windows the UNet and the VAE decoder run on one at a time (upscaling).
@@ -461,7 +419,7 @@ impl Denoising {
 
     /// The UNet's prediction for `input` (latents and extra channels) at timestep `t`.
     fn predict(&self, pipe: &StableDiffusion, input: Tensor<4>, t: f64) -> Tensor<4> {
-        predict(&pipe.unet, input, t, &self.text, self.conditioning.class_label, self.guidance)
+        predict(&pipe.unet, input, t, &self.text, self.conditioning.added, self.guidance)
     }
 
     /// The clean latents the last step's prediction implies (none before the first step).
@@ -482,71 +440,17 @@ impl Denoising {
     }
 }
 
-/// The text states the UNet attends to (`[n, 77·k, D]`, k chunks of a prompt).
-#[derive(Clone)]
-pub enum TextStates {
-    /// No guidance: the prompt's.
-    Single(Tensor<3>),
-    /// Guidance, both prompts of one length: `[negative, prompt]`, run as one batch.
-    Paired(Tensor<3>),
-    /// Guidance, lengths that differ: two UNet calls a step (A1111 pads neither to the other).
-    Separate { negative: Tensor<3>, prompt: Tensor<3> },
-}
-
-impl TextStates {
-    /// From the encoder's `[chunks, 77, D]`: the negative prompt's `negatives` chunks first.
-    /// One chunk each keeps the encoder's output as it is: reshaped and concatenated, the
-    /// fused kernels that read it round differently, and plain prompts would change by 1/255.
-    fn new(hidden: Tensor<3>, negatives: usize, guided: bool) -> Self {
-        let [chunks, len, d] = hidden.dims();
-        let join = |from: usize, n: usize| hidden.clone().narrow(0, from, n).reshape([1, n * len, d]);
-        match (guided, chunks - negatives) {
-            (false, 1) => Self::Single(hidden),
-            (false, n) => Self::Single(join(0, n)),
-            (true, 1) if negatives == 1 => Self::Paired(hidden),
-            (true, n) if n == negatives => Self::Paired(Tensor::cat(vec![join(0, n), join(n, n)], 0)),
-            (true, n) => Self::Separate { negative: join(0, negatives), prompt: join(negatives, n) },
-        }
-    }
-
-    /// Every value's sum, to check that all are finite.
-    pub fn sum(&self) -> Tensor<1> {
-        match self {
-            Self::Single(states) | Self::Paired(states) => states.clone().sum(),
-            Self::Separate { negative, prompt } => negative.clone().sum() + prompt.clone().sum(),
-        }
-    }
-}
-
-/// A1111's default ("Original") emphasis: each position's states times its weight, then
-/// each chunk rescaled to the mean it had before. Unweighted prompts are left as they are.
-fn emphasize(hidden: Tensor<3>, chunks: &[&prompt::Chunk]) -> Tensor<3> {
-    if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
-        return hidden;
-    }
-    let [n, len, _] = hidden.dims();
-    let weights: Vec<f32> = chunks.iter().flat_map(|c| c.weights.iter().copied()).collect();
-    let weights = Tensor::<3>::from_data(TensorData::new(weights, [n, len, 1]), &hidden.device());
-    let mean = |t: &Tensor<3>| t.clone().mean_dim(2).mean_dim(1);
-    let before = mean(&hidden);
-    let weighted = hidden * weights;
-    let after = mean(&weighted);
-    weighted * (before / after)
-}
-
 /// The UNet's prediction for `input` at timestep `t`; with both prompts' states,
 /// classifier-free guided: `uncond + guidance × (cond − uncond)`.
-pub fn predict(unet: &UNet2DConditionModel, input: Tensor<4>, t: f64, text: &TextStates, class_label: Option<usize>, guidance: f64) -> Tensor<4> {
+pub fn predict(unet: &UNet2DConditionModel, input: Tensor<4>, t: f64, text: &TextStates, added: AddedConditioning, guidance: f64) -> Tensor<4> {
     let (uncond, cond) = match text {
-        TextStates::Single(states) => return unet.forward_with_class(input, t, states, class_label),
-        TextStates::Paired(states) => {
-            let mut halves = unet.forward_with_class(Tensor::cat(vec![input.clone(), input], 0), t, states, class_label).chunk(2, 0);
+        TextStates::Single(text) => return unet.forward(input, t, text, added),
+        TextStates::Paired(text) => {
+            let mut halves = unet.forward(Tensor::cat(vec![input.clone(), input], 0), t, text, added).chunk(2, 0);
             let cond = halves.pop().expect("two halves");
             (halves.pop().expect("two halves"), cond)
         }
-        TextStates::Separate { negative, prompt } => {
-            (unet.forward_with_class(input.clone(), t, negative, class_label), unet.forward_with_class(input, t, prompt, class_label))
-        }
+        TextStates::Separate { negative, prompt } => (unet.forward(input.clone(), t, negative, added), unet.forward(input, t, prompt, added)),
     };
     uncond.clone() + (cond - uncond).mul_scalar(guidance)
 }

@@ -11,9 +11,11 @@ use burn::tensor::{Tensor, TensorData};
 use super::image_processor::Image8;
 use super::tiles::{TileSize, Tiles};
 use super::buffers::Footprint;
+use super::family::Conditioner;
 use super::{Conditioning, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::files::{ModelFiles, short_name};
+use crate::model::unet::{AddedConditioning, UNetConfig};
 use crate::npy;
 use crate::schedulers::{ForwardNoise, SchedulerConfig};
 
@@ -29,12 +31,16 @@ pub const DEFAULT_TILES: TileSize = TileSize { size: 128, overlap: 32 };
 /// What an upscaler folder adds: how the low-resolution image is noised and how far.
 pub struct UpscalerConfig {
     pub low_res_noise: ForwardNoise,
+    /// The highest level the low-res scheduler and the UNet's class table both have.
     pub max_noise_level: usize,
 }
 
 impl UpscalerConfig {
-    pub(super) fn load(files: &dyn ModelFiles, max_noise_level: Option<usize>) -> Result<Self> {
-        let config = SchedulerConfig::from_json(&files.require_text("low_res_scheduler/scheduler_config.json")?)?;
+    pub const LOW_RES_SCHEDULER: &str = "low_res_scheduler/scheduler_config.json";
+
+    /// `max_noise_level` is `model_index.json`'s; the noise level is a row of `unet`'s class table.
+    pub(super) fn load(files: &dyn ModelFiles, max_noise_level: Option<usize>, unet: &UNetConfig) -> Result<Self> {
+        let config = SchedulerConfig::from_json(&files.require_text(Self::LOW_RES_SCHEDULER)?)?;
         let low_res_noise = ForwardNoise::from_config(&config)?;
         let max_noise_level = max_noise_level.unwrap_or(DEFAULT_MAX_NOISE_LEVEL);
         if max_noise_level >= low_res_noise.levels() {
@@ -44,7 +50,10 @@ impl UpscalerConfig {
                 low_res_noise.levels()
             )));
         }
-        Ok(Self { low_res_noise, max_noise_level })
+        let Some(classes) = unet.num_class_embeds.filter(|&n| n > 0) else {
+            return Err(Error::Invalid(format!("{}: the upscaler's UNet has no class table (num_class_embeds) for the noise level", short_name(files))));
+        };
+        Ok(Self { low_res_noise, max_noise_level: max_noise_level.min(classes - 1) })
     }
 }
 
@@ -77,10 +86,13 @@ impl Upscale {
 impl StableDiffusion {
     /// Validates `req` and `input`, noises the low-resolution image and prepares the latents.
     pub fn start_upscale(&self, req: Request, input: Upscale) -> Result<super::Denoising> {
-        let Some(upscaler) = &self.upscaler else {
+        let Conditioner::NoiseLevel(upscaler) = &self.conditioner else {
             return Err(Error::Invalid(format!("{}: not an x4 upscaler (model_index.json names another pipeline)", self.name)));
         };
-        self.require_unet("upscaling", self.latent_channels() + 3, true)?;
+        let channels = self.latent_channels() + 3;
+        if self.unet.config.in_channels != channels {
+            return Err(Error::Invalid(format!("{}: upscaling needs a UNet with {channels} input channels; this has {}", self.name, self.unet.config.in_channels)));
+        }
         let (width, height) = (input.image.width, input.image.height);
         if req.width.is_some() || req.height.is_some() {
             return Err(Error::Invalid(format!("the output size is {} times the image's; width and height cannot change it", self.vae.config.scale_factor())));
@@ -92,8 +104,7 @@ impl StableDiffusion {
                 return Err(Error::Invalid(format!("the image's {name} {v} is not a positive multiple of {multiple} (the UNet's down-sampling)")));
             }
         }
-        let classes = self.unet.config.num_class_embeds.unwrap_or(0);
-        let max_level = upscaler.max_noise_level.min(classes.saturating_sub(1));
+        let max_level = upscaler.max_noise_level;
         if input.noise_level > max_level {
             return Err(Error::Invalid(format!("noise level {} is above the model's maximum {max_level}", input.noise_level)));
         }
@@ -111,7 +122,7 @@ impl StableDiffusion {
         let noisy_image = upscaler.low_res_noise.add_noise(image, image_noise, input.noise_level);
         let noise = setup.normals(req.latents, [1, self.latent_channels(), height, width], "initial latents")?;
         let latents = noise.mul_scalar(setup.scheduler.init_noise_sigma());
-        let conditioning = Conditioning { extra_channels: Some(noisy_image), class_label: Some(input.noise_level), tiles, ..Default::default() };
+        let conditioning = Conditioning { extra_channels: Some(noisy_image), added: AddedConditioning::ClassLabel(input.noise_level), tiles, ..Default::default() };
         Ok(setup.denoising(latents, 0, conditioning, req.step_noise, width * f, height * f))
     }
 }

@@ -1,0 +1,200 @@
+//! The model families Kiln runs, each described once: the diffusers pipeline classes that load
+//! as it, its text encoders with their tokenizers (built on demand, [`on_demand`]), its own
+//! config files, and what its UNet is conditioned on besides the text. Loading
+//! (`StableDiffusion::assemble`), the file lists (`layout.rs`), which weights wait on the host
+//! and the modes read these descriptions; a new family is a row in [`FAMILIES`].
+use serde::Deserialize;
+
+use super::upscale::UpscalerConfig;
+use crate::error::{Error, Result};
+use crate::files::{ModelFiles, json};
+use crate::model::tokenizer;
+use crate::model::unet::UNetConfig;
+
+/// `model_index.json`: which diffusers pipeline the folder is, and its settings.
+#[derive(Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    /// The x4 upscaler's highest noise level (diffusers' default 350).
+    pub max_noise_level: Option<usize>,
+}
+
+pub struct Family {
+    /// What the family is called in messages.
+    pub name: &'static str,
+    /// diffusers' `_class_name`s that load as this family.
+    pub pipelines: &'static [&'static str],
+    /// Its text encoders and their tokenizers, whose states the UNet attends to, concatenated
+    /// in this order.
+    pub text_encoders: &'static [TextEncoderFolders],
+    /// Config files of its own components, beside the ones every family has.
+    pub configs: &'static [&'static str],
+    /// Reads what the family's UNet takes besides the text from its files.
+    conditioner: fn(&dyn ModelFiles, &ModelIndex, &UNetConfig) -> Result<Conditioner>,
+}
+
+/// A text encoder's folder and its tokenizer's.
+pub struct TextEncoderFolders {
+    pub encoder: &'static str,
+    pub tokenizer: &'static str,
+}
+
+impl TextEncoderFolders {
+    pub fn config(&self) -> String {
+        format!("{}/config.json", self.encoder)
+    }
+
+    /// The weight file's stem.
+    pub fn weights(&self) -> String {
+        format!("{}/model", self.encoder)
+    }
+}
+
+/// What a family's UNet is conditioned on besides the text, as its files set it.
+pub enum Conditioner {
+    /// The text alone.
+    Text,
+    /// The x4 upscaler: the low-resolution image, noised to a level that is also the UNet's class label.
+    NoiseLevel(UpscalerConfig),
+}
+
+const CLIP: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer" };
+
+/// Every family, in the order an unknown pipeline's message lists them.
+pub const FAMILIES: [Family; 2] = [
+    Family {
+        name: "Stable Diffusion (1.x, 2.x, Turbo, inpainting)",
+        pipelines: &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"],
+        text_encoders: &[CLIP],
+        configs: &[],
+        conditioner: |_, _, _| Ok(Conditioner::Text),
+    },
+    Family {
+        name: "the Stable Diffusion x4 upscaler",
+        pipelines: &["StableDiffusionUpscalePipeline"],
+        text_encoders: &[CLIP],
+        configs: &[UpscalerConfig::LOW_RES_SCHEDULER],
+        conditioner: |files, index, unet| Ok(Conditioner::NoiseLevel(UpscalerConfig::load(files, index.max_noise_level, unet)?)),
+    },
+];
+
+/// Config files every family has.
+const SHARED_CONFIGS: [&str; 4] = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"];
+/// Weight files every family has, by stem: the UNet's and the VAE's.
+const SHARED_WEIGHTS: [&str; 2] = ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
+
+impl ModelIndex {
+    /// `files`' `model_index.json`, which every diffusers pipeline has.
+    pub fn read(files: &dyn ModelFiles) -> Result<Self> {
+        if files.read("model_index.json")?.is_none() {
+            return Err(Error::Invalid(format!("{} is not a diffusers pipeline: model_index.json is missing", files.name())));
+        }
+        json(files, "model_index.json")
+    }
+}
+
+impl Family {
+    /// The family of the pipeline in `files`.
+    pub fn of_folder(files: &dyn ModelFiles) -> Result<&'static Family> {
+        Self::of(&ModelIndex::read(files)?, &files.name())
+    }
+
+    /// The family `index` names; `name` labels the folder in errors.
+    pub fn of(index: &ModelIndex, name: &str) -> Result<&'static Family> {
+        FAMILIES.iter().find(|f| f.pipelines.contains(&index.class_name.as_str())).ok_or_else(|| {
+            let known: Vec<_> = FAMILIES.iter().flat_map(|f| f.pipelines.iter().copied()).collect();
+            Error::Invalid(format!("{name}: pipeline class {} is not one Kiln runs ({})", index.class_name, known.join(", ")))
+        })
+    }
+
+    pub fn conditioner(&self, files: &dyn ModelFiles, index: &ModelIndex, unet: &UNetConfig) -> Result<Conditioner> {
+        (self.conditioner)(files, index, unet)
+    }
+
+    /// Its text files: the configs, then each tokenizer's files (which it has of those, its
+    /// tokenizer says).
+    fn text_files(&self) -> (Vec<String>, Vec<String>) {
+        let encoders = self.text_encoders.iter();
+        let configs = SHARED_CONFIGS.iter().map(|s| s.to_string()).chain(encoders.clone().map(TextEncoderFolders::config)).chain(self.configs.iter().map(|s| s.to_string()));
+        let tokenizers = encoders.flat_map(|e| tokenizer::FILES.map(|f| format!("{}/{f}", e.tokenizer)));
+        (configs.collect(), tokenizers.collect())
+    }
+
+    /// Its weight files, by stem.
+    pub fn weight_stems(&self) -> Vec<String> {
+        self.text_encoders.iter().map(TextEncoderFolders::weights).chain(SHARED_WEIGHTS.map(String::from)).collect()
+    }
+}
+
+/// Whether tensor `name` of weight file `stem` belongs to a component the pipeline builds each
+/// time it needs it and drops after: a family's text encoder (once per prompt) and the VAE's
+/// encoder (once per input image). Their GPU memory is then free while the UNet runs.
+pub fn on_demand(stem: &str, name: &str) -> bool {
+    let text_encoder = FAMILIES.iter().flat_map(|f| f.text_encoders).any(|e| stem == e.weights());
+    text_encoder || (stem == SHARED_WEIGHTS[1] && (name.starts_with("encoder.") || name.starts_with("quant_conv.")))
+}
+
+/// The text files a model folder of any family must have: those every family has.
+pub fn required_files() -> Vec<String> {
+    let (first, _) = FAMILIES[0].text_files();
+    first.into_iter().filter(|path| FAMILIES.iter().all(|f| f.text_files().0.contains(path))).collect()
+}
+
+/// The text files some families have or a tokenizer may have: a folder is read for each, and
+/// its family and tokenizer say which it needs.
+pub fn optional_files() -> Vec<String> {
+    let required = required_files();
+    let mut optional: Vec<String> = Vec::new();
+    for (configs, tokenizers) in FAMILIES.iter().map(Family::text_files) {
+        for path in configs.into_iter().chain(tokenizers) {
+            if !required.contains(&path) && !optional.contains(&path) {
+                optional.push(path);
+            }
+        }
+    }
+    optional
+}
+
+/// The weight files of every family, by stem.
+pub fn weight_stems() -> Vec<String> {
+    let mut stems: Vec<String> = Vec::new();
+    for stem in FAMILIES.iter().flat_map(Family::weight_stems) {
+        if !stems.contains(&stem) {
+            stems.push(stem);
+        }
+    }
+    stems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_the_ones_the_families_list() {
+        assert_eq!(required_files(), ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]);
+        let optional = optional_files();
+        assert_eq!(optional[0], "tokenizer/vocab.json");
+        assert!(optional.contains(&"low_res_scheduler/scheduler_config.json".to_string()));
+        assert_eq!(optional.len(), 6);
+        assert_eq!(weight_stems(), ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"]);
+    }
+
+    #[test]
+    fn text_encoders_and_the_vae_encoder_load_on_demand() {
+        assert!(on_demand("text_encoder/model", "text_model.encoder.layers.0.mlp.fc1.weight"));
+        assert!(on_demand("vae/diffusion_pytorch_model", "encoder.conv_in.weight") && on_demand("vae/diffusion_pytorch_model", "quant_conv.weight"));
+        assert!(!on_demand("vae/diffusion_pytorch_model", "decoder.conv_in.weight") && !on_demand("unet/diffusion_pytorch_model", "conv_in.weight"));
+        assert!(!on_demand("unet/encoder", "encoder.conv_in.weight"));
+    }
+
+    #[test]
+    fn an_unknown_pipeline_is_refused_with_the_ones_kiln_runs() {
+        let index = ModelIndex { class_name: "StableDiffusionXLPipeline".into(), max_noise_level: None };
+        let err = Family::of(&index, "repo").err().expect("refused").to_string();
+        assert!(err.contains("StableDiffusionXLPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{err}");
+        let index = ModelIndex { class_name: "StableDiffusionUpscalePipeline".into(), max_noise_level: None };
+        assert_eq!(Family::of(&index, "repo").ok().map(|f| f.name), Some("the Stable Diffusion x4 upscaler"));
+    }
+}

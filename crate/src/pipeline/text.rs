@@ -1,0 +1,126 @@
+//! A prompt's way to the UNet: each of the family's text encoders reads the prompt as
+//! Automatic1111 does ([`prompt`]: emphasis, `BREAK`, 75-token chunks), and their states are
+//! concatenated and batched for guidance ([`TextStates`]).
+use burn::tensor::{Tensor, TensorData};
+
+use super::family::TextEncoderFolders;
+use super::prompt;
+use crate::error::{Error, Result};
+use crate::files::{ModelFiles, json};
+use crate::model::clip::{ClipTextConfig, ClipTextModel};
+use crate::model::tokenizer::{ClipTokenizer, TokenizerFiles};
+use crate::model::unet::TextConditioning;
+use crate::weights::Weights;
+
+/// A tokenizer and its text encoder's weights: the model is built for each prompt encoding and
+/// dropped after, so its GPU memory is free while the UNet runs.
+pub struct TextEncoder {
+    tokenizer: ClipTokenizer,
+    weights: Weights,
+    config: ClipTextConfig,
+}
+
+impl TextEncoder {
+    /// Reads the folders' configs and tokenizer, and builds the model once so that damaged
+    /// weights are refused when the pipeline loads.
+    pub(super) fn load(files: &dyn ModelFiles, folders: &TextEncoderFolders, weights: Weights) -> Result<Self> {
+        let config: ClipTextConfig = json(files, &folders.config())?;
+        let tokenizer = ClipTokenizer::load(&TokenizerFiles::read(files, folders.tokenizer)?, config.max_position_embeddings)?;
+        let id_bound = tokenizer.id_bound();
+        if id_bound > config.vocab_size {
+            return Err(Error::Invalid(format!(
+                "{}: {} has token ids up to {} but {}'s vocab_size is {}",
+                files.name(),
+                folders.tokenizer,
+                id_bound - 1,
+                folders.encoder,
+                config.vocab_size
+            )));
+        }
+        ClipTextModel::load(&weights, config.clone())?;
+        Ok(Self { tokenizer, weights, config })
+    }
+
+    /// The text encoder, built from its weights for one use.
+    pub fn model(&self) -> Result<ClipTextModel> {
+        ClipTextModel::load(&self.weights, self.config.clone())
+    }
+
+    /// The hidden states `[chunks, len, D]` of the negative prompt's chunks (with guidance)
+    /// then the prompt's, emphasis applied; and how many chunks are the negative prompt's.
+    fn encode(&self, prompt: &str, negative: &str, guided: bool) -> Result<(Tensor<3>, usize)> {
+        let positive = prompt::chunks(&self.tokenizer, prompt)?;
+        let negative = if guided { prompt::chunks(&self.tokenizer, negative)? } else { Vec::new() };
+        let chunks: Vec<_> = negative.iter().chain(&positive).collect();
+        let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
+        Ok((emphasize(self.model()?.forward(&ids), &chunks), negative.len()))
+    }
+}
+
+/// The prompts' text states from every encoder, concatenated along the features as the family
+/// lists them; the negative prompt's only with guidance.
+pub(super) fn encode(encoders: &[TextEncoder], prompt: &str, negative: &str, guided: bool) -> Result<TextStates> {
+    let encoded = encoders.iter().map(|e| e.encode(prompt, negative, guided)).collect::<Result<Vec<_>>>()?;
+    // (chunks, negative chunks) per encoder: tokenizers of one family share a vocabulary.
+    let split: Vec<_> = encoded.iter().map(|(states, negatives)| (states.dims()[0], *negatives)).collect();
+    if split.windows(2).any(|pair| pair[0] != pair[1]) {
+        return Err(Error::Invalid(format!("the text encoders' tokenizers split the prompts into different chunks: {split:?}")));
+    }
+    let negatives = split[0].1;
+    let mut hidden: Vec<_> = encoded.into_iter().map(|(states, _)| states).collect();
+    let hidden = if hidden.len() == 1 { hidden.remove(0) } else { Tensor::cat(hidden, 2) };
+    Ok(TextStates::new(hidden, negatives, guided))
+}
+
+/// What the UNet attends to, batched for guidance.
+#[derive(Clone)]
+pub enum TextStates {
+    /// No guidance: the prompt's.
+    Single(TextConditioning),
+    /// Guidance, both prompts of one length: `[negative, prompt]`, run as one batch.
+    Paired(TextConditioning),
+    /// Guidance, lengths that differ: two UNet calls a step (A1111 pads neither to the other).
+    Separate { negative: TextConditioning, prompt: TextConditioning },
+}
+
+impl TextStates {
+    /// From the encoders' `[chunks, 77, D]`: the negative prompt's `negatives` chunks first.
+    /// One chunk each keeps the encoder's output as it is: reshaped and concatenated, the
+    /// fused kernels that read it round differently, and plain prompts would change by 1/255.
+    fn new(hidden: Tensor<3>, negatives: usize, guided: bool) -> Self {
+        let [chunks, len, d] = hidden.dims();
+        let text = |hidden| TextConditioning { hidden, pooled: None };
+        let join = |from: usize, n: usize| hidden.clone().narrow(0, from, n).reshape([1, n * len, d]);
+        match (guided, chunks - negatives) {
+            (false, 1) => Self::Single(text(hidden)),
+            (false, n) => Self::Single(text(join(0, n))),
+            (true, 1) if negatives == 1 => Self::Paired(text(hidden)),
+            (true, n) if n == negatives => Self::Paired(text(Tensor::cat(vec![join(0, n), join(n, n)], 0))),
+            (true, n) => Self::Separate { negative: text(join(0, negatives)), prompt: text(join(negatives, n)) },
+        }
+    }
+
+    /// Every hidden state's sum, to check that all are finite.
+    pub fn sum(&self) -> Tensor<1> {
+        match self {
+            Self::Single(text) | Self::Paired(text) => text.hidden.clone().sum(),
+            Self::Separate { negative, prompt } => negative.hidden.clone().sum() + prompt.hidden.clone().sum(),
+        }
+    }
+}
+
+/// A1111's default ("Original") emphasis: each position's states times its weight, then
+/// each chunk rescaled to the mean it had before. Unweighted prompts are left as they are.
+fn emphasize(hidden: Tensor<3>, chunks: &[&prompt::Chunk]) -> Tensor<3> {
+    if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
+        return hidden;
+    }
+    let [n, len, _] = hidden.dims();
+    let weights: Vec<f32> = chunks.iter().flat_map(|c| c.weights.iter().copied()).collect();
+    let weights = Tensor::<3>::from_data(TensorData::new(weights, [n, len, 1]), &hidden.device());
+    let mean = |t: &Tensor<3>| t.clone().mean_dim(2).mean_dim(1);
+    let before = mean(&hidden);
+    let weighted = hidden * weights;
+    let after = mean(&weighted);
+    weighted * (before / after)
+}
