@@ -8,11 +8,13 @@ pub mod error;
 pub mod files;
 pub mod kernels;
 pub mod layout;
+pub mod messages;
 pub mod model;
 pub mod npy;
 pub mod package;
 pub mod pipeline;
 pub mod quant;
+pub mod safetensors_header;
 pub mod schedulers;
 pub mod weights;
 

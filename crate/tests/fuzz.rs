@@ -1,9 +1,9 @@
 //! Generated hostile inputs (proptest) for every parser that takes bytes from outside: a
-//! weight file's safetensors header, the tensors the page hands over one by one, a Kiln
-//! package (manifest and shards), PNGs (input images and PNG info), `.npy`, the tokenizer and
-//! the prompt syntax. Inputs start from valid seeds and are mutated where the format is
-//! fragile (numbers in headers, lengths, chunk fields with their CRCs fixed), so most get past
-//! the first check.
+//! weight file's safetensors header (with the file, and alone as the page reads it), the
+//! tensors the page hands over one by one, a Kiln package (manifest and shards), PNGs (input
+//! images and PNG info), `.npy`, the tokenizer and the prompt syntax. Inputs start from valid
+//! seeds and are mutated where the format is fragile (numbers in headers, lengths, chunk fields
+//! with their CRCs fixed), so most get past the first check.
 //!
 //! What must hold for every input: no panic, an error that says something, and no single
 //! allocation above [`ALLOCATION_LIMIT`] (a header that claims gigabytes is refused before
@@ -235,8 +235,32 @@ fn safetensors_file() {
     });
 }
 
-/// The page reads headers itself and hands the engine each tensor's dtype, shape and bytes
-/// (`add_tensor`), or a package's stored ones (`add_stored`).
+/// The page has the engine read a weight file's header from its first bytes
+/// (`safetensors_header`): what it accepts must describe tensors that lie, in order, inside
+/// the file it implies.
+#[test]
+fn safetensors_header_alone() {
+    use kiln::safetensors_header::{header_length, parse};
+    fuzz("safetensors header", mutated(vec![safetensors_seed()]), |bytes| {
+        let n = match header_length(&bytes) {
+            Ok(n) => n as usize,
+            Err(e) => return refused(e),
+        };
+        let Some(json) = bytes.get(8..8 + n) else { return Ok(()) };
+        match parse(json) {
+            Ok(header) => {
+                let start = 8 + n as u64;
+                let ordered = header.tensors.windows(2).all(|pair| pair[0].begin <= pair[1].begin);
+                let inside = header.tensors.iter().all(|t| start <= t.begin && t.begin <= t.end && t.end <= header.file_size);
+                if ordered && inside { Ok(()) } else { Err(format!("accepted an inconsistent header: {header:?}")) }
+            }
+            Err(e) => refused(e),
+        }
+    });
+}
+
+/// The page hands the engine each tensor's dtype, shape and bytes (`add_tensor`), or a
+/// package's stored ones (`add_stored`).
 #[test]
 fn tensor_upload() {
     let dims = prop_oneof![0..70usize, Just(1 << 31), Just(1 << 32), Just(usize::MAX / 3), Just(usize::MAX)];
@@ -261,7 +285,7 @@ fn tensor_upload() {
 fn package_seed(format: Format) -> HashMap<String, Vec<u8>> {
     let weights = safetensors_seed();
     let mut files = HashMap::from([("model_index.json".to_string(), br#"{"_class_name": "StableDiffusionPipeline"}"#.to_vec())]);
-    for stem in kiln::layout::WEIGHT_STEMS {
+    for stem in kiln::layout::weight_stems() {
         files.insert(format!("{stem}.safetensors"), weights.clone());
     }
     let dir = std::env::temp_dir().join(format!("kiln-fuzz-package-{}-{}", std::process::id(), format.name()));
@@ -376,7 +400,7 @@ fn npy_arrays() {
 
 fn tokenizer() -> ClipTokenizer {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sd1-tiny");
-    ClipTokenizer::load(&TokenizerFiles::read(&kiln::files::Folder(dir)).unwrap(), 77).unwrap()
+    ClipTokenizer::load(&TokenizerFiles::read(&kiln::files::Folder(dir), "tokenizer").unwrap(), 77).unwrap()
 }
 
 /// Text made of the prompt syntax's pieces, and any text at all.

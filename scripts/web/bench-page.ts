@@ -1,9 +1,8 @@
 // The page side of scripts/bench-web: Kiln's engine and ONNX Runtime Web timed in the same
 // browser, on the same inputs. scripts/web/bench.mjs bundles it, serves it and drives it.
-import init, { Bench, Engine, Model, is_weight_dtype } from "kiln-wasm";
+import init, { Bench, Engine, Model, is_weight_dtype, safetensors_header, safetensors_header_length } from "kiln-wasm";
 import * as ort from "onnxruntime-web/webgpu";
 import { LAYOUT } from "../../web/src/model";
-import { headerLength, parseHeader } from "../../web/src/safetensors";
 
 /** GPU work counted around each call: compute dispatches and queue submits. */
 const counts = { dispatches: 0, submits: 0 };
@@ -46,7 +45,7 @@ async function loadFolder(engine: Engine, base: string): Promise<Model> {
     let response;
     for (const file of files) if ((response = await fetch(`${base}/${file}`)).ok) break;
     const bytes = new Uint8Array(await response!.arrayBuffer());
-    const header = parseHeader(bytes.subarray(8, 8 + headerLength(bytes)));
+    const header = safetensors_header(bytes.subarray(8, 8 + safetensors_header_length(bytes)));
     for (const t of header.tensors) {
       if (is_weight_dtype(t.dtype)) loader.add_tensor(stem, t.name, t.dtype, Uint32Array.from(t.shape), bytes.subarray(t.begin, t.end));
     }

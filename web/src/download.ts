@@ -6,7 +6,8 @@
 // never stored whole. The SHA-256 is the engine's (`sha2`), its state saved with each chunk;
 // the worker instantiates the engine's module before it downloads anything.
 import { Sha256 } from "kiln-wasm";
-import { parseHeader, headerLength, type TensorEntry } from "./safetensors";
+import { safetensors_header, safetensors_header_length } from "kiln-wasm";
+import type { TensorEntry } from "./generated/TensorEntry";
 import { CHUNK, StoredFile, discard, getRecord, keyOf, storedPath, write, type FileRecord } from "./store";
 import { NetworkError, hostFetch, network, refusal, statedSha256 } from "./host";
 import type { Precision } from "./model";
@@ -224,9 +225,9 @@ function tensorWriter(rec: FileRecord, hasher: Sha256, convert: (t: TensorEntry,
       grown.set(value, pending.length);
       pending = grown;
       if (!state.header && pending.length >= 8) {
-        const n = headerLength(pending.subarray(0, 8));
+        const n = safetensors_header_length(pending.subarray(0, 8));
         if (pending.length >= 8 + n) {
-          state.header = parseHeader(pending.subarray(8, 8 + n));
+          state.header = safetensors_header(pending.subarray(8, 8 + n));
           converted = 8 + n;
         }
       }

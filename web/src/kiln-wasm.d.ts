@@ -2,8 +2,11 @@
 // into worker.js under this name. Typed by hand so the page type-checks without a wasm build.
 declare module "kiln-wasm" {
   export default function init(options: { module_or_path: URL }): Promise<unknown>;
-  export function png_info(png: Uint8Array): import("./protocol").PngInfo;
+  export function png_info(png: Uint8Array): import("./generated/PngInfo").PngInfo;
 
+  export function package_manifest(bytes: Uint8Array, label: string): import("./generated/PackageManifest").PackageManifest;
+  export function safetensors_header_length(first8: Uint8Array): number;
+  export function safetensors_header(json: Uint8Array): import("./generated/SafetensorsHeader").SafetensorsHeader;
   export function is_weight_dtype(dtype: string): boolean;
   export function stored_format(name: string, shape: Uint32Array, format: string): string;
   export function convert(name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array, stored: string): Uint8Array;
@@ -25,19 +28,19 @@ declare module "kiln-wasm" {
 
   /** A loaded model. */
   export class Model {
-    info(): Omit<import("./protocol").ModelInfo, "precision">;
+    info(): import("./generated/ModelInfo").ModelInfo;
     load_preview_decoder(name: string, config: Uint8Array, weight_path: string, weights: Uint8Array): void;
     drop_preview_decoder(): void;
-    start(request: import("./protocol").GenerateRequest): Generation;
+    start(request: import("./generated/GenerateRequest").GenerateRequest): Generation;
     free(): void;
   }
 
   /** A generation in progress; freeing it cancels it, `finish` consumes it. */
   export class Generation {
-    info(): import("./protocol").Started;
+    info(): import("./generated/Started").Started;
     step(): number;
     finished(): boolean;
-    wait(preview: boolean): Promise<import("./protocol").Preview | undefined>;
+    wait(preview: boolean): Promise<import("./generated/Preview").Preview | undefined>;
     finish(): Promise<Uint8Array>;
     free(): void;
   }
@@ -53,21 +56,8 @@ declare module "kiln-wasm" {
 }
 
 // The engine's `layout()` (crate/src/layout.rs), as JSON: scripts/web/bundle.mjs writes it
-// from the built wasm module and bundles it under this name.
+// from the built wasm module and bundles it under this name; its type is generated from Rust.
 declare module "kiln-layout" {
-  const layout: {
-    required_files: string[];
-    optional_files: string[];
-    weight_files: { stem: string; files: string[] }[];
-    manifest: string;
-    preview_decoder: { config: string; weight_files: string[] };
-    precisions: string[];
-    schedulers: string[];
-    default_strength: { img2img: number; inpaint: number };
-    default_noise_level: number;
-    max_noise_level: number;
-    max_mask_blur: number;
-    resize_modes: { name: string; label: string }[];
-  };
+  const layout: import("./generated/Layout").Layout;
   export default layout;
 }

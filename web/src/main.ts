@@ -1,15 +1,17 @@
 // The page: controls, share links, input images, progress and errors. The engine, the
-// downloads and the GPU all live in the worker; this thread only renders and relays.
+// downloads and the GPU all live in the worker, which `EngineClient` drives; this thread
+// renders what it reports.
 import { chooseBackend, type Backend } from "./backend";
 import { listItem } from "./dom";
+import { EngineClient, modelKey, type EngineEvents, type ModelKeyed } from "./engine-client";
 import { bytes, duration } from "./format";
 import type { GalleryImage } from "./gallery";
 import { GalleryView } from "./gallery-view";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
-import type { CacheAnswers, GalleryAnswers, GalleryAsk, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef, ToWorker } from "./protocol";
+import type { CacheAnswers, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef } from "./protocol";
 import { LAYOUT, type Precision } from "./model";
 import { drawPreview, livePreview, setUpPreviewControls } from "./preview";
-import { Queue, type Job } from "./queue";
+import { Queue } from "./queue";
 import {
   MODES,
   PRESETS,
@@ -107,17 +109,10 @@ const CUSTOM = "custom";
 let settings: Settings = initialSettings(location.search);
 /** Chosen once, as the page starts. */
 let backend: Backend | null = null;
-let worker: Worker | null = null;
-/** The model the worker was last asked for, and the one it holds. */
-let workerModel: string | null = null;
-let loaded: { key: string; info: ModelInfo } | null = null;
-/** The worker has a task: loading, or generating (then `run` is set). */
-let busy = false;
-let run: { job: Job; startedAt: number } | null = null;
 const queue = new Queue(ui.queue, ui.cancelAll);
 const gallery = new GalleryView(
   { list: ui.gallery, info: ui.galleryInfo, deleteAll: ui.deleteAll, deleteResult: ui.deleteResult, storage: ui.storage },
-  (ask) => askGallery(ask),
+  (ask) => engine.askGallery(ask),
   (image) => void openImage(image),
   () => {
     ui.result.hidden = true;
@@ -130,11 +125,6 @@ let result: { png: Uint8Array; name: string } | null = null;
 /** The image the editing modes start from. */
 let initImage: InitImage | null = null;
 const mask = new MaskEditor(ui.mask);
-
-/** One model in one precision: what a worker holds. */
-function modelKey(s: Pick<Settings, "model" | "precision">): string {
-  return `${s.model}#${s.precision}`;
-}
 
 // ---- settings <-> controls <-> address bar ----
 
@@ -151,7 +141,7 @@ function showSettings(s: Settings): void {
   ui.seed.value = String(s.seed);
   ui.steps.value = String(s.steps);
   ui.guidance.value = String(s.guidance);
-  fillSchedulers(loaded?.key === modelKey(s) ? loaded.info : null, s.scheduler);
+  fillSchedulers(engine.infoFor(shownModel(s)), s.scheduler);
   ui.width.value = s.width === null ? "" : String(s.width);
   ui.height.value = s.height === null ? "" : String(s.height);
   ui.strength.value = String(s.strength);
@@ -218,7 +208,7 @@ function changeMode(mode: Mode): void {
 }
 
 function showSizeHints(): void {
-  const info = loaded?.key === modelKey(settings) ? loaded.info : null;
+  const info = engine.infoFor(shownModel());
   const hint = readControls().mode !== "txt2img" ? "the image's" : info ? `${info.default_size} (model default)` : "model default";
   for (const input of [ui.width, ui.height]) input.placeholder = hint;
 }
@@ -256,7 +246,8 @@ async function changeModel(): Promise<void> {
 async function switchTo(next: Settings): Promise<void> {
   settings = next;
   showSettings(settings);
-  if (loaded?.key === modelKey(settings)) applyInfo(loaded.info);
+  const info = engine.infoFor(shownModel());
+  if (info) applyInfo(info);
   else for (const input of [ui.width, ui.height]) input.step = input.min = "8";
   showSizeHints();
   publish();
@@ -275,14 +266,15 @@ function host(url: string): string {
 
 /** Shows what is cached of the model and, when not all of it, what the download needs before it starts. */
 async function showCache(): Promise<boolean> {
-  const shown = modelKey(settings);
+  const shown = modelKey(shownModel());
   const status = await askCache("status").catch(() => null);
   // The worker was replaced meanwhile (a crash, another model): its successor will be asked.
   if (!status) return false;
   const complete = status.package ? status.precisions.length > 0 : status.precisions.includes(settings.precision);
   const kept = status.precisions.map((p) => (p === "original" ? "as published" : p)).join(", ");
   const needs = complete ? null : await askCache("needs").catch(() => null);
-  if (shown !== modelKey(settings)) return complete;
+  // The page moved on to another model meanwhile.
+  if (shown !== modelKey(shownModel())) return complete;
   const size = needs ? `${bytes(needs.needed)}${needs.free === null ? "" : `, with ${bytes(needs.free)} of storage free for this site`}` : "";
   ui.cacheStatus.textContent = complete
     ? `Stored in this browser${status.package ? " (a Kiln package)" : ""}: ${kept}, ${bytes(status.bytes)} in all; works offline.`
@@ -291,7 +283,7 @@ async function showCache(): Promise<boolean> {
       : status.bytes > 0
         ? `Partly downloaded (${bytes(status.bytes)}); Generate continues the download${size && ` (${size})`}.`
         : `Not downloaded yet; Generate downloads it once from ${host(settings.model)}${size && `: ${size}`}.`;
-  ui.remove.disabled = busy || status.bytes === 0;
+  ui.remove.disabled = engine.busy || status.bytes === 0;
   showFirstSteps(complete, needs);
   void gallery.showStorage();
   return complete;
@@ -304,16 +296,15 @@ function showFirstSteps(cached: boolean, needs: DownloadNeeds | null): void {
 }
 
 function showEmpty(): void {
-  ui.empty.hidden = !ui.result.hidden || run !== null;
+  ui.empty.hidden = !ui.result.hidden || engine.state.kind === "generating";
 }
 
 /** Loads a fully cached model onto the GPU right away, so the first Generate is quick. */
 async function warmUp(): Promise<void> {
-  if ((await showCache()) && !busy && loaded?.key !== modelKey(settings) && !ui.generate.disabled) {
-    busy = true;
+  if ((await showCache()) && !engine.busy && !engine.infoFor(shownModel()) && !ui.generate.disabled) {
     ui.remove.disabled = true;
     setStatus("Loading the model from the cache…");
-    send({ type: "load", ...modelRef() });
+    engine.load(modelRef());
   }
 }
 
@@ -326,70 +317,79 @@ async function remove(): Promise<void> {
   await showCache();
 }
 
-// ---- the worker ----
+// ---- the engine ----
 
+/** The model the controls show, in the precision they show. */
+function shownModel(s = settings): ModelKeyed {
+  return { base: s.model, precision: s.precision };
+}
+
+/** The shown model, on the backend chosen as the page started. */
 function modelRef(): ModelRef {
-  return { base: settings.model, precision: settings.precision, backend: backend!.kind };
+  return { ...shownModel(), backend: backend!.kind };
 }
 
-/** Questions to the worker about its stores (the model cache, the gallery), by id, until it answers or is replaced. */
-const questions = new Map<number, { resolve: (answer: never) => void; reject: (e: Error) => void }>();
-let lastQuestion = 0;
-
-/** Asks the worker, the only thread that opens the stores, the question `message(id)`. */
-function askWorker<T>(message: (id: number) => Extract<ToWorker, { type: "cache" | "gallery" }>): Promise<T> {
-  const id = ++lastQuestion;
-  // Any worker answers for any model; where there is none, one is started for this model
-  // (before the question is filed, as starting one drops the questions of the last).
-  const answering = worker ?? workerFor(modelKey(settings));
-  return new Promise((resolve, reject) => {
-    questions.set(id, { resolve: resolve as (answer: never) => void, reject });
-    answering.postMessage(message(id));
-  });
-}
-
-/** Asks about the current model in the cache. */
+/** Asks about the shown model in the cache. */
 function askCache<Q extends keyof CacheAnswers>(question: Q): Promise<CacheAnswers[Q]> {
-  const { model: base, precision } = settings;
-  return askWorker((id) => ({ type: "cache", id, question, base, precision }));
+  return engine.askCache(question, shownModel());
 }
 
-/** Asks the gallery. */
-function askGallery<A extends GalleryAsk>(ask: A): Promise<GalleryAnswers[A["op"]]> {
-  return askWorker((id) => ({ type: "gallery", id, ask }));
-}
-
-function answerQuestion({ id, answer, problem }: Extract<FromWorker, { type: "cache" | "gallery" }>): void {
-  const asked = questions.get(id);
-  questions.delete(id);
-  if (problem !== undefined) asked?.reject(new Error(problem));
-  else asked?.resolve(answer as never);
-}
-
-function send(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" | "gallery" }>): void {
-  workerFor(modelKey({ model: msg.base, precision: msg.precision })).postMessage(msg);
-}
-
-/** The worker for model `key`: one model on the GPU at a time, so another gets a fresh worker (and device). */
-function workerFor(key: string): Worker {
-  if (workerModel !== key) stopWorker();
-  workerModel = key;
-  if (!worker) {
-    worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
-    worker.onmessage = (e: MessageEvent<FromWorker>) => receive(e.data);
-    worker.onerror = (e) => {
-      e.preventDefault();
-      fail("crash", e.message || "the worker could not start");
-    };
-  }
-  return worker;
-}
-
-/** Asks the engine for the settings in a PNG's parameters text (answered as "png-info"). */
+/** Asks the engine for the settings in a PNG's parameters text (answered as `pngInfo`). */
 async function readPngInfo(file: Blob, name: string): Promise<void> {
-  const png = new Uint8Array(await file.arrayBuffer());
-  workerFor(modelKey(settings)).postMessage({ type: "png-info", png, name } satisfies ToWorker, [png.buffer]);
+  engine.readPngInfo(new Uint8Array(await file.arrayBuffer()), name);
 }
+
+const ERROR_TEXT: Record<ErrorKind, (m: string) => string> = {
+  download: (m) => `Download failed: ${m}\nPress Generate to try again: an interrupted file continues where it stopped, a corrupt one downloads again.`,
+  storage: (m) => m,
+  settings: (m) => `These settings do not work with this model: ${m}`,
+  model: (m) => `The model could not be loaded: ${m}`,
+  "non-finite": (m) => `No image: ${m}.\nThe model's weights may be damaged (remove the model and download it again), or these settings overflow it.`,
+  webgpu: (m) => `WebGPU could not start: ${m}`,
+  "device-lost": (m) => `${m}\nThe engine restarts and reloads the model from the cache.`,
+  crash: (m) => `The engine stopped: ${m}\nPress Generate to restart it; the model reloads from the cache.`,
+};
+
+/** How the page shows what the engine reports. */
+const reports: EngineEvents = {
+  download: showDownload,
+  uploading(done, total) {
+    progress(done, total);
+    setStatus(`Loading the model into GPU memory: ${Math.floor((100 * done) / total)}%`);
+  },
+  loaded(model, info) {
+    ui.files.replaceChildren();
+    if (model === modelKey(shownModel())) applyInfo(info);
+    if (engine.state.kind !== "generating") finish("Model ready.");
+  },
+  started({ warnings, total, width, height }) {
+    ui.warnings.replaceChildren(...warnings.map((w) => listItem(w)));
+    progress(0, total);
+    setStatus(`Generating ${[`${width}×${height}`, queue.position()].filter(Boolean).join(", ")}: step 0 of ${total}`);
+  },
+  step(done, total, preview) {
+    progress(done, total);
+    setStatus(`Generating${queue.position() && ` ${queue.position()}`}: step ${done} of ${total}`);
+    if (preview) drawPreview(ui.livePreview, preview);
+  },
+  image({ settings: made }, png, seconds) {
+    const name = `kiln-${made.seed}.png`;
+    showImage(png, name);
+    void gallery.keep(toQuery({ ...made, backend: "auto" }), name, png);
+    finish(`Done in ${seconds.toFixed(1)} s.`);
+  },
+  cancelled: () => finish("Cancelled."),
+  failed(kind, message) {
+    // The queued jobs would most likely fail the same way; their settings are still in the controls.
+    queue.clear();
+    ui.error.textContent = ERROR_TEXT[kind](message);
+    ui.error.hidden = false;
+    finish();
+    if (kind === "device-lost") void warmUp();
+  },
+  pngInfo: applyPngInfo,
+};
+const engine = new EngineClient(reports, shownModel);
 
 function applyPngInfo({ name, info, problem }: Extract<FromWorker, { type: "png-info" }>): void {
   ui.pngUnused.hidden = true;
@@ -404,85 +404,7 @@ function applyPngInfo({ name, info, problem }: Extract<FromWorker, { type: "png-
   publish();
   ui.pngUnused.querySelector("ul")!.replaceChildren(...info.unused.map(([field, value]) => listItem(`${field}: ${value}`)));
   ui.pngUnused.hidden = info.unused.length === 0;
-  if (!busy) setStatus(`Settings read from ${name}.`);
-}
-
-function stopWorker(): void {
-  worker?.terminate();
-  worker = workerModel = loaded = null;
-  for (const { reject } of questions.values()) reject(new Error("the worker was replaced"));
-  questions.clear();
-}
-
-function receive(msg: FromWorker): void {
-  switch (msg.type) {
-    case "download":
-      showDownload(msg.progress);
-      break;
-    case "uploading":
-      progress(msg.done, msg.total);
-      setStatus(`Loading the model into GPU memory: ${Math.floor((100 * msg.done) / msg.total)}%`);
-      break;
-    case "loaded":
-      loaded = { key: workerModel!, info: msg.info };
-      ui.files.replaceChildren();
-      if (workerModel === modelKey(settings)) applyInfo(msg.info);
-      if (!run) finish("Model ready.");
-      break;
-    case "started":
-      ui.warnings.replaceChildren(...msg.started.warnings.map((w) => listItem(w)));
-      progress(0, msg.started.total);
-      setStatus(`Generating ${[`${msg.started.width}×${msg.started.height}`, queue.position()].filter(Boolean).join(", ")}: step 0 of ${msg.started.total}`);
-      break;
-    case "step":
-      progress(msg.done, msg.total);
-      setStatus(`Generating${queue.position() && ` ${queue.position()}`}: step ${msg.done} of ${msg.total}`);
-      if (msg.preview) drawPreview(ui.livePreview, msg.preview);
-      break;
-    case "image": {
-      const { settings: made } = run!.job;
-      const name = `kiln-${made.seed}.png`;
-      showImage(msg.png, name);
-      void gallery.keep(toQuery({ ...made, backend: "auto" }), name, msg.png);
-      finish(`Done in ${((performance.now() - run!.startedAt) / 1000).toFixed(1)} s.`);
-      break;
-    }
-    case "cancelled":
-      finish("Cancelled.");
-      break;
-    case "png-info":
-      applyPngInfo(msg);
-      break;
-    case "cache":
-    case "gallery":
-      answerQuestion(msg);
-      break;
-    case "error":
-      fail(msg.kind, msg.message);
-      break;
-  }
-}
-
-const ERROR_TEXT: Record<ErrorKind, (m: string) => string> = {
-  download: (m) => `Download failed: ${m}\nPress Generate to try again: an interrupted file continues where it stopped, a corrupt one downloads again.`,
-  storage: (m) => m,
-  settings: (m) => `These settings do not work with this model: ${m}`,
-  model: (m) => `The model could not be loaded: ${m}`,
-  "non-finite": (m) => `No image: ${m}.\nThe model's weights may be damaged (remove the model and download it again), or these settings overflow it.`,
-  webgpu: (m) => `WebGPU could not start: ${m}`,
-  "device-lost": (m) => `${m}\nThe engine restarts and reloads the model from the cache.`,
-  crash: (m) => `The engine stopped: ${m}\nPress Generate to restart it; the model reloads from the cache.`,
-};
-
-function fail(kind: ErrorKind, message: string): void {
-  // After a panic or a lost device the wasm instance is unusable: start a fresh worker.
-  if (kind === "crash" || kind === "device-lost") stopWorker();
-  // The queued jobs would most likely fail the same way; their settings are still in the controls.
-  queue.clear();
-  ui.error.textContent = ERROR_TEXT[kind](message);
-  ui.error.hidden = false;
-  finish();
-  if (kind === "device-lost") void warmUp();
+  if (!engine.busy) setStatus(`Settings read from ${name}.`);
 }
 
 // ---- generating ----
@@ -501,7 +423,7 @@ function generate(): void {
     const seed = settings.seed + i;
     return { settings: { ...settings, seed, count: 1 }, ref, request: { ...request, seed } };
   }));
-  if (!run) startNext();
+  if (engine.state.kind !== "generating") startNext();
 }
 
 function requestFor(s: Settings): GenerateRequest {
@@ -542,21 +464,18 @@ function startNext(): void {
   if (!job) return;
   ui.error.hidden = ui.result.hidden = ui.livePreview.hidden = true;
   ui.warnings.replaceChildren();
-  busy = true;
-  run = { job, startedAt: performance.now() };
+  const ready = engine.infoFor(job.ref) !== null;
+  engine.generate(job, livePreview(ui.previewControls));
   showEmpty();
   ui.remove.disabled = true;
   ui.cancel.disabled = false;
   // Ask the browser not to evict the model under storage pressure.
   void navigator.storage?.persist?.();
-  setStatus(loaded?.key === modelKey(job.settings) ? "Starting…" : "Preparing the model…");
-  send({ type: "generate", ...job.ref, request: job.request, preview: livePreview(ui.previewControls) });
+  setStatus(ready ? "Starting…" : "Preparing the model…");
 }
 
 /** The worker is idle again; `status` is the new progress line. The next queued job starts. */
 function finish(status = ""): void {
-  busy = false;
-  run = null;
   ui.livePreview.hidden = true;
   queue.end();
   ui.cancel.disabled = true;
@@ -644,9 +563,9 @@ async function saveMask(): Promise<void> {
 
 /** Stops the running job within a step; the next queued one then starts. */
 function cancel(): void {
-  if (!run) return;
+  if (engine.state.kind !== "generating") return;
   setStatus("Cancelling…");
-  worker?.postMessage({ type: "cancel" } satisfies ToWorker);
+  engine.cancel();
 }
 
 function setStatus(text: string): void {

@@ -1,23 +1,16 @@
 // What a model needs from the cache: which files, which of them are stored, what the rest
 // will take, and the model's removal. A model is a diffusers repo or a Kiln package
 // (docs/packages.md: manifest.json and shards, each checked against the manifest's SHA-256).
+import { package_manifest } from "kiln-wasm";
 import { CHUNK, StorageShort, StoredFile, chunkRange, keyOf, openStored, recordsOf, storedBytes, write, type FileRecord } from "./store";
 import { CorruptDownload, download } from "./download";
 import { NotFound, hostFetch, network, refusal } from "./host";
 import { freeStorage, tooLarge } from "./quota";
 import { LAYOUT, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
 import type { CacheStatus, DownloadNeeds } from "./protocol";
+import type { PackageManifest } from "./generated/PackageManifest";
 
-/** A Kiln package's manifest.json (docs/packages.md). */
-export interface PackageManifest {
-  kiln_package: number;
-  name: string;
-  format: Precision;
-  shard_size: number;
-  files: Record<string, string>;
-  shards: { path: string; length: number; sha256: string }[];
-  tensors: { file: string; name: string; shape: number[]; format: string; shard: number; offset: number; length: number }[];
-}
+export type { PackageManifest };
 
 export interface PlannedFile {
   /** The repo path; a converted file is stored under `${path}#${convert}`. */
@@ -111,26 +104,13 @@ async function planner(base: string, dry: boolean) {
 
 const MANIFEST = LAYOUT.manifest;
 
-/** The manifest, checked as `kiln` checks it (crate/src/package.rs) before any of it is used. */
+/** The manifest, checked by the engine as `kiln` checks it before any of it is used. */
 function parseManifest(bytes: Uint8Array, base: string): PackageManifest {
-  const bad = (why: string) => new CorruptDownload(`${base}/${MANIFEST}: ${why}`);
-  let manifest: PackageManifest;
   try {
-    manifest = JSON.parse(new TextDecoder().decode(bytes));
-  } catch {
-    throw bad("not valid JSON");
+    return package_manifest(bytes, `${base}/${MANIFEST}`);
+  } catch (e) {
+    throw new CorruptDownload(e instanceof Error ? e.message : String(e));
   }
-  if (manifest?.kiln_package !== 1) throw bad(`package version ${manifest?.kiln_package} is not 1, the one this Kiln reads`);
-  const count = (n: unknown) => Number.isSafeInteger(n) && (n as number) >= 0;
-  if (!count(manifest.shard_size) || !Array.isArray(manifest.shards) || !Array.isArray(manifest.tensors) || typeof manifest.files !== "object") {
-    throw bad("it lacks shard_size, files, shards or tensors");
-  }
-  // Shards are files beside the manifest; a path elsewhere would fetch another file of the host.
-  const shard = manifest.shards.find((s) => !/^[^/\\:]+$/.test(s?.path) || s.path === "." || s.path === ".." || !count(s.length) || typeof s.sha256 !== "string");
-  if (shard) throw bad(`shard ${JSON.stringify(shard)} is not a file name beside the manifest with a length and SHA-256`);
-  const tensor = manifest.tensors.find((t) => !(count(t?.shard) && t.shard < manifest.shards.length && count(t.offset) && count(t.length) && Array.isArray(t.shape)));
-  if (tensor) throw bad(`tensor ${JSON.stringify(tensor?.name)} does not lie in one of its ${manifest.shards.length} shards`);
-  return manifest;
 }
 
 /** The manifest of a stored package. */

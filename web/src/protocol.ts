@@ -1,55 +1,21 @@
-// Messages between the page (main.ts) and the engine's worker (worker.ts).
+// Messages between the page (main.ts) and the engine's worker (worker.ts). What the engine
+// itself takes and gives is generated from its Rust types (crate/src/messages.rs) into
+// ./generated/, and re-exported here.
 import type { Backend } from "./backend";
 import type { GalleryImage } from "./gallery";
+import type { ModelInfo as EngineModelInfo } from "./generated/ModelInfo";
 import type { Precision } from "./model";
-import type { Mode } from "./settings";
+import type { GenerateRequest } from "./generated/GenerateRequest";
+import type { PngInfo } from "./generated/PngInfo";
+import type { Preview } from "./generated/Preview";
+import type { Started } from "./generated/Started";
 
-/** An image for the engine: a PNG file's own bytes (decoded as the CLI decodes files), or a canvas's pixels. */
-export type ImageInput = { png: Uint8Array } | { rgba: { width: number; height: number; pixels: Uint8Array } };
+export type { GenerateRequest, PngInfo, Preview, Started };
+export type { ImageInput } from "./generated/ImageInput";
+export type { Mode } from "./generated/Mode";
 
-export interface GenerateRequest {
-  mode: Mode;
-  prompt: string;
-  negative_prompt?: string;
-  steps?: number;
-  guidance?: number;
-  scheduler?: string;
-  width?: number;
-  height?: number;
-  seed: number;
-  /** The init image (image to image, inpaint) or the image to upscale. */
-  image?: ImageInput;
-  /** Inpainting: white is repainted, black kept; the image's size. */
-  mask?: ImageInput;
-  strength?: number;
-  /** How the image is fitted to width × height: the engine's names (`LAYOUT.resize_modes`). */
-  resize_mode?: string;
-  mask_blur?: number;
-  noise_level?: number;
-}
-
-/** What `Model.info` reports about the loaded model, and the precision its weights are in. */
-export interface ModelInfo {
-  default_size: number;
-  size_multiple: number;
-  /** null when the model's own scheduler is not one the engine has: the user must pick one. */
-  default_scheduler: string | null;
-  precision: Precision;
-}
-
-export interface Started {
-  total: number;
-  width: number;
-  height: number;
-  warnings: string[];
-}
-
-/** The image as it forms: one pixel per latent pixel, for the page to scale up. */
-export interface Preview {
-  width: number;
-  height: number;
-  rgba: Uint8ClampedArray;
-}
+/** What the engine's `Model.info` reports about the loaded model, and the precision its weights are in. */
+export type ModelInfo = EngineModelInfo & { precision: Precision };
 
 export interface FileProgress {
   path: string;
@@ -119,22 +85,6 @@ export type ToWorker =
   | { type: "png-info"; png: Uint8Array; name: string }
   | { type: "cache"; id: number; question: keyof CacheAnswers; base: string; precision: Precision }
   | { type: "gallery"; id: number; ask: GalleryAsk };
-
-/** What the engine's `png_info` reads from a PNG's `parameters` text (Kiln's or A1111's). */
-export interface PngInfo {
-  prompt: string;
-  negative_prompt: string;
-  steps?: number;
-  /** As Kiln names schedulers (A1111's sampler names mapped). */
-  scheduler?: string;
-  guidance?: number;
-  seed?: number;
-  width?: number;
-  height?: number;
-  strength?: number;
-  /** Fields Kiln has no setting for, or could not read, as written. */
-  unused: [string, string][];
-}
 
 /**
  * - download: a file failed (network, 404, corrupt); nothing bad was kept, a retry continues.

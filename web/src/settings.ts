@@ -4,7 +4,7 @@
 // localStorage, for a page opened without them (the installed app, a bookmark of "./").
 import { BACKEND_CHOICES, type BackendChoice } from "./backend";
 import { LAYOUT, type Precision } from "./model";
-import type { PngInfo } from "./protocol";
+import type { Mode, PngInfo } from "./protocol";
 
 export interface Preset {
   id: string;
@@ -20,8 +20,8 @@ export const PRESETS: Preset[] = [
   { id: "sd21-base", label: "Stable Diffusion 2.1 base", url: "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main", steps: 25, guidance: 7.5 },
 ];
 
-export type Mode = "txt2img" | "img2img" | "inpaint" | "upscale";
-export const MODES: Mode[] = ["txt2img", "img2img", "inpaint", "upscale"];
+export type { Mode };
+export const MODES: Mode[] = LAYOUT.modes;
 
 /** diffusers' default strength: image-to-image keeps some of the image, inpainting starts the masked region from noise. */
 export function defaultStrength(mode: Mode): number {

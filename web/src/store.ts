@@ -3,7 +3,8 @@
 // CHUNK at a time, keyed [fileKey, index]. A chunk and the record counting it are written in
 // one transaction, so the record never claims bytes that are not stored. Files are read back
 // piece by piece, so no whole weight file is ever held in memory.
-import { headerLength, parseHeader, type Header } from "./safetensors";
+import { safetensors_header, safetensors_header_length } from "kiln-wasm";
+import type { SafetensorsHeader as Header } from "./generated/SafetensorsHeader";
 import { storageFull } from "./quota";
 import type { Precision } from "./model";
 
@@ -42,8 +43,6 @@ export interface ConvertedTensor {
   offset: number;
   length: number;
 }
-
-/** A Kiln package's manifest.json (docs/packages.md). */
 
 /** Not enough storage for the download. */
 export class StorageShort extends Error {}
@@ -159,9 +158,9 @@ export class StoredFile {
   }
 
   async safetensorsHeader(): Promise<Header> {
-    const n = headerLength(await this.read(0, 8));
+    const n = safetensors_header_length(await this.read(0, 8));
     if (8 + n > this.record.received) throw new Error(`the header claims ${n} bytes, more than the file holds`);
-    return parseHeader(await this.read(8, 8 + n));
+    return safetensors_header(await this.read(8, 8 + n));
   }
 
   /** One stored chunk (of a converted file: a run of whole converted tensors). */

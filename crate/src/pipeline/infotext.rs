@@ -74,12 +74,14 @@ impl Infotext {
 /// What Kiln applies of a `parameters` text, in its own terms (`scheduler` as `kiln
 /// --scheduler` names it).
 #[derive(Debug, Default, PartialEq, Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export, rename = "PngInfo", optional_fields))]
 pub struct Settings {
     pub prompt: String,
     pub negative_prompt: String,
     pub steps: Option<usize>,
     pub scheduler: Option<&'static str>,
     pub guidance: Option<f64>,
+    #[cfg_attr(test, ts(as = "Option<f64>"))]
     pub seed: Option<u64>,
     pub width: Option<usize>,
     pub height: Option<usize>,

@@ -3,6 +3,7 @@
 //! resolution, which the caller scales up, or decoded by the tiny autoencoder (A1111's
 //! "TAESD") at the image's size. The VAE never runs for it.
 use burn::tensor::Tensor;
+use serde::Serialize;
 
 use super::StableDiffusion;
 use crate::model::autoencoder_tiny::AutoencoderTiny;
@@ -13,9 +14,13 @@ use crate::schedulers::{Prediction, Scheduler};
 const SD_LATENT_RGB: [[f32; 3]; 4] = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
 
 /// A preview's pixels.
+#[derive(Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
 pub struct Preview {
     pub width: usize,
     pub height: usize,
+    #[serde(with = "serde_bytes")]
+    #[cfg_attr(test, ts(type = "Uint8Array"))]
     pub rgba: Vec<u8>,
 }
 

@@ -2,21 +2,13 @@
 //! finishes it into a PNG. Freeing it cancels it.
 use std::rc::Rc;
 
-use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::{js_err, read_back, run_error};
+use crate::messages::Started;
 use crate::model::autoencoder_tiny::AutoencoderTiny;
 use crate::pipeline::preview::Previewer;
 use crate::pipeline::{Run, StableDiffusion};
-
-#[derive(Serialize)]
-struct Started {
-    total: usize,
-    width: usize,
-    height: usize,
-    warnings: Vec<String>,
-}
 
 #[wasm_bindgen]
 pub struct Generation {
@@ -68,14 +60,10 @@ impl Generation {
         wasm_bindgen_futures::future_to_promise(async move {
             let values = read_back(probe.tensor.clone()).await?;
             probe.check(&values).map_err(run_error)?;
-            // Built by hand: serde would send the pixels as a plain array, not a typed one.
-            Ok(probe.preview(&values).map_or(JsValue::UNDEFINED, |p| {
-                let object = js_sys::Object::new();
-                for (key, value) in [("width", JsValue::from(p.width)), ("height", p.height.into()), ("rgba", js_sys::Uint8ClampedArray::from(p.rgba.as_slice()).into())] {
-                    js_sys::Reflect::set(&object, &key.into(), &value).expect("a plain object takes any key");
-                }
-                object.into()
-            }))
+            match probe.preview(&values) {
+                Some(preview) => serde_wasm_bindgen::to_value(&preview).map_err(|e| js_err(e).into()),
+                None => Ok(JsValue::UNDEFINED),
+            }
         })
     }
 

@@ -2,17 +2,20 @@
 //! the pipeline. Weights arrive one tensor at a time, so wasm memory never holds a whole weight
 //! file: the UNet's and the VAE decoder's go to the GPU as they come; the text encoder's and the
 //! VAE encoder's wait as stored bytes until a prompt or an input image needs them
-//! (`weights::on_demand`).
+//! (`pipeline::family::on_demand`).
 use std::collections::HashMap;
 
 use burn::tensor::Device;
+use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::js_err;
 use super::model::Model;
 use crate::files::MemoryFiles;
 use crate::pipeline::StableDiffusion;
+use crate::package::Manifest;
 use crate::quant::Format;
+use crate::safetensors_header;
 use crate::weights::{Uploaded, Weights, safetensors_values};
 
 #[wasm_bindgen]
@@ -66,6 +69,29 @@ impl Loader {
         let pipe = StableDiffusion::assemble(&files, &|stem| weights.get(stem).cloned().ok_or_else(|| missing(stem)), &device).map_err(js_err)?;
         Ok(Model::new(pipe))
     }
+}
+
+/// A Kiln package's `manifest.json` (`label` names it in errors), checked as `kiln` checks it
+/// before any of it is used.
+#[wasm_bindgen]
+pub fn package_manifest(bytes: &[u8], label: &str) -> Result<JsValue, JsError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| js_err(format!("{label}: not UTF-8 text")))?;
+    let manifest = Manifest::parse(std::path::Path::new(label), text).map_err(js_err)?;
+    // Its files as a plain object, not a `Map`.
+    manifest.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(js_err)
+}
+
+/// The length of a safetensors file's JSON header, from its first 8 bytes.
+#[wasm_bindgen]
+pub fn safetensors_header_length(first8: &[u8]) -> Result<f64, JsError> {
+    Ok(safetensors_header::header_length(first8).map_err(js_err)? as f64)
+}
+
+/// A safetensors file's tensors from its JSON header (the bytes after the length), checked:
+/// every tensor's bytes match its dtype and shape.
+#[wasm_bindgen]
+pub fn safetensors_header(json: &[u8]) -> Result<JsValue, JsError> {
+    serde_wasm_bindgen::to_value(&safetensors_header::parse(json).map_err(js_err)?).map_err(js_err)
 }
 
 /// Whether a safetensors entry of `dtype` is a weight the engine reads (integer buffers such as

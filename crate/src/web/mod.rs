@@ -7,7 +7,6 @@ mod engine;
 mod generation;
 mod loader;
 mod model;
-mod request;
 mod sha256;
 
 use burn::tensor::Tensor;

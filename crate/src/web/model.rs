@@ -3,27 +3,17 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::bench::Bench;
 use super::generation::Generation;
 use super::js_err;
-use super::request::WebRequest;
 use crate::bench::Components;
 use crate::files::MemoryFiles;
+use crate::messages::{GenerateRequest, ModelInfo};
 use crate::model::autoencoder_tiny::{self, AutoencoderTiny};
 use crate::pipeline::StableDiffusion;
 use crate::pipeline::preview;
-
-/// What the page needs to lay out its controls for the loaded model.
-#[derive(Serialize)]
-struct ModelInfo {
-    default_size: usize,
-    size_multiple: usize,
-    /// `None` when the model's own scheduler is not one the engine has.
-    default_scheduler: Option<String>,
-}
 
 #[wasm_bindgen]
 pub struct Model {
@@ -66,8 +56,8 @@ impl Model {
 
     /// Validates the settings, encodes the prompt (and the images) and prepares the noise.
     pub fn start(&self, request: JsValue) -> Result<Generation, JsError> {
-        let req: WebRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
-        let run = self.pipe.run(req.into_job()?).map_err(js_err)?;
+        let req: GenerateRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
+        let run = self.pipe.run(req.into_job().map_err(js_err)?).map_err(js_err)?;
         let misfit = self.preview_decoder.as_ref().and_then(|decoder| preview::misfit(decoder, &self.pipe));
         let decoder = self.preview_decoder.clone().filter(|_| misfit.is_none());
         Ok(Generation::new(self.pipe.clone(), decoder, run, misfit))
