@@ -34,6 +34,8 @@ pub struct Layout {
     pub weight_files: Vec<WeightFile>,
     /// A Kiln package's manifest, by which a package is told from a diffusers repo.
     pub manifest: &'static str,
+    /// A diffusers repo's pipeline description, read first: it names the pipeline's family.
+    pub model_index: &'static str,
     /// The files of a TAESD repo, the sharp live preview's decoder.
     pub preview_decoder: PreviewDecoderFiles,
     /// How a repo's weights may be kept: `original` (as published), or converted.
@@ -88,6 +90,7 @@ impl Layout {
             optional_files: family::optional_files(),
             weight_files: weight_stems().into_iter().map(|stem| WeightFile { files: weight_file_names(&stem), stem }).collect(),
             manifest: MANIFEST,
+            model_index: family::MODEL_INDEX,
             preview_decoder: PreviewDecoderFiles { config: autoencoder_tiny::CONFIG, weight_files: weight_file_names(autoencoder_tiny::WEIGHT_STEM) },
             // Converting to f32 would only widen f16 weights, which the GPU does anyway.
             precisions: std::iter::once("original").chain(Format::ALL.into_iter().filter(|&f| f != Format::F32).map(Format::name)).collect(),

@@ -512,6 +512,17 @@ fn repos_by_url_are_checked_and_fetched_once() {
         let args = ["generate", "--model", &url, "--prompt", "x", "--steps", "1", "--out", out.to_str().unwrap()];
         Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("XDG_CACHE_HOME", &cache).output().expect("kiln runs")
     };
+    // A pipeline Kiln does not run is refused from its model_index.json, before any weight.
+    let index = served.join("model_index.json");
+    let published = std::fs::read(&index).unwrap();
+    std::fs::write(&index, r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap();
+    let refused = run();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(stderr(&refused).contains("pipeline class StableDiffusionXLPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{}", stderr(&refused));
+    assert!(!walk(&cache).iter().any(|p| p.to_string_lossy().ends_with(".safetensors")), "weights were fetched");
+    std::fs::write(&index, published).unwrap();
+    std::fs::remove_dir_all(&cache).unwrap();
+
     std::fs::write(served.join("unet/config.json"), "<html>busy</html>").unwrap();
     let failed = run();
     assert_eq!(failed.status.code(), Some(2));

@@ -1,7 +1,8 @@
 // A crashed worker and a lost GPU device each produce a message, not a hang, and the page
 // recovers without a reload: a fresh worker reloads the model from the cache. A GPU kernel the
 // browser refuses to compile stops the run with its name, and NaN in a model's weights with
-// where it appeared, never with an image.
+// where it appeared, never with an image. A repo of a pipeline the engine does not run is
+// refused from its model_index.json, before a weight is fetched.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { cpSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
@@ -78,6 +79,31 @@ test("NaN in a model's weights is reported as non-finite, and no image is shown"
     await poisoned.getByRole("button", { name: "Generate", exact: true }).click();
     assert.match(await errorText(poisoned), /No image: non-finite values \(NaN or Inf\) in the latents after UNet step 1\/1/);
     assert.ok(await poisoned.getByRole("img", { name: "Generated image" }).isHidden());
+  } finally {
+    await context.close();
+    await host.close();
+  }
+});
+
+test("a repo of a pipeline the engine does not run is refused before any weight is fetched", async () => {
+  // SDXL's model_index.json, beside SD 1.x's files: the weights are there, but never asked for.
+  const root = mkdtempSync(join(tmpdir(), "kiln-sdxl-"));
+  cpSync("tests/fixtures/sd1-tiny", join(root, "sdxl"), { recursive: true });
+  const index = { _class_name: "StableDiffusionXLPipeline", text_encoder_2: ["transformers", "CLIPTextModelWithProjection"] };
+  writeFileSync(join(root, "sdxl/model_index.json"), JSON.stringify(index));
+  const log = [];
+  const host = await serve({ root, cors: true, log });
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    echoConsole(page, "unsupported pipeline");
+    await page.goto(appUrl(servers.app, `${host.url}/sdxl`, SETTINGS));
+    const refusal = /pipeline class StableDiffusionXLPipeline is not one Kiln runs \(StableDiffusionPipeline, /;
+    await page.locator("#cache-status").filter({ hasText: refusal }).waitFor({ timeout: 60_000 });
+    await page.getByRole("button", { name: "Generate", exact: true }).click();
+    assert.match(await errorText(page), refusal);
+    // Whether it is a package (manifest.json), then which pipeline: nothing else.
+    assert.deepEqual([...new Set(log.map((entry) => entry.path))].sort(), ["/sdxl/manifest.json", "/sdxl/model_index.json"]);
   } finally {
     await context.close();
     await host.close();

@@ -5,8 +5,7 @@
 // only the converted bytes are stored, under `${path}#${precision}`; the original file is
 // never stored whole. The SHA-256 is the engine's (`sha2`), its state saved with each chunk;
 // the worker instantiates the engine's module before it downloads anything.
-import { Sha256 } from "kiln-wasm";
-import { safetensors_header, safetensors_header_length } from "kiln-wasm";
+import { Sha256, safetensors_header, safetensors_header_length } from "kiln-wasm";
 import type { TensorEntry } from "./generated/TensorEntry";
 import { CHUNK, StoredFile, discard, getRecord, keyOf, storedPath, write, type FileRecord } from "./store";
 import { NetworkError, hostFetch, network, refusal, statedSha256 } from "./host";

@@ -4,6 +4,7 @@ declare module "kiln-wasm" {
   export default function init(options: { module_or_path: URL }): Promise<unknown>;
   export function png_info(png: Uint8Array): import("./generated/PngInfo").PngInfo;
 
+  export function pipeline_family(modelIndex: Uint8Array, base: string): string;
   export function package_manifest(bytes: Uint8Array, label: string): import("./generated/PackageManifest").PackageManifest;
   export function safetensors_header_length(first8: Uint8Array): number;
   export function safetensors_header(json: Uint8Array): import("./generated/SafetensorsHeader").SafetensorsHeader;

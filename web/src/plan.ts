@@ -1,7 +1,7 @@
 // What a model needs from the cache: which files, which of them are stored, what the rest
 // will take, and the model's removal. A model is a diffusers repo or a Kiln package
 // (docs/packages.md: manifest.json and shards, each checked against the manifest's SHA-256).
-import { package_manifest } from "kiln-wasm";
+import { package_manifest, pipeline_family } from "kiln-wasm";
 import { CHUNK, StorageShort, StoredFile, chunkRange, keyOf, openStored, recordsOf, storedBytes, write, type FileRecord } from "./store";
 import { CorruptDownload, download } from "./download";
 import { NotFound, hostFetch, network, refusal } from "./host";
@@ -36,27 +36,48 @@ export interface ModelPlan {
 /**
  * The files to load for a model, which of them still need downloading, and their sizes. A
  * repo's weights are planned in `precision`; a package (its manifest.json answers) comes as
- * it was packed. The manifest itself is fetched here, as the shards are only known from it.
+ * it was packed. The manifest itself is fetched here, as the shards are only known from it;
+ * so is a repo's model_index.json, and a pipeline the engine does not run is refused from it.
  * A `dry` plan stores nothing (not the manifest, nor which optional files the host lacks):
  * it tells what a download would take before one is asked for.
  */
 export async function planModel(base: string, precision: Precision, signal: AbortSignal, dry = false): Promise<ModelPlan> {
   const repo = await planner(base, dry);
+  /** A small file the plan reads: stored (unless the plan is dry and it is not stored yet), and as planned now. */
+  const read = async (planned: PlannedFile): Promise<[Uint8Array, PlannedFile]> => {
+    const { path } = planned;
+    const raw = dry && !planned.complete ? await fetchBytes(`${base}/${path}`, signal) : await new StoredFile(await download(base, path, signal, () => {})).all();
+    return [raw, { path, size: raw.length, received: raw.length, complete: true }];
+  };
   const manifestFile = await repo.optional(MANIFEST);
   if (!manifestFile.absent) {
-    const raw = dry && !manifestFile.complete ? await fetchBytes(`${base}/${MANIFEST}`, signal) : await new StoredFile(await download(base, MANIFEST, signal, () => {})).all();
+    const [raw, stored] = await read(manifestFile);
     const manifest = parseManifest(raw, base);
     const shards = manifest.shards.map(async (shard) => ({ ...(await repo.file(shard.path)), sha256: shard.sha256 }));
-    const stored = { path: MANIFEST, size: raw.length, received: raw.length, complete: true };
     return { manifest, precision: manifest.format, files: [stored, ...(await Promise.all(shards))] };
   }
+  // A pipeline the engine does not run is refused from model_index.json, before any weight.
+  const [index, indexFile] = await read(await repo.file(MODEL_INDEX));
+  checkPipeline(index, base);
   const convert = precision === "original" ? undefined : precision;
   const files = await Promise.all([
-    ...LAYOUT.required_files.map((p) => repo.file(p)),
+    ...LAYOUT.required_files.filter((p) => p !== MODEL_INDEX).map((p) => repo.file(p)),
     ...LAYOUT.optional_files.map((p) => repo.optional(p)),
     ...WEIGHT_STEMS.map((stem) => repo.weight(weightVariants(stem), convert)),
   ]);
-  return { manifest: null, precision, files };
+  return { manifest: null, precision, files: [indexFile, ...files] };
+}
+
+/** A repo of a pipeline the engine does not run (SDXL, say). */
+class UnsupportedPipeline extends Error {}
+
+/** Fails with the engine's reason when `modelIndex` names a pipeline it does not run. */
+function checkPipeline(modelIndex: Uint8Array, base: string): void {
+  try {
+    pipeline_family(modelIndex, base);
+  } catch (e) {
+    throw new UnsupportedPipeline(e instanceof Error ? e.message : String(e));
+  }
 }
 
 /** The files of the sharp preview's decoder (a TAESD repo), its weights as published. */
@@ -102,7 +123,7 @@ async function planner(base: string, dry: boolean) {
   return { file, optional, weight };
 }
 
-const MANIFEST = LAYOUT.manifest;
+const { manifest: MANIFEST, model_index: MODEL_INDEX } = LAYOUT;
 
 /** The manifest, checked by the engine as `kiln` checks it before any of it is used. */
 function parseManifest(bytes: Uint8Array, base: string): PackageManifest {
@@ -151,7 +172,13 @@ export async function checkSpace(files: PlannedFile[]): Promise<void> {
  * sizes; a package's small manifest is read), and compares what it needs with the free storage.
  */
 export async function downloadNeeds(base: string, precision: Precision): Promise<DownloadNeeds> {
-  const plan = await planModel(base, precision, new AbortController().signal, true);
+  let plan: ModelPlan;
+  try {
+    plan = await planModel(base, precision, new AbortController().signal, true);
+  } catch (e) {
+    if (e instanceof UnsupportedPipeline) return { needed: 0, free: null, refusal: e.message };
+    throw e;
+  }
   const needed = neededBytes(plan.files);
   const free = await freeStorage();
   return { needed, free, refusal: free !== null && needed > free ? tooLarge(needed, free) : null };

@@ -166,7 +166,7 @@ async function readPngInfo(png: Uint8Array, name: string): Promise<void> {
 
 /** Answered at once, even while a model downloads: the model cache is this thread's alone. */
 async function answerCache({ id, question, base, precision }: Extract<ToWorker, { type: "cache" }>): Promise<void> {
-  // Stored files' headers are read by the engine.
+  // The engine reads stored package manifests and safetensors headers.
   await loadWasm();
   const answers: { [Q in keyof CacheAnswers]: () => Promise<CacheAnswers[Q]> } = {
     status: () => modelStatus(base),

@@ -21,6 +21,7 @@ use kiln::files::Folder;
 use kiln::layout::text_files;
 use kiln::package::{self, Manifest};
 use kiln::pipeline::family::Family;
+use kiln::safetensors_header;
 use kiln::weights::weight_file_names;
 use kiln::{Error, Result};
 
@@ -139,18 +140,15 @@ fn check_length(path: &Path) -> Result<()> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let bad = |why: String| Error::Invalid(format!("not a complete safetensors file: {why}"));
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).map_err(|_| bad(format!("only {size} bytes")))?;
-    let n = u64::from_le_bytes(n);
-    // The safetensors format caps headers at 100 MB.
-    if n > 100_000_000 || n > size.saturating_sub(8) {
+    let mut first8 = [0u8; 8];
+    file.read_exact(&mut first8).map_err(|_| bad(format!("only {size} bytes")))?;
+    let n = safetensors_header::header_length(&first8)?;
+    if n > size - 8 {
         return Err(bad(format!("its header claims {n} bytes, the file has {size}")));
     }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not JSON ({e})")))?;
-    let data_end = header.values().filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0);
-    let expected = 8 + n + data_end;
+    let mut json = vec![0u8; n as usize];
+    file.read_exact(&mut json).map_err(|e| Error::io(path, e))?;
+    let expected = safetensors_header::parse(&json)?.file_size;
     if size != expected {
         return Err(bad(format!("{size} bytes arrived of the {expected} its header describes; the host cut it short")));
     }

@@ -11,6 +11,9 @@ use crate::files::{ModelFiles, json};
 use crate::model::tokenizer;
 use crate::model::unet::UNetConfig;
 
+/// The file that says which diffusers pipeline a folder is.
+pub const MODEL_INDEX: &str = "model_index.json";
+
 /// `model_index.json`: which diffusers pipeline the folder is, and its settings.
 #[derive(Deserialize)]
 pub struct ModelIndex {
@@ -80,17 +83,22 @@ pub const FAMILIES: [Family; 2] = [
 ];
 
 /// Config files every family has.
-const SHARED_CONFIGS: [&str; 4] = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"];
+const SHARED_CONFIGS: [&str; 4] = [MODEL_INDEX, "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"];
 /// Weight files every family has, by stem: the UNet's and the VAE's.
 const SHARED_WEIGHTS: [&str; 2] = ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
 
 impl ModelIndex {
     /// `files`' `model_index.json`, which every diffusers pipeline has.
     pub fn read(files: &dyn ModelFiles) -> Result<Self> {
-        if files.read("model_index.json")?.is_none() {
-            return Err(Error::Invalid(format!("{} is not a diffusers pipeline: model_index.json is missing", files.name())));
+        if files.read(MODEL_INDEX)?.is_none() {
+            return Err(Error::Invalid(format!("{} is not a diffusers pipeline: {MODEL_INDEX} is missing", files.name())));
         }
-        json(files, "model_index.json")
+        json(files, MODEL_INDEX)
+    }
+
+    /// `model_index.json`'s `bytes`; `name` labels the folder in errors.
+    pub fn parse(bytes: &[u8], name: &str) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::Invalid(format!("{name}/{MODEL_INDEX} is not a diffusers pipeline's: {e}")))
     }
 }
 
@@ -112,13 +120,15 @@ impl Family {
         (self.conditioner)(files, index, unet)
     }
 
-    /// Its text files: the configs, then each tokenizer's files (which it has of those, its
-    /// tokenizer says).
-    fn text_files(&self) -> (Vec<String>, Vec<String>) {
-        let encoders = self.text_encoders.iter();
-        let configs = SHARED_CONFIGS.iter().map(|s| s.to_string()).chain(encoders.clone().map(TextEncoderFolders::config)).chain(self.configs.iter().map(|s| s.to_string()));
-        let tokenizers = encoders.flat_map(|e| tokenizer::FILES.map(|f| format!("{}/{f}", e.tokenizer)));
-        (configs.collect(), tokenizers.collect())
+    /// Its config files: those every family has, its text encoders', its own.
+    fn config_files(&self) -> Vec<String> {
+        let shared = SHARED_CONFIGS.iter().map(|s| s.to_string());
+        shared.chain(self.text_encoders.iter().map(TextEncoderFolders::config)).chain(self.configs.iter().map(|s| s.to_string())).collect()
+    }
+
+    /// The files its tokenizers may have (which they need, each tokenizer says).
+    fn tokenizer_files(&self) -> Vec<String> {
+        self.text_encoders.iter().flat_map(|e| tokenizer::FILES.map(|f| format!("{}/{f}", e.tokenizer))).collect()
     }
 
     /// Its weight files, by stem.
@@ -135,36 +145,33 @@ pub fn on_demand(stem: &str, name: &str) -> bool {
     text_encoder || (stem == SHARED_WEIGHTS[1] && (name.starts_with("encoder.") || name.starts_with("quant_conv.")))
 }
 
-/// The text files a model folder of any family must have: those every family has.
+/// The config files a model folder of any family must have: those every family has.
 pub fn required_files() -> Vec<String> {
-    let (first, _) = FAMILIES[0].text_files();
-    first.into_iter().filter(|path| FAMILIES.iter().all(|f| f.text_files().0.contains(path))).collect()
+    FAMILIES[0].config_files().into_iter().filter(|path| FAMILIES.iter().all(|f| f.config_files().contains(path))).collect()
 }
 
 /// The text files some families have or a tokenizer may have: a folder is read for each, and
 /// its family and tokenizer say which it needs.
 pub fn optional_files() -> Vec<String> {
     let required = required_files();
-    let mut optional: Vec<String> = Vec::new();
-    for (configs, tokenizers) in FAMILIES.iter().map(Family::text_files) {
-        for path in configs.into_iter().chain(tokenizers) {
-            if !required.contains(&path) && !optional.contains(&path) {
-                optional.push(path);
-            }
-        }
-    }
-    optional
+    let all = distinct(FAMILIES.iter().flat_map(|f| f.config_files().into_iter().chain(f.tokenizer_files())));
+    all.into_iter().filter(|path| !required.contains(path)).collect()
 }
 
 /// The weight files of every family, by stem.
 pub fn weight_stems() -> Vec<String> {
-    let mut stems: Vec<String> = Vec::new();
-    for stem in FAMILIES.iter().flat_map(Family::weight_stems) {
-        if !stems.contains(&stem) {
-            stems.push(stem);
+    distinct(FAMILIES.iter().flat_map(Family::weight_stems))
+}
+
+/// Each item once, in the order first seen.
+fn distinct(items: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut seen = Vec::new();
+    for item in items {
+        if !seen.contains(&item) {
+            seen.push(item);
         }
     }
-    stems
+    seen
 }
 
 #[cfg(test)]
@@ -174,10 +181,9 @@ mod tests {
     #[test]
     fn files_are_the_ones_the_families_list() {
         assert_eq!(required_files(), ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]);
-        let optional = optional_files();
-        assert_eq!(optional[0], "tokenizer/vocab.json");
-        assert!(optional.contains(&"low_res_scheduler/scheduler_config.json".to_string()));
-        assert_eq!(optional.len(), 6);
+        let tokenizer = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"].map(|f| format!("tokenizer/{f}"));
+        let optional: Vec<String> = tokenizer.into_iter().chain(["low_res_scheduler/scheduler_config.json".to_string()]).collect();
+        assert_eq!(optional_files(), optional);
         assert_eq!(weight_stems(), ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"]);
     }
 
@@ -191,6 +197,9 @@ mod tests {
 
     #[test]
     fn an_unknown_pipeline_is_refused_with_the_ones_kiln_runs() {
+        let parsed = ModelIndex::parse(br#"{"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}"#, "repo").unwrap();
+        assert!(Family::of(&parsed, "repo").is_err());
+        assert!(ModelIndex::parse(b"{}", "repo").err().unwrap().to_string().starts_with("repo/model_index.json is not a diffusers pipeline's: missing field `_class_name`"));
         let index = ModelIndex { class_name: "StableDiffusionXLPipeline".into(), max_noise_level: None };
         let err = Family::of(&index, "repo").err().expect("refused").to_string();
         assert!(err.contains("StableDiffusionXLPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{err}");

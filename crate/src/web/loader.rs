@@ -13,6 +13,7 @@ use super::js_err;
 use super::model::Model;
 use crate::files::MemoryFiles;
 use crate::pipeline::StableDiffusion;
+use crate::pipeline::family::{Family, ModelIndex};
 use crate::package::Manifest;
 use crate::quant::Format;
 use crate::safetensors_header;
@@ -69,6 +70,14 @@ impl Loader {
         let pipe = StableDiffusion::assemble(&files, &|stem| weights.get(stem).cloned().ok_or_else(|| missing(stem)), &device).map_err(js_err)?;
         Ok(Model::new(pipe))
     }
+}
+
+/// The family of the diffusers pipeline whose `model_index.json` is `bytes` (`base` names the
+/// repo in errors); fails for a pipeline the engine does not run, before any weight is fetched.
+#[wasm_bindgen]
+pub fn pipeline_family(bytes: &[u8], base: &str) -> Result<String, JsError> {
+    let index = ModelIndex::parse(bytes, base).map_err(js_err)?;
+    Ok(Family::of(&index, base).map_err(js_err)?.name.to_owned())
 }
 
 /// A Kiln package's `manifest.json` (`label` names it in errors), checked as `kiln` checks it

@@ -26,6 +26,10 @@ weight_files: Array<WeightFile>,
  */
 manifest: string, 
 /**
+ * A diffusers repo's pipeline description, read first: it names the pipeline's family.
+ */
+model_index: string, 
+/**
  * The files of a TAESD repo, the sharp live preview's decoder.
  */
 preview_decoder: PreviewDecoderFiles, 
