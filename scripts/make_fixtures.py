@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-# Requires (pip): torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow
+# Requires (pip): torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow peft
 """Generate Kiln's numerical test fixtures from Hugging Face diffusers.
 
 Run from the repository root:
 
     python3 scripts/make_fixtures.py                 # regenerate everything under tests/fixtures
     python3 scripts/make_fixtures.py --only prompts  # only tests/fixtures/prompts, from the pipelines there
+    python3 scripts/make_fixtures.py --only lora     # only tests/fixtures/lora, from the pipelines there
+    python3 scripts/make_fixtures.py --only lora-sdxl  # only lora/'s sdxl-* files and cases.json entries
+    python3 scripts/make_fixtures.py --only sdxl     # only the SDXL fixtures, from the pipelines there
 
 Everything is random-weight, tiny and deterministic (fixed seeds); no real model weights are
 used or downloaded.  Outputs (all under tests/fixtures/):
@@ -25,9 +28,22 @@ used or downloaded.  Outputs (all under tests/fixtures/):
                              and images made with its chunked, weighted text states (cases.json)
   taesd-tiny/                a tiny AutoencoderTiny (TAESD, the live preview's decoder) in the
                              published layout, + reference/: latents and diffusers' decode of them
+  lora/                      random LoRAs for the tiny pipelines (kohya and diffusers/PEFT files) and
+                             images made with them fused by diffusers (cases.json); the sdxl-* ones
+                             for sdxl-tiny (kohya's SDXL file names its UNet layers as Stability's
+                             original UNet does: input_blocks / middle_block / output_blocks)
+  sdxl-tiny/                 a tiny SDXL pipeline (published layout): a new SDXL-style UNet (added
+                             text_time conditioning); text_encoder/tokenizer/vae link into sd1-tiny,
+                             text_encoder_2/tokenizer_2 into sd2-tiny (whose text encoder file also
+                             carries a text_projection, so it loads as CLIPTextModelWithProjection)
+  sdxl-turbo-tiny/           SDXL-Turbo's layout: its scheduler and model_index.json, all else links
+                             into sdxl-tiny
+  sdxl/                      SDXL txt2img references (images.json, the format of images/cases.json)
+                             and img2img/inpainting references (editing.json, the format of
+                             editing/cases.json; inputs are editing/'s), with latents and noise
 
 Pip packages needed (no GPU, no network beyond PyPI):
-  torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow
+  torch diffusers transformers>=5 open-clip-torch safetensors numpy pillow peft
 (open-clip-torch is only used for its bundled bpe_simple_vocab_16e6.txt.gz.)
 
 Tokenizer semantics: the fixtures pin transformers >= 5 behaviour.  The reference tokenizer is
@@ -79,9 +95,12 @@ from diffusers import (  # noqa: E402
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures")
@@ -294,11 +313,15 @@ def encode(text_encoder, tokenizer, prompt):
 
 
 def calibrate_unet(unet, text_encoder, tokenizer, seed, **unet_kwargs):
-    """Scale conv_out so the prediction has std UNET_OUT_STD on N(0,1) inputs at t=500."""
+    """Scale conv_out so the prediction has std UNET_OUT_STD on N(0,1) inputs at t=500.
+
+    The text states are "a photo of a cat" by text_encoder, unless unet_kwargs has
+    encoder_hidden_states (SDXL: both encoders', with added_cond_kwargs)."""
     shape = (1, unet.config.in_channels, 8, 8)
     x = torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
-    emb = encode(text_encoder, tokenizer, "a photo of a cat")
-    s = unet(x, 500, encoder_hidden_states=emb, **unet_kwargs).sample.std().item()
+    if "encoder_hidden_states" not in unet_kwargs:
+        unet_kwargs["encoder_hidden_states"] = encode(text_encoder, tokenizer, "a photo of a cat")
+    s = unet(x, 500, **unet_kwargs).sample.std().item()
     unet.conv_out.weight.mul_(UNET_OUT_STD / s)
     unet.conv_out.bias.mul_(UNET_OUT_STD / s)
 
@@ -385,10 +408,19 @@ def prefix_text_encoder_names(out_dir):
 
 
 def resave_tokenizer(tok_dir):
-    """sd2 keeps the tokenizer as transformers 5 saves it: tokenizer.json + tokenizer_config.json."""
+    """sd2 keeps the tokenizer as transformers 5 saves it: tokenizer.json + tokenizer_config.json,
+    tokenizer.json minified (the same JSON; pretty-printed it is twice the size)."""
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     shutil.rmtree(tok_dir)
     tok.save_pretrained(tok_dir)
+    minify_json(os.path.join(tok_dir, "tokenizer.json"))
+
+
+def minify_json(path):
+    """Rewrite a JSON file without whitespace (same values, same key order); idempotent."""
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    write_json(path, obj, compact=True)
 
 
 def expected_files(spec):
@@ -515,7 +547,7 @@ def to_uint8(images):
     return (images * 255).round().astype("uint8")
 
 
-def render_case(pipe, base_scheduler, case):
+def render_case(pipe, base_scheduler, case, **pipe_kwargs):
     lat = np.random.RandomState(case["seed"]).standard_normal(
         (1, 4, case["height"] // 8, case["width"] // 8)).astype(np.float32)
     noise_rs = np.random.RandomState(case["seed"] + 50000)
@@ -525,7 +557,7 @@ def render_case(pipe, base_scheduler, case):
         images = pipe(case["prompt"], negative_prompt=case["negative_prompt"],
                       num_inference_steps=case["steps"], guidance_scale=case["guidance"],
                       height=case["height"], width=case["width"], latents=torch.from_numpy(lat),
-                      output_type="np").images
+                      output_type="np", **pipe_kwargs).images
     return lat, tap.draws, images
 
 
@@ -907,6 +939,8 @@ EDIT_NOISE_MODULES = {
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img": "latents",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint": "latents",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale": "latents",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img": "latents",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint": "latents",
     **{m: "step" for m in NOISY_SCHEDULER_MODULES},
 }
 
@@ -957,20 +991,23 @@ def edit_images():
 
 
 def link_components(out_dir, components):
+    """Relative symlinks out_dir/<comp> -> ../sd1-tiny/<comp>, or, for a (comp, "model/folder")
+    pair, -> ../model/folder."""
     for comp in components:
-        os.symlink(os.path.join("..", "sd1-tiny", comp), os.path.join(out_dir, comp))
+        comp, target = comp if isinstance(comp, tuple) else (comp, os.path.join("sd1-tiny", comp))
+        os.symlink(os.path.join("..", target), os.path.join(out_dir, comp))
 
 
 def save_edit_pipeline(pipe, out_dir, new_models, linked, schedulers):
-    """save_pretrained with the new models' weights in fp16, then sd1-tiny's components as
-    symlinks and the published-style scheduler configs."""
+    """save_pretrained with the new models' weights in fp16, then the shared components as
+    symlinks (see link_components) and the published-style scheduler configs."""
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     for model in new_models:  # sd1-tiny's shared components stay float32 in memory
         model.to(torch.float16)
     pipe.save_pretrained(out_dir, safe_serialization=True, variant="fp16")
     for comp in linked:
-        shutil.rmtree(os.path.join(out_dir, comp))
+        shutil.rmtree(os.path.join(out_dir, comp[0] if isinstance(comp, tuple) else comp))
     link_components(out_dir, linked)
     for folder, cfg in schedulers.items():
         write_json(os.path.join(out_dir, folder, "scheduler_config.json"), cfg)
@@ -1008,7 +1045,7 @@ def build_upscale_pipeline(sd1):
     return out_dir
 
 
-def save_draws(name, draws, roles):
+def save_draws(name, draws, roles, out_dir=EDIT_DIR):
     """One .npy per role (draws of a role stacked, or the single draw); returns {role: file}."""
     files = {}
     for role in roles:
@@ -1016,7 +1053,7 @@ def save_draws(name, draws, roles):
         if not arrs:
             continue
         fname = f"{name}.{role}.npy"
-        np.save(os.path.join(EDIT_DIR, fname), np.stack(arrs) if role == "step" else arrs[0])
+        np.save(os.path.join(out_dir, fname), np.stack(arrs) if role == "step" else arrs[0])
         files[role] = fname
     return files
 
@@ -1345,12 +1382,655 @@ def make_taesd():
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA: kohya / A1111 and diffusers (PEFT) files, fused into the tiny pipelines by diffusers
+# ----------------------------------------------------------------------------------------------
+
+LORA_DIR = os.path.join(FIXTURES, "lora")
+# A kohya alpha per module, as A1111 applies it: W + weight * (alpha / rank) * up @ down. diffusers
+# (0.42) gives a module whose alpha is not the most common one in its model that common alpha
+# instead, unless it is a UNet layer outside attention (attention's to_q/k/v/out, and any text
+# encoder layer under transformers 5, miss their alpha_pattern entry). So those layers carry the
+# common alpha (the first of `alphas`), only the UNet's other layers the second; check_fused
+# holds diffusers' fused weights to A1111's formula.
+ATTENTION_LAYER = re.compile(r".*(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj)")
+SD_TRANSFORMER = r"\.(proj_in|proj_out|transformer_blocks\.0\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2)))"
+CLIP_LAYERS = r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+# Each file covers three of its UNet's transformers (the files stay small) and both CLIP layers;
+# sd1-kohya adds a 3x3 LoCon conv.  sd1's proj_in/out are 1x1 convs, sd2's linear.  down is
+# fan-in scaled, up N(0, gain^2 / rank) with gain = (UNet, text encoder), set so that each part
+# visibly changes the images.
+LORA_FILES = {
+    "sd1-kohya.safetensors": dict(
+        model="sd1-tiny", format="kohya", rank=4, seed=9000, alphas=(2.0, 8.0), alpha_dtype=torch.float32,
+        unet=rf"(down_blocks\.0\.attentions\.0|mid_block\.attentions\.0|up_blocks\.2\.attentions\.2){SD_TRANSFORMER}"
+             r"|down_blocks\.0\.resnets\.0\.conv1",
+        text_encoder=CLIP_LAYERS, gain=(0.25, 0.25)),
+    "sd1-peft.safetensors": dict(
+        model="sd1-tiny", format="peft", rank=2, seed=9100,
+        unet=r"(down_blocks\.1\.attentions\.1|mid_block\.attentions\.0|up_blocks\.1\.attentions\.0)"
+             r"\.transformer_blocks\.0\.attn[12]\.to_(k|v|out\.0)",
+        text_encoder=r"encoder\.layers\.\d+\.self_attn\.(q|v)_proj", gain=(0.25, 0.25)),
+    # Alphas stored fp16, as sd-scripts writes them with --save_precision fp16.
+    "sd2-kohya.safetensors": dict(
+        model="sd2-tiny", format="kohya", rank=4, seed=9200, alphas=(8.0, 1.0), alpha_dtype=torch.float16,
+        unet=rf"(down_blocks\.1\.attentions\.0|mid_block\.attentions\.0|up_blocks\.2\.attentions\.1){SD_TRANSFORMER}",
+        text_encoder=CLIP_LAYERS, gain=(0.12, 0.05)),
+}
+LORA_CASES = [  # name, model, [(file, weight)] fused in order, scheduler, steps, guidance, prompt, negative
+    ("sd1-kohya-0.8", "sd1-tiny", [("sd1-kohya.safetensors", 0.8)], "ddim", 5, 7.5, PROMPTS[0], NEGATIVE),
+    ("sd1-peft-1.0", "sd1-tiny", [("sd1-peft.safetensors", 1.0)], "euler", 5, 7.5, PROMPTS[1], None),
+    ("sd1-both", "sd1-tiny", [("sd1-kohya.safetensors", 0.8), ("sd1-peft.safetensors", -0.5)], "ddim", 4, 1.0,
+     PROMPTS[2], None),
+    ("sd2-kohya-1.0", "sd2-tiny", [("sd2-kohya.safetensors", 1.0)], "euler", 5, 7.5, PROMPTS[3], NEGATIVE),
+]
+
+
+def lora_targets(model, pattern):
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and re.fullmatch(pattern, name)]
+
+
+def make_lora_file(pipe, fname, spec):
+    """Write one random LoRA; returns {(component, module): delta of weight 1} for check_fused.
+
+    Text encoder modules are named as in transformers 4 (`text_model.encoder...`), as published
+    LoRAs name them; diffusers drops the prefix for transformers 5's CLIPTextModel (its
+    CLIPTextModelWithProjection keeps it).  spec["components"]: the models it covers (default the
+    UNet and the text encoder); spec["kohya_names"]: how a kohya file names them (default SD 1/2's).
+    """
+    gen = torch.Generator().manual_seed(spec["seed"])
+    rank, tensors, deltas = spec["rank"], {}, {}
+    components = spec.get("components", ("unet", "text_encoder"))
+    for component, gain in zip(components, spec["gain"]):
+        for name, m in lora_targets(getattr(pipe, component), spec[component]):
+            w = m.weight
+            down = (torch.randn((rank, *w.shape[1:]), generator=gen) / math.sqrt(w[0].numel())).half()
+            up = (torch.randn((w.shape[0], rank, *([1, 1] if w.ndim == 4 else [])), generator=gen)
+                  * gain / math.sqrt(rank)).half()
+            full = name if component == "unet" or name.startswith("text_model.") else f"text_model.{name}"
+            if spec["format"] == "kohya":
+                if callable(spec["alphas"]):
+                    alpha = spec["alphas"](component, name)
+                else:
+                    own = component == "unet" and not ATTENTION_LAYER.fullmatch(name)
+                    alpha = spec["alphas"][1] if own else spec["alphas"][0]
+                key = spec.get("kohya_names", sd_kohya_name)(pipe, component, full)
+                tensors[f"{key}.lora_down.weight"] = down
+                tensors[f"{key}.lora_up.weight"] = up
+                tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=spec["alpha_dtype"])
+            else:
+                alpha = rank  # diffusers files carry no alpha
+                tensors[f"{component}.{full}.lora_A.weight"] = down
+                tensors[f"{component}.{full}.lora_B.weight"] = up
+            delta = up.float().flatten(1) @ down.float().flatten(1)
+            deltas[(component, name)] = delta.reshape(w.shape) * (alpha / rank)
+    if spec["format"] == "kohya":
+        from safetensors.torch import save_file
+        save_file(tensors, os.path.join(LORA_DIR, fname))
+    else:  # as a diffusers training script saves it
+        layers = {f"{c}_lora_layers": {k.removeprefix(f"{c}."): v for k, v in tensors.items()
+                                       if k.startswith(f"{c}.")} for c in components}
+        cls = StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
+        cls.save_lora_weights(LORA_DIR, **layers, weight_name=fname)
+    return deltas
+
+
+def sd_kohya_name(pipe, component, full):
+    """kohya's name of a module of SD 1/2 (its diffusers name, dots as underscores)."""
+    return ("lora_unet_" if component == "unet" else "lora_te_") + full.replace(".", "_")
+
+
+def fuse_loras(pipe, loras, only_unet=False):
+    """load_lora_weights + fuse_lora + unload_lora_weights per file, in order: the deltas add.
+    only_unet: the file's UNet part alone, to show what its text-encoder part does."""
+    from safetensors.torch import load_file
+    for i, (fname, weight) in enumerate(loras):
+        name = f"lora{i}"
+        if only_unet:
+            sd = {k: v for k, v in load_file(os.path.join(LORA_DIR, fname)).items()
+                  if k.startswith(("lora_unet_", "unet."))}
+            pipe.load_lora_weights(sd, adapter_name=name)
+        else:
+            pipe.load_lora_weights(LORA_DIR, weight_name=fname, adapter_name=name)
+        pipe.fuse_lora(lora_scale=weight, adapter_names=[name])
+        pipe.unload_lora_weights()
+
+
+def check_fused(pipe, before, loras, deltas, components=("unet", "text_encoder")):
+    """Every fused weight is W + sum(weight * alpha / rank * up @ down); all else untouched."""
+    expected = {}
+    for fname, weight in loras:
+        for (component, name), d in deltas[fname].items():
+            key = f"{component}.{name}.weight"
+            expected[key] = expected.get(key, 0) + weight * d
+    for component in components:
+        for name, p in getattr(pipe, component).named_parameters():
+            key = f"{component}.{name}"
+            got = p - before[key]
+            if key not in expected:
+                assert torch.equal(got, torch.zeros_like(got)), f"{key} changed"
+                continue
+            err = (got - expected[key]).abs().max().item()
+            assert err <= 1e-4 * expected[key].abs().max().item(), f"{key}: fused delta off by {err:.2e}"
+    return len(expected)
+
+
+def lora_render(pipe, base_scheduler, case, lat):
+    pipe.scheduler = convert_scheduler(base_scheduler, case["scheduler"])
+    images = pipe(case["prompt"], negative_prompt=case["negative_prompt"], num_inference_steps=case["steps"],
+                  guidance_scale=case["guidance"], height=case["height"], width=case["width"],
+                  latents=torch.from_numpy(lat), output_type="np").images
+    return to_uint8(images)[0]
+
+
+def make_lora():
+    """Random LoRAs in both file formats and diffusers' images with them fused.  Each render loads
+    its pipeline afresh from disk, so no case sees another's LoRA."""
+    import peft
+    torch.set_num_threads(1)  # tiny models; leaves the other cores alone
+    print(f"LoRA references: torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}")
+    if os.path.isdir(LORA_DIR):
+        shutil.rmtree(LORA_DIR)
+    os.makedirs(LORA_DIR)
+    fresh = lambda model: load_pipeline(os.path.join(FIXTURES, model), MODELS[model])  # noqa: E731
+    deltas = {fname: make_lora_file(fresh(spec["model"]), fname, spec) for fname, spec in LORA_FILES.items()}
+    write_json(os.path.join(LORA_DIR, "cases.json"), lora_cases(LORA_CASES, fresh, deltas, 8000))
+
+
+def lora_cases(cases, fresh, deltas, seed, components=("unet", "text_encoder")):
+    """Renders each case (latents from seed + its index) without and with its LoRAs fused, checks
+    the fused weights, writes its latents and image; returns the cases.json entries."""
+    index = []
+    for i, (name, model, loras, scheduler, steps, guidance, prompt, negative) in enumerate(cases):
+        case = dict(name=name, model=model, loras=[dict(file=f, weight=w) for f, w in loras], prompt=prompt,
+                    negative_prompt=negative, scheduler=scheduler, steps=steps, guidance=guidance, width=64,
+                    height=64, latents=f"{name}.latents.npy", image=f"{name}.png")
+        lat = np.random.RandomState(seed + i).standard_normal((1, 4, 8, 8)).astype(np.float32)
+        pipe = fresh(model)
+        plain = lora_render(pipe, pipe.scheduler, case, lat)
+        pipe = fresh(model)
+        before = {f"{c}.{n}": p.clone() for c in components for n, p in getattr(pipe, c).named_parameters()}
+        fuse_loras(pipe, loras)
+        fused = check_fused(pipe, before, loras, deltas, components)
+        image = lora_render(pipe, pipe.scheduler, case, lat)
+        pipe = fresh(model)
+        fuse_loras(pipe, loras, only_unet=True)
+        unet_only = lora_render(pipe, pipe.scheduler, case, lat)
+        diff = np.abs(image.astype(np.int32) - plain)
+        te_diff = np.abs(image.astype(np.int32) - unet_only)
+        np.save(os.path.join(LORA_DIR, case["latents"]), lat)
+        Image.fromarray(image).save(os.path.join(LORA_DIR, case["image"]))
+        index.append(dict(case, base_diff_mean=round(float(diff.mean()), 3), base_diff_max=int(diff.max())))
+        print(f"  {name:14s} {fused:3d} fused weights  |lora - plain| mean {diff.mean():5.1f}/255 max {diff.max():3d}"
+              f"  text encoder part: mean {te_diff.mean():5.1f}/255 max {te_diff.max():3d}")
+        assert diff.mean() >= 8 and te_diff.mean() >= 2, "the LoRA barely changes the image"
+    return index
+
+
+# ----------------------------------------------------------------------------------------------
+# SDXL: a tiny StableDiffusionXLPipeline (and SDXL-Turbo's layout) around a new SDXL-style UNet
+# ----------------------------------------------------------------------------------------------
+# sdxl-tiny pairs sd1-tiny's text encoder (quick_gelu, pads with <|endoftext|>) with sd2-tiny's
+# (gelu, pads with "!"), as SDXL pairs CLIP ViT-L with OpenCLIP bigG; both through symlinks, like
+# the VAE.  SDXL needs text_encoder_2 to be a CLIPTextModelWithProjection, so sd2-tiny's text
+# encoder file also carries a text_projection.weight (SD 2 loads a CLIPTextModel and ignores it).
+
+SDXL_REF_DIR = os.path.join(FIXTURES, "sdxl")
+# Published scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0 and of
+# stabilityai/sdxl-turbo, minus version tags.
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+SDXL_TURBO_SCHEDULER = dict(SDXL_SCHEDULER, _class_name="EulerAncestralDiscreteScheduler",
+                            timestep_spacing="trailing")
+# SDXL base's UNet config, shrunk: no attention in the first block, per-block head counts (named
+# attention_head_dim, as SDXL's config does), linear projections, more transformer layers deeper
+# down (the mid block takes the last entry, 2), 64-d text (32 + 32), and the added "text_time"
+# conditioning: te2's pooled output (32) and six time ids through an 8-d sinusoidal embedding.
+SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2, transformer_layers_per_block=[1, 1, 2], attention_head_dim=[2, 4, 4],
+    use_linear_projection=True, cross_attention_dim=64, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+    flip_sin_to_cos=True, freq_shift=0, upcast_attention=False,
+)
+SDXL_SEED = 500
+ADD_EMBED_GAIN = 2.0  # add_embedding (pooled text + time ids): strong enough that both visibly matter
+SDXL_LINKS = {  # sdxl-tiny's shared components -> their folders
+    "text_encoder": "sd1-tiny/text_encoder", "tokenizer": "sd1-tiny/tokenizer",
+    "text_encoder_2": "sd2-tiny/text_encoder", "tokenizer_2": "sd2-tiny/tokenizer", "vae": "sd1-tiny/vae",
+}
+SDXL_FILES = sorted(["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.fp16.safetensors", *SDXL_LINKS])
+
+SDXL_IMAGE_CASES = [  # name, model, scheduler, steps, guidance, prompt, negative prompt, width, height, seed
+    # The first two share prompt and latents: they differ by the negative (force_zeros_for_empty_prompt).
+    ("sdxl-euler-neg", "sdxl-tiny", "euler", 5, 5.0, PROMPTS[0], NEGATIVE, 64, 64, 1500),
+    ("sdxl-euler-noneg", "sdxl-tiny", "euler", 5, 5.0, PROMPTS[0], None, 64, 64, 1500),
+    ("sdxl-dpmpp-2m-wide", "sdxl-tiny", "dpmpp-2m", 4, 6.0, "a wide landscape with rolling hills", "blurry",
+     96, 64, 1502),
+    ("sdxl-noguidance", "sdxl-tiny", "euler", 4, 1.0, "a cozy cabin in a snowy forest", None, 64, 64, 1503),
+    ("sdxl-turbo-1step", "sdxl-turbo-tiny", "euler-a", 1, 0.0, PROMPTS[5], None, 64, 64, 1504),
+    ("sdxl-turbo-4step", "sdxl-turbo-tiny", "euler", 4, 0.0, PROMPTS[2], None, 64, 64, 1505),
+]
+SDXL_EDIT_CASES = [  # name, mode, scheduler, strength, steps, guidance, negative prompt
+    ("sdxl-img2img-euler-0.6", "img2img", "euler", 0.6, 5, 5.0, None),
+    ("sdxl-inpaint-ddim-0.8", "inpaint", "ddim", 0.8, 5, 5.0, "blurry"),
+]
+
+
+def add_text_projection(te_dir, seed):
+    """Add a seeded text_projection.weight [projection_dim, hidden] (no bias, fp16 like the file) to
+    te_dir's model.fp16.safetensors, every other tensor byte-identical; kept if already there.
+    Scaled by 1/sqrt(hidden), so the pooled output has the final layer norm's std (~1)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(te_dir, "model.fp16.safetensors")
+    with safe_open(path, "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    if "text_projection.weight" in keys:
+        return
+    with open(os.path.join(te_dir, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["projection_dim"] == cfg["hidden_size"] == 32, cfg
+    before = load_file(path)
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn((cfg["projection_dim"], cfg["hidden_size"]), generator=gen) / math.sqrt(cfg["hidden_size"])
+    save_file(dict(before, **{"text_projection.weight": proj.half()}), path, metadata=metadata)
+    after = load_file(path)
+    assert set(after) == set(before) | {"text_projection.weight"}
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and after[k].numpy().tobytes() == v.numpy().tobytes(), k
+    print(f"added text_projection.weight {tuple(proj.shape)} to {os.path.relpath(path, REPO_ROOT)}")
+
+
+def load_text_encoder_2(te_dir):
+    """sd2-tiny's text encoder as SDXL loads it: CLIPTextModelWithProjection, no key missing or left over."""
+    te, info = CLIPTextModelWithProjection.from_pretrained(te_dir, variant="fp16", torch_dtype=torch.float32,
+                                                            output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return te
+
+
+def sdxl_text(pipe, prompt):
+    """SDXL's conditioning as encode_prompt makes it: each encoder's penultimate hidden states
+    (hidden_states[-2], no final layer norm) side by side, and text_encoder_2's text_embeds
+    (final layer norm at the first <|endoftext|>, then text_projection) as the pooled embedding."""
+    states = []
+    for tok, te in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = te(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), out.text_embeds
+
+
+def time_ids(height, width):
+    """(original_size, crops_coords_top_left, target_size) as the SDXL pipelines default them."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+
+def build_sdxl():
+    """sdxl-tiny (new UNet, shared parts linked) and sdxl-turbo-tiny (its scheduler and index)."""
+    sd1 = load_pipeline(os.path.join(FIXTURES, "sd1-tiny"), MODELS["sd1-tiny"])
+    sd2_dir = os.path.join(FIXTURES, "sd2-tiny")
+    torch.manual_seed(SDXL_SEED)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    texture_init(unet, SDXL_SEED + 2, {"attn2.to_out": CROSS_ATTN_OUT_GAIN, "add_embedding": ADD_EMBED_GAIN})
+    strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    pipe = StableDiffusionXLPipeline(
+        vae=sd1.vae, text_encoder=sd1.text_encoder,
+        text_encoder_2=load_text_encoder_2(os.path.join(sd2_dir, "text_encoder")),
+        tokenizer=sd1.tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(sd2_dir, "tokenizer")),
+        unet=unet, scheduler=EulerDiscreteScheduler.from_config(strip(SDXL_SCHEDULER)),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    emb, pooled = sdxl_text(pipe, "a photo of a cat")
+    calibrate_unet(unet, None, None, SDXL_SEED + 4, encoder_hidden_states=emb,
+                   added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids(64, 64)))
+    links = list(SDXL_LINKS.items())
+    save_edit_pipeline(pipe, os.path.join(FIXTURES, "sdxl-tiny"), (unet,), links, {"scheduler": SDXL_SCHEDULER})
+    turbo = StableDiffusionXLPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "scheduler"},
+        scheduler=EulerAncestralDiscreteScheduler.from_config(strip(SDXL_TURBO_SCHEDULER)),
+        force_zeros_for_empty_prompt=False, add_watermarker=False)
+    save_edit_pipeline(turbo, os.path.join(FIXTURES, "sdxl-turbo-tiny"), (),
+                       [(c, f"sdxl-tiny/{c}") for c in ("unet", *SDXL_LINKS)], {"scheduler": SDXL_TURBO_SCHEDULER})
+    for name, zeros in (("sdxl-tiny", True), ("sdxl-turbo-tiny", False)):
+        out_dir = os.path.join(FIXTURES, name)
+        with open(os.path.join(out_dir, "model_index.json")) as f:
+            index = json.load(f)
+        assert index["force_zeros_for_empty_prompt"] is zeros and index["_class_name"] == "StableDiffusionXLPipeline"
+        for comp in ("feature_extractor", "image_encoder"):
+            assert index.get(comp) == [None, None], (comp, index.get(comp))
+        assert "add_watermarker" not in index, index
+
+
+def load_sdxl(name):
+    """Reload FROM DISK in float32 (the UNet from its fp16 file)."""
+    out_dir = os.path.join(FIXTURES, name)
+    # Files, and the linked folders by name (os.walk does not follow the links).
+    got = sorted([os.path.relpath(os.path.join(d, f), out_dir) for d, _, fs in os.walk(out_dir) for f in fs]
+                 + [c for c in os.listdir(out_dir) if os.path.islink(os.path.join(out_dir, c))])
+    want = SDXL_FILES if name == "sdxl-tiny" else sorted(["model_index.json", "scheduler/scheduler_config.json",
+                                                          "unet", *SDXL_LINKS])
+    assert got == want, got
+    pipe = StableDiffusionXLPipeline.from_pretrained(out_dir, variant="fp16", torch_dtype=torch.float32,
+                                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.text_encoder_2) is CLIPTextModelWithProjection and pipe.watermark is None
+    assert pipe.tokenizer.pad_token_id == 49407 and pipe.tokenizer_2.pad_token_id == 0
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 64
+    return pipe
+
+
+@contextlib.contextmanager
+def unet_calls(unet):
+    """Records each UNet call's batch, timestep and added conditioning (time ids, pooled text)."""
+    calls = []
+    forward = unet.forward
+
+    def recording(sample, timestep, *args, added_cond_kwargs=None, **kwargs):
+        calls.append(dict(batch=sample.shape[0], t=float(timestep), time_ids=added_cond_kwargs["time_ids"].tolist(),
+                          text_embeds=added_cond_kwargs["text_embeds"].clone()))
+        return forward(sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    unet.forward = recording
+    try:
+        yield calls
+    finally:
+        del unet.forward
+
+
+def describe_calls(calls):
+    """One line: the distinct time ids rows, and whether an unconditional pooled embedding is zero."""
+    rows = sorted({tuple(int(v) for v in row) for c in calls for row in c["time_ids"]})
+    first = calls[0]
+    uncond = (f", uncond pooled {'zeros' if not first['text_embeds'][0].abs().max() else 'encoded'}"
+              if first["batch"] == 2 else "")
+    return f"{len(calls)} UNet calls, batch {first['batch']}, time ids {rows}{uncond}"
+
+
+def sdxl_stats(pipe):
+    """UNet output scale, and what the text, the pooled text and the time ids each change."""
+    unet = pipe.unet
+    x = torch.from_numpy(np.random.RandomState(7).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    prompts = ("a photo of a cat", "a watercolor of a dog", "")
+    (e_cat, p_cat), (e_dog, _), (e_unc, _) = (sdxl_text(pipe, p) for p in prompts)
+    print(f"  [sdxl-tiny] pooled text_embeds std {p_cat.std():.3f}, text states std {e_cat.std():.3f}")
+    run = lambda e, p, ids: unet(x, t, encoder_hidden_states=e,  # noqa: E731
+                                 added_cond_kwargs=dict(text_embeds=p, time_ids=ids)).sample
+    for t in (1, 500, 981):
+        o = run(e_cat, p_cat, time_ids(64, 64))
+        d = {"cond-uncond": o - run(e_unc, torch.zeros_like(p_cat), time_ids(64, 64)),
+             "cat-dog": o - run(e_dog, p_cat, time_ids(64, 64)),
+             "pooled-zeros": o - run(e_cat, torch.zeros_like(p_cat), time_ids(64, 64)),
+             "ids 64x64-64x96": o - run(e_cat, p_cat, time_ids(64, 96))}
+        print(f"  [sdxl-tiny] unet t={t:4d}: out std {o.std():.3f}  " + "  ".join(f"|{k}| std {v.std():.3f}"
+                                                                             for k, v in d.items()))
+
+
+def make_sdxl():
+    """sdxl-tiny, sdxl-turbo-tiny and their references in sdxl/ (images.json, editing.json)."""
+    torch.set_num_threads(1)  # tiny models; leaves the other cores alone
+    sd2_dir = os.path.join(FIXTURES, "sd2-tiny")
+    minify_json(os.path.join(sd2_dir, "tokenizer", "tokenizer.json"))
+    add_text_projection(os.path.join(sd2_dir, "text_encoder"), SDXL_SEED + 1)
+    build_sdxl()
+    pipes = {name: load_sdxl(name) for name in ("sdxl-tiny", "sdxl-turbo-tiny")}
+    base = {name: pipe.scheduler for name, pipe in pipes.items()}
+    assert type(base["sdxl-turbo-tiny"]) is EulerAncestralDiscreteScheduler
+    assert base["sdxl-turbo-tiny"].config.timestep_spacing == "trailing"
+    sdxl = pipes["sdxl-tiny"]
+    for prompt in ("a photo of a cat", ""):  # sdxl_text (used to calibrate) is what encode_prompt does
+        emb, pooled = sdxl_text(sdxl, prompt)
+        ref = sdxl.encode_prompt(prompt, do_classifier_free_guidance=False)
+        assert torch.equal(emb, ref[0]) and torch.equal(pooled, ref[2])
+    print("sdxl-tiny: saved to tests/fixtures/sdxl-tiny (+ sdxl-turbo-tiny)")
+    sdxl_stats(sdxl)
+    if os.path.isdir(SDXL_REF_DIR):
+        shutil.rmtree(SDXL_REF_DIR)
+    os.makedirs(SDXL_REF_DIR)
+
+    print("SDXL reference images:")
+    index, rendered = [], {}
+    for name, model, sched, steps, guidance, prompt, negative, width, height, seed in SDXL_IMAGE_CASES:
+        case = dict(name=name, model=model, prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance,
+                    scheduler=sched, width=width, height=height, seed=seed)
+        with unet_calls(pipes[model].unet) as calls:
+            lat, draws, images = render_case(pipes[model], base[model], case)
+        np.save(os.path.join(SDXL_REF_DIR, f"{name}.latents.npy"), lat)
+        noise_file = None
+        if draws:
+            noise_file = f"{name}.noise.npy"
+            np.save(os.path.join(SDXL_REF_DIR, noise_file), np.stack(draws))
+        image = to_uint8(images)[0]
+        Image.fromarray(image).save(os.path.join(SDXL_REF_DIR, f"{name}.png"))
+        rendered[name] = image.astype(np.int32)
+        flat = np.abs(rendered[name] - rendered[name].mean(axis=(0, 1))).mean()
+        print(f"  {name:20s} |image - its mean colour| {flat:5.1f}/255  noise draws {len(draws)}  "
+              f"{describe_calls(calls)}")
+        assert flat >= 10, "a flat image"
+        del case["seed"]
+        index.append(dict(case, latents=f"{name}.latents.npy", noise=noise_file, image=f"{name}.png"))
+    write_json(os.path.join(SDXL_REF_DIR, "images.json"), index)
+    pairs = [(a, b) for i, a in enumerate(rendered) for b in list(rendered)[i + 1:]
+             if rendered[a].shape == rendered[b].shape]
+    for a, b in pairs:
+        diff = np.abs(rendered[a] - rendered[b])
+        if a == "sdxl-euler-neg" and b == "sdxl-euler-noneg":
+            print(f"  {a} vs {b} (same prompt and latents): mean |diff| {diff.mean():.1f}/255")
+        assert diff.mean() >= 3, (a, b)
+    print(f"  any two other cases of a size: mean |diff| >= "
+          f"{min(np.abs(rendered[a] - rendered[b]).mean() for a, b in pairs):.1f}/255")
+    # The time ids matter: the wide case again with a 64x64 image's original and target sizes.
+    wide = next(c for c in index if c["name"] == "sdxl-dpmpp-2m-wide")
+    seed = next(c[-1] for c in SDXL_IMAGE_CASES if c[0] == wide["name"])
+    with unet_calls(sdxl.unet) as calls:
+        other = render_case(sdxl, base["sdxl-tiny"], dict(wide, seed=seed), original_size=(64, 64),
+                            target_size=(64, 64))[2]
+    diff = np.abs(to_uint8(other)[0].astype(np.int32) - rendered[wide["name"]])
+    print(f"  {wide['name']} with time ids of 64x64 ({describe_calls(calls)}): "
+          f"mean |diff| {diff.mean():.1f}/255, max {diff.max()}")
+    assert diff.mean() >= 4, "the time ids barely change the image"
+
+    print("SDXL editing references:")
+    init, mask = (Image.open(os.path.join(EDIT_DIR, f)).convert("RGB") for f in ("init.png", "mask.png"))
+    edit_index = []
+    for i, (name, mode, sched, strength, steps, guidance, negative) in enumerate(SDXL_EDIT_CASES):
+        cls = StableDiffusionXLImg2ImgPipeline if mode == "img2img" else StableDiffusionXLInpaintPipeline
+        pipe = cls(**sdxl.components, requires_aesthetics_score=False,
+                   force_zeros_for_empty_prompt=sdxl.config.force_zeros_for_empty_prompt, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = convert_scheduler(base["sdxl-tiny"], sched)
+        # diffusers' SDXL defaults differ from SD's (strength 0.9999 for inpainting, denoising_start/end,
+        # padding_mask_crop, aesthetic scores): everything explicit.
+        kwargs = dict(image=init, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                      negative_prompt=negative, denoising_start=None, denoising_end=None, output_type="np")
+        case = dict(name=name, mode=mode, model="sdxl-tiny", scheduler=sched, strength=strength, steps=steps,
+                    guidance=guidance, prompt=EDIT_PROMPT, negative_prompt=negative, image_input="init.png")
+        with labelled_noise(5500 + i) as draws, unet_calls(pipe.unet) as calls:
+            if mode == "img2img":
+                images = pipe(EDIT_PROMPT, **kwargs).images
+            else:
+                images = pipe(EDIT_PROMPT, mask_image=mask, height=64, width=64, padding_mask_crop=None,
+                              **kwargs).images
+        roles = [r for r, _ in draws]
+        if mode == "img2img":
+            assert roles[:2] == ["encode", "latents"], roles
+            used = ("encode", "latents", "step")
+        else:
+            # The 4-channel UNet: image encode, latents, masked-image encode (unused by the blend), steps.
+            assert roles[:3] == ["encode", "latents", "encode"], roles
+            draws = [("image_encode" if k == 0 else "masked_encode" if r == "encode" else r, a)
+                     for k, (r, a) in enumerate(draws)]
+            used = ("image_encode", "latents", "step")
+            case.update(mask="mask.png", mask_blur=0)
+        files = save_draws(name, draws, used, SDXL_REF_DIR)
+        image = to_uint8(images)[0]
+        Image.fromarray(image).save(os.path.join(SDXL_REF_DIR, f"{name}.png"))
+        edit_index.append(dict(case, image=f"{name}.png", noise=files))
+        init_diff = np.abs(image.astype(np.int32) - np.asarray(init, dtype=np.int32)).mean()
+        print(f"  {name:24s} draws {[r for r, _ in draws]}  |output - input| {init_diff:.1f}/255  "
+              f"{describe_calls(calls)}")
+    write_json(os.path.join(SDXL_REF_DIR, "editing.json"), edit_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# SDXL LoRA: kohya's SDXL file (Stability's original UNet names) and a diffusers/PEFT one, for
+# sdxl-tiny, in lora/ (files and cases named sdxl-*; `--only lora-sdxl` remakes just those)
+# ----------------------------------------------------------------------------------------------
+
+RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def sgm_unet_name(unet, name):
+    """A diffusers UNet module name in Stability's original (SGM/LDM) UNet, which kohya's SDXL
+    LoRAs name: down block b's resnet / attention i is input_blocks.(1 + (L+1) b + i).(0 / 1), its
+    downsampler input_blocks.((L+1) (b+1)).0.op; the mid block's resnet 0, attention, resnet 1 are
+    middle_block.0 / .1 / .2; up block b's resnet / attention i is output_blocks.((L+1) b + i).(0 / 1),
+    its upsampler output_blocks.((L+1) b + L).(2 if the block has attentions else 1).conv, where L is
+    layers_per_block.  Resnet internals are renamed (RESNET_SGM); transformer internals keep theirs."""
+    per = unet.config.layers_per_block + 1
+    m = re.fullmatch(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
+                     r"\.(\d+)\.(.+)", name)
+    assert m, name
+    where, b, kind, i, rest = m.group(1), int(m.group(2) or 0), m.group(3), int(m.group(4)), m.group(5)
+    if kind == "resnets":
+        first, _, tail = rest.partition(".")
+        rest = ".".join(filter(None, (RESNET_SGM[first], tail)))
+    if where == "down_blocks":
+        if kind == "downsamplers":
+            assert rest == "conv", name
+            return f"input_blocks.{per * (b + 1)}.0.op"
+        return f"input_blocks.{1 + per * b + i}.{int(kind == 'attentions')}.{rest}"
+    if where == "mid_block":
+        n = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[kind, i]
+        return f"middle_block.{n}.{rest}"
+    if kind == "upsamplers":
+        has_attn = hasattr(unet.up_blocks[b], "attentions")
+        return f"output_blocks.{per * b + per - 1}.{2 if has_attn else 1}.{rest}"
+    return f"output_blocks.{per * b + i}.{int(kind == 'attentions')}.{rest}"
+
+
+def sdxl_kohya_name(pipe, component, full):
+    """kohya's SDXL names: lora_unet_ + the SGM name, lora_te1_ / lora_te2_ + the text encoder's."""
+    if component == "unet":
+        return "lora_unet_" + sgm_unet_name(pipe.unet, full).replace(".", "_")
+    return {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component] + full.replace(".", "_")
+
+
+def sdxl_kohya_alpha(component, name):
+    """Alphas 2, 4, 8 (rank 4) by layer.  diffusers' alpha workaround (see LORA_FILES): the UNet's
+    attention projections carry its common alpha (4; they are the most numerous), each text
+    encoder one alpha for all its layers (te1 2, te2 8); the other UNet layers vary."""
+    if component != "unet":
+        return {"text_encoder": 2.0, "text_encoder_2": 8.0}[component]
+    if ATTENTION_LAYER.fullmatch(name):
+        return 4.0
+    if re.search(r"(proj_in|proj_out|conv2|conv_shortcut|upsamplers\.0\.conv)$", name):
+        return 2.0
+    return 8.0  # ff, conv1, time_emb_proj, the downsampler
+
+
+SDXL_BLOCK_LAYERS = r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))"
+SDXL_TRANSFORMER = rf"\.(proj_in|proj_out|transformer_blocks\.\d\.{SDXL_BLOCK_LAYERS})"
+SDXL_LORA_FILES = {
+    # Transformers of the down path (input_blocks.4.1), the mid block (middle_block.1, both transformer
+    # layers), the up path (output_blocks.0.1: proj_in/out and its second layer; output_blocks.3.1);
+    # a resnet's 3x3 conv1
+    # (LoCon), time_emb_proj and 1x1 conv_shortcut (input_blocks.4.0), the mid block's last conv2,
+    # the last up resnet's conv2 (output_blocks.8.0), the first downsampler (input_blocks.3.0.op) and
+    # an upsampler (output_blocks.5.2.conv); every layer of both text encoders.  fp16, as sd-scripts
+    # saves with --save_precision fp16.
+    "sdxl-kohya.safetensors": dict(
+        model="sdxl-tiny", format="kohya", rank=4, seed=9300, alphas=sdxl_kohya_alpha, alpha_dtype=torch.float16,
+        components=("unet", "text_encoder", "text_encoder_2"), kohya_names=sdxl_kohya_name,
+        unet=rf"(down_blocks\.1\.attentions\.0|mid_block\.attentions\.0|up_blocks\.1\.attentions\.0){SDXL_TRANSFORMER}"
+             rf"|up_blocks\.0\.attentions\.0\.(proj_in|proj_out|transformer_blocks\.1\.{SDXL_BLOCK_LAYERS})"
+             r"|down_blocks\.1\.resnets\.0\.(conv1|time_emb_proj|conv_shortcut)|mid_block\.resnets\.1\.conv2"
+             r"|up_blocks\.2\.resnets\.2\.conv2|down_blocks\.0\.downsamplers\.0\.conv"
+             r"|up_blocks\.1\.upsamplers\.0\.conv",
+        text_encoder=CLIP_LAYERS, text_encoder_2=rf"text_model\.{CLIP_LAYERS}", gain=(0.25, 0.25, 0.25)),
+    "sdxl-peft.safetensors": dict(
+        model="sdxl-tiny", format="peft", rank=2, seed=9400, components=("unet", "text_encoder", "text_encoder_2"),
+        unet=r"(down_blocks\.1\.attentions\.0|mid_block\.attentions\.0|up_blocks\.0\.attentions\.1)"
+             r"\.transformer_blocks\.\d\.(attn[12]\.to_(k|v|out\.0)|ff\.net\.2)",
+        text_encoder=r"encoder\.layers\.\d+\.self_attn\.(q|v)_proj",
+        # diffusers (0.42) cannot load a PEFT text encoder part without attention projections
+        # (convert_state_dict_to_peft: "Could not automatically infer state dict type"), so te2 has some.
+        text_encoder_2=r"text_model\.encoder\.layers\.\d+\.(self_attn\.(k|out)_proj|mlp\.fc1)",
+        gain=(0.25, 0.25, 0.25)),
+}
+SDXL_LORA_CASES = [  # as LORA_CASES
+    ("sdxl-kohya-0.7", "sdxl-tiny", [("sdxl-kohya.safetensors", 0.7)], "euler", 4, 5.0, PROMPTS[4], "blurry"),
+    ("sdxl-peft-1.0", "sdxl-tiny", [("sdxl-peft.safetensors", 1.0)], "euler", 4, 5.0, PROMPTS[6], None),
+]
+
+
+def check_sgm_names(pipe, fname, deltas):
+    """Every UNet key of a kohya SDXL file is an SGM name, and sgm_unet_name is one-to-one on them
+    (check_fused then shows that diffusers puts each on the module sgm_unet_name came from)."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(LORA_DIR, fname), "pt") as f:
+        keys = {k.split(".")[0] for k in f.keys()}
+    unet = {k for k in keys if k.startswith("lora_unet_")}
+    want = {"lora_unet_" + sgm_unet_name(pipe.unet, n).replace(".", "_") for c, n in deltas if c == "unet"}
+    assert unet == want and len(want) == sum(c == "unet" for c, _ in deltas), (unet ^ want)
+    assert all(re.match(r"lora_unet_(input_blocks_\d+_\d|middle_block_\d|output_blocks_\d+_\d)_", k) for k in unet)
+    assert not any(b in k for k in unet for b in ("down_blocks", "mid_block", "up_blocks", "resnets", "attentions"))
+    return len(unet)
+
+
+def make_lora_sdxl():
+    """The sdxl-* LoRA files and cases in lora/ (made after lora/'s others, whose files and cases.json
+    entries stay as they are)."""
+    import peft
+    torch.set_num_threads(1)  # tiny models; leaves the other cores alone
+    print(f"SDXL LoRA references: torch {torch.__version__}, diffusers {diffusers.__version__}, "
+          f"peft {peft.__version__}")
+    os.makedirs(LORA_DIR, exist_ok=True)
+    for f in os.listdir(LORA_DIR):
+        if f.startswith("sdxl-"):
+            os.remove(os.path.join(LORA_DIR, f))
+    components = ("unet", "text_encoder", "text_encoder_2")
+    deltas = {fname: make_lora_file(load_sdxl(spec["model"]), fname, spec)
+              for fname, spec in SDXL_LORA_FILES.items()}
+    for fname in SDXL_LORA_FILES:  # safetensors writes them through 0600 temporary files
+        os.chmod(os.path.join(LORA_DIR, fname), 0o644)
+    pipe = load_sdxl("sdxl-tiny")
+    for fname, spec in SDXL_LORA_FILES.items():
+        if spec["format"] == "kohya":
+            print(f"  {fname}: {check_sgm_names(pipe, fname, deltas[fname])} UNet keys in SGM names")
+    new = lora_cases(SDXL_LORA_CASES, load_sdxl, deltas, 8100, components)
+    index_path = os.path.join(LORA_DIR, "cases.json")
+    index = []
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = [c for c in json.load(f) if not c["name"].startswith("sdxl-")]
+    write_json(index_path, index + new)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["prompts", "taesd"], help="remake one part (prompts: from the committed pipelines)")
+    ap.add_argument("--only", choices=["prompts", "taesd", "lora", "lora-sdxl", "sdxl"],
+                    help="remake one part (prompts, lora, lora-sdxl, sdxl: from the committed pipelines)")
     args = ap.parse_args()
+    if args.only in ("lora", "lora-sdxl"):
+        if args.only == "lora":
+            make_lora()
+        make_lora_sdxl()
+        return
+    if args.only == "sdxl":
+        make_sdxl()
+        return
     if args.only == "prompts":
         make_prompts({name: load_pipeline(os.path.join(FIXTURES, name), spec) for name, spec in MODELS.items()})
         return
@@ -1387,6 +2067,9 @@ def main():
     make_editing(pipes)
     make_prompts(pipes)
     make_taesd()
+    make_lora()
+    make_sdxl()
+    make_lora_sdxl()
 
 
 if __name__ == "__main__":

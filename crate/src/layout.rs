@@ -22,6 +22,11 @@ pub fn weight_stems() -> Vec<String> {
     family::weight_stems()
 }
 
+/// The config file of the component whose weight file is `stem` (`unet/config.json`).
+fn component_config(stem: &str) -> String {
+    format!("{}/config.json", stem.split('/').next().unwrap_or(stem))
+}
+
 /// The facts the page needs, in one object.
 #[derive(Serialize)]
 #[cfg_attr(test, derive(ts_rs::TS), ts(export))]
@@ -30,7 +35,8 @@ pub struct Layout {
     pub required_files: Vec<String>,
     /// Text files a folder may have: its family and tokenizer say which it needs.
     pub optional_files: Vec<String>,
-    /// Each weight file's names, preferred first.
+    /// Each weight file's names, preferred first, for every family (a repo has its family's:
+    /// [`FamilyFiles`]).
     pub weight_files: Vec<WeightFile>,
     /// A Kiln package's manifest, by which a package is told from a diffusers repo.
     pub manifest: &'static str,
@@ -52,6 +58,21 @@ pub struct Layout {
     pub resize_modes: Vec<Named>,
 }
 
+/// What the page needs of a repo's family, once its `model_index.json` names it.
+#[derive(Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
+pub struct FamilyFiles {
+    pub name: &'static str,
+    /// Its weight files' stems, each one of [`Layout::weight_files`].
+    pub weight_stems: Vec<String>,
+}
+
+impl FamilyFiles {
+    pub fn of(family: &family::Family) -> Self {
+        Self { name: family.name, weight_stems: family.weight_stems() }
+    }
+}
+
 /// A choice as the engine takes it (`name`) and as A1111 labels it.
 #[derive(Serialize)]
 #[cfg_attr(test, derive(ts_rs::TS), ts(export))]
@@ -65,6 +86,8 @@ pub struct Named {
 pub struct WeightFile {
     pub stem: String,
     pub files: [String; 2],
+    /// Its component's config file: a repo has the weight file exactly when it has this.
+    pub config: String,
 }
 
 #[derive(Serialize)]
@@ -88,7 +111,7 @@ impl Layout {
         Layout {
             required_files: family::required_files(),
             optional_files: family::optional_files(),
-            weight_files: weight_stems().into_iter().map(|stem| WeightFile { files: weight_file_names(&stem), stem }).collect(),
+            weight_files: weight_stems().into_iter().map(|stem| WeightFile { files: weight_file_names(&stem), config: component_config(&stem), stem }).collect(),
             manifest: MANIFEST,
             model_index: family::MODEL_INDEX,
             preview_decoder: PreviewDecoderFiles { config: autoencoder_tiny::CONFIG, weight_files: weight_file_names(autoencoder_tiny::WEIGHT_STEM) },

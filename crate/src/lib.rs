@@ -8,6 +8,7 @@ pub mod error;
 pub mod files;
 pub mod kernels;
 pub mod layout;
+pub mod lora;
 pub mod messages;
 pub mod model;
 pub mod npy;

@@ -1,11 +1,13 @@
 //! `kiln`: the command-line face of the engine (generation, image editing, upscaling and benchmarks).
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use kiln::lora::Loras;
 use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::{self, Img2Img};
 use kiln::pipeline::infotext::{self, Infotext};
@@ -23,6 +25,7 @@ mod cli {
     pub mod bench;
     pub mod download;
     pub mod host;
+    pub mod lora;
     pub mod output;
 }
 
@@ -163,6 +166,10 @@ struct CommonArgs {
     count: u64,
     #[arg(long, value_enum, default_value = "wgpu")]
     backend: Backend,
+    /// A LoRA merged into the model: a kohya/A1111 or diffusers/PEFT .safetensors file or its
+    /// URL, and the scale diffusers' fuse_lora(lora_scale=…) takes [default weight: 1]; repeatable.
+    #[arg(long = "lora", value_name = "FILE_OR_URL:WEIGHT")]
+    loras: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -383,13 +390,15 @@ fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
         Some(url) => download::model(url)?,
         None => args.model.clone(),
     };
-    let pipe = StableDiffusion::open(&model, format, &device)?;
+    let loras = args.loras.iter().map(|arg| cli::lora::read(arg)).collect::<Result<Vec<_>>>()?;
+    let prompt = cli::lora::tagged_prompt(&args.prompt, &loras)?;
+    let pipe = StableDiffusion::open(&model, format, &Arc::new(Loras::read(&loras)?), &device)?;
     eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
 
     let needs_seed = !matches!(mode, Mode::TextToImage) || latents.is_none();
     let seed = args.seed.or_else(|| needs_seed.then(random_seed));
     let request = Request {
-        prompt: args.prompt,
+        prompt,
         negative_prompt: args.negative_prompt,
         steps: args.steps,
         guidance: args.guidance,

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::files::{MemoryFiles, ModelFiles};
 use crate::layout::text_files;
+use crate::lora::Loras;
 use crate::pipeline::family::Family;
 use crate::quant::{BLOCK, Format};
 use crate::weights::{Uploaded, Weights, for_each_tensor};
@@ -228,7 +230,7 @@ pub struct Loaded {
 /// Reads the package in `files` shard by shard: each is verified before any tensor in it is
 /// built, and the host holds only the shard being read (and the start of a tensor that runs on
 /// into the next).
-pub fn load(files: &dyn ModelFiles, device: &Device) -> Result<Loaded> {
+pub fn load(files: &dyn ModelFiles, loras: &Arc<Loras>, device: &Device) -> Result<Loaded> {
     let label = files.label(MANIFEST);
     let manifest = Manifest::parse(&label, &files.require_text(MANIFEST)?)?;
     let mut pending = manifest.stream_order(&label)?.into_iter().peekable();
@@ -245,7 +247,7 @@ pub fn load(files: &dyn ModelFiles, device: &Device) -> Result<Loaded> {
         }
         let arrived = held_from + held.len();
         while let Some((start, t)) = pending.next_if(|(start, t)| start + t.length <= arrived) {
-            let upload = uploads.entry(t.file.clone()).or_insert_with(|| Uploaded::new(&t.file, files.label(&t.file)));
+            let upload = uploads.entry(t.file.clone()).or_insert_with(|| Uploaded::new(&t.file, files.label(&t.file)).with_loras(loras));
             upload.add(&t.name, t.shape.clone(), t.format, &held[start - held_from..start - held_from + t.length], device)?;
         }
         let keep_from = pending.peek().map_or(arrived, |&(start, _)| start.min(arrived));

@@ -17,6 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
+use crate::lora::Loras;
 use crate::quant::{self, Format};
 
 #[derive(Default)]
@@ -42,6 +43,8 @@ pub struct Uploaded {
     label: PathBuf,
     stem: String,
     tensors: HashMap<String, (Vec<usize>, Stored)>,
+    /// Merged into the weights they change as those are added.
+    loras: Arc<Loras>,
 }
 
 enum Stored {
@@ -79,23 +82,44 @@ impl Uploaded {
 
     /// Tensors of the weight file `stem` (`unet/diffusion_pytorch_model`); `label` names it in messages.
     pub fn new(stem: &str, label: impl Into<PathBuf>) -> Self {
-        Self { label: label.into(), stem: stem.to_owned(), tensors: HashMap::new() }
+        Self { label: label.into(), stem: stem.to_owned(), tensors: HashMap::new(), loras: Arc::default() }
+    }
+
+    /// The same, with `loras` merged into the tensors added from now on.
+    pub fn with_loras(self, loras: &Arc<Loras>) -> Self {
+        Self { loras: loras.clone(), ..self }
     }
 
     /// Adds one tensor stored as `format` and puts it where it is used from (quantized ones
-    /// stay so).
+    /// stay so). A tensor a LoRA changes is decoded, merged and encoded again.
     pub fn add(&mut self, name: &str, shape: Vec<usize>, format: Format, bytes: &[u8], device: &Device) -> Result<()> {
-        let bad = |msg: String| Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}`: {msg}") };
-        let n = element_count(&shape).ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+        let n = self.count(name, &shape)?;
         if bytes.len() != format.stored_len(n) {
-            return Err(bad(format!("{} bytes for shape {shape:?} in {}", bytes.len(), format.name())));
+            return Err(self.bad(name, format!("{} bytes for shape {shape:?} in {}", bytes.len(), format.name())));
         }
+        if self.loras.touches(&self.stem, name) {
+            return self.add_converted(name, shape, &format.decode(bytes, n)?, format, device);
+        }
+        self.store(name, shape, format, bytes, device)
+    }
+
+    fn bad(&self, name: &str, msg: String) -> Error {
+        Error::Safetensors { path: self.label.clone(), msg: format!("tensor `{name}`: {msg}") }
+    }
+
+    fn count(&self, name: &str, shape: &[usize]) -> Result<usize> {
+        element_count(shape).ok_or_else(|| self.bad(name, format!("shape {shape:?} is too large")))
+    }
+
+    /// Puts `bytes` (checked to be `shape` in `format`) where the tensor is used from.
+    fn store(&mut self, name: &str, shape: Vec<usize>, format: Format, bytes: &[u8], device: &Device) -> Result<()> {
+        let n = self.count(name, &shape)?;
         let stored = if crate::pipeline::family::on_demand(&self.stem, name) {
             Stored::Packed(format, bytes.to_vec())
         } else if n == 0 || shape.len() < 2 || name.ends_with("embedding.weight") || n as u64 * 4 > crate::device::max_binding_bytes(device) {
             Stored::Host(format.decode(bytes, n)?)
         } else {
-            Stored::Device(quant::matrix(format, bytes, matrix_shape(&shape), device).map_err(|e| bad(e.to_string()))?)
+            Stored::Device(quant::matrix(format, bytes, matrix_shape(&shape), device).map_err(|e| self.bad(name, e.to_string()))?)
         };
         self.tensors.insert(name.to_owned(), (shape, stored));
         Ok(())
@@ -113,9 +137,10 @@ impl Uploaded {
 
     /// Every tensor of the published weight file `stem`, each converted to `format` once, or
     /// with `None` kept in its published precision ([`Format::published`]).
-    pub fn from_file(files: &dyn ModelFiles, stem: &str, format: Option<Format>, device: &Device) -> Result<Self> {
+    /// `loras` are merged in before the conversion.
+    pub fn from_file(files: &dyn ModelFiles, stem: &str, format: Option<Format>, loras: &Arc<Loras>, device: &Device) -> Result<Self> {
         let (path, bytes) = read_weight_file(files, stem, format)?;
-        let mut up = Self::new(stem, files.label(&path));
+        let mut up = Self::new(stem, files.label(&path)).with_loras(loras);
         let label = up.label.clone();
         each_entry(&label, &bytes, |name, dtype, shape, values| {
             let format = format.unwrap_or(Format::published(dtype));
@@ -124,9 +149,16 @@ impl Uploaded {
         Ok(up)
     }
 
+    /// Adds f32 `values`, merged with any LoRA before they are converted to the format
+    /// `format` keeps this tensor in.
     fn add_converted(&mut self, name: &str, shape: Vec<usize>, values: &[f32], format: Format, device: &Device) -> Result<()> {
         let stored = format.for_tensor(name, &shape);
-        self.add(name, shape, stored, &stored.encode(values), device)
+        if self.loras.touches(&self.stem, name) {
+            let mut merged = values.to_vec();
+            self.loras.merge(&self.stem, name, &shape, &mut merged)?;
+            return self.store(name, shape, stored, &stored.encode(&merged), device);
+        }
+        self.store(name, shape, stored, &stored.encode(values), device)
     }
 }
 
@@ -355,7 +387,7 @@ mod tests {
     /// The weight file `unet/test` of a model holding `tensors`, loaded as published.
     fn published(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Weights {
         let files = model(&[("unet/test.safetensors", safetensors(tensors))]);
-        Weights::uploaded(Uploaded::from_file(&files, "unet/test", None, &Device::flex()).unwrap(), &Device::flex())
+        Weights::uploaded(Uploaded::from_file(&files, "unet/test", None, &Arc::default(), &Device::flex()).unwrap(), &Device::flex())
     }
 
     #[test]
@@ -408,7 +440,7 @@ mod tests {
     #[test]
     fn malformed_files_are_refused() {
         let files = model(&[("vae/x.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}".to_vec())]);
-        let err = Uploaded::from_file(&files, "vae/x", None, &Device::flex()).err().unwrap().to_string();
+        let err = Uploaded::from_file(&files, "vae/x", None, &Arc::default(), &Device::flex()).err().unwrap().to_string();
         assert!(err.starts_with("m/vae/x.safetensors: not a valid safetensors file"), "{err}");
     }
 
@@ -416,7 +448,9 @@ mod tests {
     fn prefers_fp16_and_falls_back_to_the_full_file() {
         let one = |dtype: Dtype, data: Vec<u8>| safetensors(&[("x", dtype, vec![1], data)]);
         let (half, full) = (one(Dtype::F16, half::f16::from_f32(2.0).to_le_bytes().to_vec()), one(Dtype::F32, 1.0f32.to_le_bytes().to_vec()));
-        let value = |files: &MemoryFiles, format| Weights::uploaded(Uploaded::from_file(files, "model", format, &Device::flex()).unwrap(), &Device::flex()).values("x", &[1]).unwrap();
+        let value = |files: &MemoryFiles, format| {
+            Weights::uploaded(Uploaded::from_file(files, "model", format, &Arc::default(), &Device::flex()).unwrap(), &Device::flex()).values("x", &[1]).unwrap()
+        };
         let both = model(&[("model.fp16.safetensors", half.clone()), ("model.safetensors", full.clone())]);
         assert_eq!(value(&model(&[("model.safetensors", full)]), None), vec![1.0]);
         assert_eq!(value(&both, None), vec![2.0]);
@@ -424,7 +458,7 @@ mod tests {
         // Converting to f32 asks for full precision.
         assert_eq!(value(&both, Some(Format::F32)), vec![1.0]);
         assert_eq!(value(&model(&[("model.fp16.safetensors", half)]), Some(Format::F32)), vec![2.0]);
-        let err = Uploaded::from_file(&model(&[]), "other", None, &Device::flex()).err().unwrap().to_string();
+        let err = Uploaded::from_file(&model(&[]), "other", None, &Arc::default(), &Device::flex()).err().unwrap().to_string();
         assert!(err.contains("neither other.fp16.safetensors nor other.safetensors"), "{err}");
     }
 }

@@ -515,10 +515,10 @@ fn repos_by_url_are_checked_and_fetched_once() {
     // A pipeline Kiln does not run is refused from its model_index.json, before any weight.
     let index = served.join("model_index.json");
     let published = std::fs::read(&index).unwrap();
-    std::fs::write(&index, r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap();
+    std::fs::write(&index, r#"{"_class_name": "StableCascadeDecoderPipeline"}"#).unwrap();
     let refused = run();
     assert_eq!(refused.status.code(), Some(2));
-    assert!(stderr(&refused).contains("pipeline class StableDiffusionXLPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("pipeline class StableCascadeDecoderPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{}", stderr(&refused));
     assert!(!walk(&cache).iter().any(|p| p.to_string_lossy().ends_with(".safetensors")), "weights were fetched");
     std::fs::write(&index, published).unwrap();
     std::fs::remove_dir_all(&cache).unwrap();
@@ -558,4 +558,81 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir).map_or(Vec::new(), |entries| {
         entries.flatten().flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
     })
+}
+
+/// `--lora FILE_OR_URL:WEIGHT` gives diffusers' fused image; the PNG's prompt records it as
+/// Automatic1111 does; by URL the file is fetched once (a cut one is not kept); a prompt naming
+/// a LoRA not given, and a file that is no LoRA, are refused.
+#[test]
+fn loras_from_a_file_and_a_url() {
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("lora/cases.json")).unwrap()).unwrap();
+    let case = cases.as_array().unwrap().iter().find(|c| c["name"] == "sd1-kohya-0.8").expect("the kohya case");
+    let (str_of, num_of) = (|k: &str| case[k].as_str().unwrap().to_owned(), |k: &str| case[k].to_string());
+    let dir = temp_dir("lora");
+    let out = dir.join("lora.png");
+    let lora = fixture("lora/sd1-kohya.safetensors");
+    let (latents, model) = (fixture(&format!("lora/{}", str_of("latents"))), fixture(&str_of("model")));
+    let (prompt, negative, scheduler, steps, guidance) = (str_of("prompt"), str_of("negative_prompt"), str_of("scheduler"), num_of("steps"), num_of("guidance"));
+    let args = |lora_arg: &str, prompt: &str, out: &str, cache: &std::path::Path| {
+        let args = [
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            &negative,
+            "--steps",
+            &steps,
+            "--guidance",
+            &guidance,
+            "--scheduler",
+            &scheduler,
+            "--latents",
+            &latents,
+            "--out",
+            out,
+            "--lora",
+            lora_arg,
+        ];
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("XDG_CACHE_HOME", cache).output().expect("kiln runs")
+    };
+    let result = args(&format!("{lora}:0.8"), &prompt, out.to_str().unwrap(), &dir);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let bytes = std::fs::read(&out).unwrap();
+    let theirs = common::read_png(&std::fs::read(common::fixtures().join("lora").join(str_of("image"))).unwrap()).0;
+    let (max, mean) = common::pixel_diff(&common::read_png(&bytes).0, &theirs);
+    assert!(max <= 3 && mean <= 0.5, "max {max}, mean {mean}");
+    assert!(png_texts(&bytes)[0].1.starts_with(&format!("{prompt} <lora:sd1-kohya:0.8>\n")), "{:?}", png_texts(&bytes));
+
+    let served = dir.join("served");
+    let _ = std::fs::remove_dir_all(&served);
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::copy(&lora, served.join("sd1-kohya.safetensors")).unwrap();
+    let (url, requests) = serve(served.clone());
+    let cache = dir.join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let by_url = format!("{url}/sd1-kohya.safetensors:0.8");
+    std::fs::write(served.join("sd1-kohya.safetensors.fault"), "truncate").unwrap();
+    let cut = args(&by_url, &prompt, dir.join("cut.png").to_str().unwrap(), &cache);
+    assert_eq!(cut.status.code(), Some(2), "{}", stderr(&cut));
+    assert!(stderr(&cut).contains("not a complete safetensors file"), "{}", stderr(&cut));
+    std::fs::remove_file(served.join("sd1-kohya.safetensors.fault")).unwrap();
+    // The tag in the prompt is the one the PNG would carry.
+    let tagged = format!("{prompt} <lora:sd1-kohya:0.8>");
+    for run in ["first", "second"] {
+        let out = dir.join(format!("{run}.png"));
+        let result = args(&by_url, &tagged, out.to_str().unwrap(), &cache);
+        assert!(result.status.success(), "{}", stderr(&result));
+        assert_eq!(common::read_png(&std::fs::read(&out).unwrap()).0, common::read_png(&bytes).0, "{run} run by URL");
+    }
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2, "the cut download and one whole one");
+
+    let other = args(&format!("{lora}:0.8"), &format!("{prompt} <lora:ink:1>"), dir.join("x.png").to_str().unwrap(), &dir);
+    assert_eq!(other.status.code(), Some(2));
+    assert!(stderr(&other).contains("the prompt names LoRA `ink`; give its file with --lora"), "{}", stderr(&other));
+    let unet = fixture("sd1-tiny/unet/diffusion_pytorch_model.safetensors");
+    let not_lora = args(&unet, &prompt, dir.join("x.png").to_str().unwrap(), &dir);
+    assert_eq!(not_lora.status.code(), Some(2));
+    assert!(stderr(&not_lora).contains("LoRA `diffusion_pytorch_model`: `") && stderr(&not_lora).contains("` is not a LoRA weight Kiln reads"), "{}", stderr(&not_lora));
 }

@@ -21,6 +21,9 @@ use kiln::schedulers::SchedulerKind;
 
 #[derive(Deserialize)]
 struct Case {
+    /// The folder of its noise and reference image (the inputs are in [`dir`]).
+    #[serde(skip)]
+    dir: PathBuf,
     name: String,
     mode: String,
     model: String,
@@ -38,13 +41,21 @@ struct Case {
     noise: HashMap<String, String>,
 }
 
+/// The input images, and the SD cases.
 fn dir() -> PathBuf {
     common::fixtures().join("editing")
 }
 
+/// The SD cases, then SDXL's (tests/fixtures/sdxl, on the same inputs).
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(dir().join("cases.json")).expect("cases.json");
-    serde_json::from_str(&text).expect("cases.json parses")
+    let mut cases = Vec::new();
+    for (folder, file) in [("editing", "cases.json"), ("sdxl", "editing.json")] {
+        let dir = common::fixtures().join(folder);
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{folder}/{file}: {e}"));
+        let read: Vec<Case> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{folder}/{file}: {e}"));
+        cases.extend(read.into_iter().map(|case| Case { dir: dir.clone(), ..case }));
+    }
+    cases
 }
 
 fn image(file: &str) -> Image8 {
@@ -52,7 +63,7 @@ fn image(file: &str) -> Image8 {
 }
 
 fn noise(case: &Case, role: &str) -> Option<npy::Array> {
-    case.noise.get(role).map(|file| npy::read(&dir().join(file)).expect("noise"))
+    case.noise.get(role).map(|file| npy::read(&case.dir.join(file)).expect("noise"))
 }
 
 fn request(case: &Case) -> Request {
@@ -124,7 +135,7 @@ fn check(device: &Device, filter: impl Fn(&Case) -> bool) {
     for case in cases().iter().filter(|c| filter(c)) {
         let pipe = pipes.get(&case.model);
         let (ours, w, h) = run(pipe, case, None);
-        let (theirs, tw, th) = common::read_png(&std::fs::read(dir().join(&case.image)).expect("reference image"));
+        let (theirs, tw, th) = common::read_png(&std::fs::read(case.dir.join(&case.image)).expect("reference image"));
         assert_eq!((w, h), (tw, th), "{}: size", case.name);
         parity.check(&case.name, &ours, &theirs);
     }
@@ -162,7 +173,7 @@ fn editing_equals_diffusers_on_cpu_backend() {
 fn tiled_upscaling_stays_close_to_untiled() {
     let device = common::wgpu();
     let case = cases().into_iter().find(|c| c.name == "upscale-ddim").expect("upscale-ddim case");
-    let pipe = StableDiffusion::open(&common::fixtures().join(&case.model), None, &device).expect("fixture loads");
+    let pipe = StableDiffusion::open(&common::fixtures().join(&case.model), None, &Default::default(), &device).expect("fixture loads");
     let (whole, _, _) = run(&pipe, &case, None);
     let (one_tile, _, _) = run(&pipe, &case, Some(TileSize { size: 32, overlap: 8 }));
     assert_eq!(one_tile, whole, "one tile covering the image must be the untiled pipeline");

@@ -225,13 +225,47 @@ fn safetensors_seed() -> Vec<u8> {
 fn safetensors_file() {
     let seeds = vec![safetensors_seed()];
     let seed = MemoryFiles { name: "seed".into(), files: HashMap::from([("unet/x.safetensors".to_string(), seeds[0].clone())]) };
-    Uploaded::from_file(&seed, "unet/x", None, &cpu()).expect("the seed is a valid weight file");
+    Uploaded::from_file(&seed, "unet/x", None, &Default::default(), &cpu()).expect("the seed is a valid weight file");
     fuzz("safetensors file", (mutated(seeds), prop::sample::select(vec![None, Some(Format::F16), Some(Format::Q8), Some(Format::Q4)])), |(bytes, format)| {
         let files = MemoryFiles { name: "fuzz".into(), files: HashMap::from([("unet/x.safetensors".to_string(), bytes)]) };
-        match Uploaded::from_file(&files, "unet/x", format, &cpu()) {
+        match Uploaded::from_file(&files, "unet/x", format, &Default::default(), &cpu()) {
             Ok(_) => Ok(()),
             Err(e) => refused(e),
         }
+    });
+}
+
+/// LoRA files (kohya and PEFT seeds), read and merged into a weight of the shape they were made for.
+#[test]
+fn lora_file() {
+    use kiln::lora::{LoraFile, Loras};
+    use safetensors::{Dtype, tensor::TensorView};
+    let f32s = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect() };
+    let (down, up, alpha) = (f32s(6), f32s(4), f32s(1));
+    let kohya = safetensors::serialize(
+        vec![
+            ("lora_unet_proj.lora_down.weight", TensorView::new(Dtype::F32, vec![2, 3, 1, 1], &down).unwrap()),
+            ("lora_unet_proj.lora_up.weight", TensorView::new(Dtype::F32, vec![2, 2, 1, 1], &up).unwrap()),
+            ("lora_unet_proj.alpha", TensorView::new(Dtype::F32, vec![], &alpha).unwrap()),
+        ],
+        None,
+    )
+    .unwrap();
+    let peft = safetensors::serialize(
+        vec![
+            ("unet.proj.lora_A.weight", TensorView::new(Dtype::F32, vec![2, 3], &down).unwrap()),
+            ("unet.proj.lora_B.weight", TensorView::new(Dtype::F32, vec![2, 2], &up).unwrap()),
+        ],
+        None,
+    )
+    .unwrap();
+    fuzz("LoRA file", mutated(vec![kohya, peft]), |bytes| {
+        let loras = match Loras::read(&[LoraFile { name: "fuzz".into(), bytes, scale: 0.5 }]) {
+            Ok(loras) => loras,
+            Err(e) => return refused(e),
+        };
+        let merged = loras.merge("unet/diffusion_pytorch_model", "proj.weight", &[2, 3, 1, 1], &mut [0.0; 6]).and_then(|()| loras.check_all_merged());
+        merged.or_else(refused)
     });
 }
 
@@ -285,7 +319,7 @@ fn tensor_upload() {
 fn package_seed(format: Format) -> HashMap<String, Vec<u8>> {
     let weights = safetensors_seed();
     let mut files = HashMap::from([("model_index.json".to_string(), br#"{"_class_name": "StableDiffusionPipeline"}"#.to_vec())]);
-    for stem in kiln::layout::weight_stems() {
+    for stem in kiln::pipeline::family::FAMILIES[0].weight_stems() {
         files.insert(format!("{stem}.safetensors"), weights.clone());
     }
     let dir = std::env::temp_dir().join(format!("kiln-fuzz-package-{}-{}", std::process::id(), format.name()));
@@ -305,7 +339,7 @@ fn package_seed(format: Format) -> HashMap<String, Vec<u8>> {
 fn package_manifest_and_shards() {
     let seeds: Vec<HashMap<String, Vec<u8>>> = [Format::F32, Format::Q4].map(package_seed).into();
     for seed in &seeds {
-        package::load(&MemoryFiles { name: "seed".into(), files: seed.clone() }, &cpu()).expect("the seeds are valid packages");
+        package::load(&MemoryFiles { name: "seed".into(), files: seed.clone() }, &Default::default(), &cpu()).expect("the seeds are valid packages");
     }
     let manifests = seeds.iter().map(|s| s[package::MANIFEST].clone()).collect();
     let which = prop::sample::select(vec![0usize, 1]);
@@ -315,7 +349,7 @@ fn package_manifest_and_shards() {
         if let Some(shard) = files.get_mut("shard-00000.bin") {
             *shard = apply(std::mem::take(shard), &shard_edits);
         }
-        match package::load(&MemoryFiles { name: "fuzz".into(), files }, &cpu()) {
+        match package::load(&MemoryFiles { name: "fuzz".into(), files }, &Default::default(), &cpu()) {
             Ok(_) => Ok(()),
             Err(e) => refused(e),
         }

@@ -66,11 +66,11 @@ fn devices_hold_the_stored_weights_and_no_encoders_between_uses() {
             device.memory_cleanup();
             device.memory_pool_usage().expect("wgpu reports its pools").bytes_in_use
         };
-        let pipe = StableDiffusion::open(&dir, None, &device).expect("package loads");
+        let pipe = StableDiffusion::open(&dir, None, &Default::default(), &device).expect("package loads");
         let loaded = in_use();
         if format == Format::F32 {
             // The fixture's own (f32) folder, loaded as published, is held exactly as its package.
-            let published = StableDiffusion::open(&common::fixtures().join("sd1-tiny"), None, &device).expect("fixture loads");
+            let published = StableDiffusion::open(&common::fixtures().join("sd1-tiny"), None, &Default::default(), &device).expect("fixture loads");
             let both = in_use();
             assert!((resident..resident + 1024).contains(&(both - loaded)), "as published: {} more, the UNet and decoder {resident}", both - loaded);
             drop(published);

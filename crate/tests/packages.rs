@@ -52,7 +52,7 @@ fn loaded_packages_equal_the_dequantized_originals() {
     let device = Device::flex();
     let source = Folder(common::fixtures().join("sd1-tiny"));
     let mut originals = HashMap::new();
-    for stem in kiln::layout::weight_stems() {
+    for stem in kiln::pipeline::family::Family::of_folder(&source).unwrap().weight_stems() {
         weights::for_each_tensor(&source, &stem, Format::F32, |name, _, _, values| {
             originals.insert((stem.clone(), name.to_owned()), values);
             Ok(())
@@ -63,7 +63,7 @@ fn loaded_packages_equal_the_dequantized_originals() {
         let dir = packed("sd1-tiny", format);
         let manifest = manifest(&dir);
         assert!(manifest.shards.iter().all(|s| s.length <= package::SHARD_SIZE));
-        let loaded = package::load(&Folder(dir.clone()), &device).expect("package loads");
+        let loaded = package::load(&Folder(dir.clone()), &Default::default(), &device).expect("package loads");
         let mut quantized = 0;
         for t in &manifest.tensors {
             let original = &originals[&(t.file.clone(), t.name.clone())];
@@ -88,7 +88,7 @@ fn damaged_shards_are_refused_before_use() {
     let shard = dir.join("shard-00000.bin");
     let good = std::fs::read(&shard).unwrap();
     let device = Device::flex();
-    let open_err = || StableDiffusion::open(&dir, None, &device).err().expect("a damaged package must not load").to_string();
+    let open_err = || StableDiffusion::open(&dir, None, &Default::default(), &device).err().expect("a damaged package must not load").to_string();
 
     let mut flipped = good.clone();
     flipped[good.len() / 2] ^= 0x40;
@@ -104,8 +104,8 @@ fn damaged_shards_are_refused_before_use() {
     assert!(open_err().contains("shard-00000.bin is missing"));
 
     std::fs::write(&shard, &good).unwrap();
-    StableDiffusion::open(&dir, None, &device).expect("the repaired package loads");
-    let err = StableDiffusion::open(&dir, Some(Format::Q4), &device).err().unwrap().to_string();
+    StableDiffusion::open(&dir, None, &Default::default(), &device).expect("the repaired package loads");
+    let err = StableDiffusion::open(&dir, Some(Format::Q4), &Default::default(), &device).err().unwrap().to_string();
     assert!(err.contains("a q8 package cannot be loaded as q4"), "{err}");
 
     // A shard named outside the package's folder is refused before anything is read.
@@ -129,11 +129,11 @@ fn images_from_packages_stay_within_psnr_bounds() {
     let bounds = [(Format::F16, 50.0), (Format::Q8, 40.0), (Format::Q4, 16.0)];
     let cases = common::cases();
     let mut failures = Vec::new();
-    for (model, case) in [("sd1-tiny", "sd1-euler-neg"), ("sd2-tiny", "sd2-euler-neg")] {
+    for (model, case) in [("sd1-tiny", "sd1-euler-neg"), ("sd2-tiny", "sd2-euler-neg"), ("sdxl-tiny", "sdxl-euler-neg")] {
         let case = cases.iter().find(|c| c.name == case).expect("case exists");
-        let reference = common::read_png(&std::fs::read(common::fixtures().join("images").join(&case.image)).unwrap()).0;
+        let reference = common::reference(case);
         for (format, floor) in bounds {
-            let pipe = StableDiffusion::open(&packed(model, format), None, &device).expect("package loads");
+            let pipe = StableDiffusion::open(&packed(model, format), None, &Default::default(), &device).expect("package loads");
             let db = common::psnr(&common::run_case(&pipe, case), &reference);
             println!("{model} {:<4} PSNR {db:.1} dB (floor {floor})", format.name());
             if db < floor {

@@ -15,7 +15,7 @@ fn check_all(device: &Device, filter: impl Fn(&Case) -> bool) {
     for case in cases().iter().filter(|c| filter(c)) {
         let pipe = pipes.get(&case.model);
         let ours = run_case(pipe, case);
-        let reference = std::fs::read(common::fixtures().join("images").join(&case.image)).expect("reference image");
+        let reference = std::fs::read(case.dir.join(&case.image)).expect("reference image");
         let (theirs, w, h) = common::read_png(&reference);
         assert_eq!((w, h), (case.width, case.height), "{}: reference size", case.name);
         parity.check(&case.name, &ours, &theirs);
@@ -39,7 +39,7 @@ fn images_equal_diffusers_on_cpu_backend() {
 fn seeded_latents_are_identical_across_runs_and_backends() {
     let model = common::fixtures().join("sd1-tiny");
     let latents_on = |device: &Device, seed: u64| -> Vec<f32> {
-        let pipe = StableDiffusion::open(&model, None, device).expect("fixture loads");
+        let pipe = StableDiffusion::open(&model, None, &Default::default(), device).expect("fixture loads");
         let run = pipe.start(Request { prompt: "a seed".into(), seed: Some(seed), steps: Some(1), ..Default::default() }).expect("start");
         run.latents().into_data().try_to_vec::<f32>().expect("values")
     };
@@ -70,7 +70,7 @@ fn inconsistent_configs_are_refused_at_load() {
         let mut changed = files.clone();
         changed.insert(path.to_owned(), config.to_string().into_bytes());
         let model = kiln::files::MemoryFiles { name: "sd1-tiny".into(), files: changed };
-        let err = StableDiffusion::load(&model, None, &device).err().expect("an inconsistent config must not load").to_string();
+        let err = StableDiffusion::load(&model, None, &Default::default(), &device).err().expect("an inconsistent config must not load").to_string();
         assert!(err.contains(expected), "{path} {key}={value}: {err}");
     }
 }

@@ -44,7 +44,7 @@ fn tiny_autoencoder_decodes_as_diffusers_does() {
 #[test]
 fn a_run_previews_its_denoised_latents_through_the_tiny_autoencoder() {
     let device = common::wgpu();
-    let pipe = StableDiffusion::open(&common::fixtures().join("sd1-tiny"), None, &device).expect("fixture loads");
+    let pipe = StableDiffusion::open(&common::fixtures().join("sd1-tiny"), None, &Default::default(), &device).expect("fixture loads");
     let decoder = taesd(&device);
     assert_eq!(preview::misfit(&decoder, &pipe), None);
     let request = Request { prompt: "a red cube".into(), seed: Some(3), steps: Some(3), width: Some(64), height: Some(96), ..Default::default() };
@@ -74,7 +74,7 @@ fn a_run_previews_its_denoised_latents_through_the_tiny_autoencoder() {
 #[test]
 fn a_tiny_autoencoder_for_other_latents_does_not_fit() {
     let device = Device::flex();
-    let pipe = StableDiffusion::open(&common::fixtures().join("sd-x4-upscaler-tiny"), None, &device).expect("fixture loads");
+    let pipe = StableDiffusion::open(&common::fixtures().join("sd-x4-upscaler-tiny"), None, &Default::default(), &device).expect("fixture loads");
     let why = preview::misfit(&taesd(&device), &pipe).expect("the x4 upscaler's VAE makes 4 px per latent");
     assert!(why.contains("of 8 px each") && why.contains("of 4 px"), "{why}");
 }

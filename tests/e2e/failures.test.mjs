@@ -86,24 +86,24 @@ test("NaN in a model's weights is reported as non-finite, and no image is shown"
 });
 
 test("a repo of a pipeline the engine does not run is refused before any weight is fetched", async () => {
-  // SDXL's model_index.json, beside SD 1.x's files: the weights are there, but never asked for.
-  const root = mkdtempSync(join(tmpdir(), "kiln-sdxl-"));
-  cpSync("tests/fixtures/sd1-tiny", join(root, "sdxl"), { recursive: true });
-  const index = { _class_name: "StableDiffusionXLPipeline", text_encoder_2: ["transformers", "CLIPTextModelWithProjection"] };
-  writeFileSync(join(root, "sdxl/model_index.json"), JSON.stringify(index));
+  // Stable Cascade's model_index.json, beside SD 1.x's files: the weights are there, but never asked for.
+  const root = mkdtempSync(join(tmpdir(), "kiln-cascade-"));
+  cpSync("tests/fixtures/sd1-tiny", join(root, "cascade"), { recursive: true });
+  const index = { _class_name: "StableCascadeDecoderPipeline", decoder: ["diffusers", "StableCascadeUNet"] };
+  writeFileSync(join(root, "cascade/model_index.json"), JSON.stringify(index));
   const log = [];
   const host = await serve({ root, cors: true, log });
   const context = await browser.newContext();
   try {
     const page = await context.newPage();
     echoConsole(page, "unsupported pipeline");
-    await page.goto(appUrl(servers.app, `${host.url}/sdxl`, SETTINGS));
-    const refusal = /pipeline class StableDiffusionXLPipeline is not one Kiln runs \(StableDiffusionPipeline, /;
+    await page.goto(appUrl(servers.app, `${host.url}/cascade`, SETTINGS));
+    const refusal = /pipeline class StableCascadeDecoderPipeline is not one Kiln runs \(StableDiffusionPipeline, /;
     await page.locator("#cache-status").filter({ hasText: refusal }).waitFor({ timeout: 60_000 });
     await page.getByRole("button", { name: "Generate", exact: true }).click();
     assert.match(await errorText(page), refusal);
     // Whether it is a package (manifest.json), then which pipeline: nothing else.
-    assert.deepEqual([...new Set(log.map((entry) => entry.path))].sort(), ["/sdxl/manifest.json", "/sdxl/model_index.json"]);
+    assert.deepEqual([...new Set(log.map((entry) => entry.path))].sort(), ["/cascade/manifest.json", "/cascade/model_index.json"]);
   } finally {
     await context.close();
     await host.close();

@@ -82,7 +82,7 @@ export class EngineClient {
   generate(job: Job, preview: Extract<ToWorker, { type: "generate" }>["preview"]): void {
     if (this.current.kind === "generating") throw new Error("a job is already running");
     const model = modelKey(job.ref);
-    this.post(model, { type: "generate", ...job.ref, request: job.request, preview });
+    this.post(model, { type: "generate", ...job.ref, request: job.request, preview, loras: job.settings.loras });
     const info = this.infoFor(job.ref);
     this.current = { kind: "generating", model, info, job, startedAt: performance.now() };
   }

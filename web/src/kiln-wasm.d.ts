@@ -4,7 +4,8 @@ declare module "kiln-wasm" {
   export default function init(options: { module_or_path: URL }): Promise<unknown>;
   export function png_info(png: Uint8Array): import("./generated/PngInfo").PngInfo;
 
-  export function pipeline_family(modelIndex: Uint8Array, base: string): string;
+  export function lora_tags(prompt: string): import("./generated/LoraTag").LoraTag[];
+  export function pipeline_family(modelIndex: Uint8Array, base: string): import("./generated/FamilyFiles").FamilyFiles;
   export function package_manifest(bytes: Uint8Array, label: string): import("./generated/PackageManifest").PackageManifest;
   export function safetensors_header_length(first8: Uint8Array): number;
   export function safetensors_header(json: Uint8Array): import("./generated/SafetensorsHeader").SafetensorsHeader;
@@ -21,6 +22,7 @@ declare module "kiln-wasm" {
   /** A model's files and tensors as they stream in; `finish` consumes it. */
   export class Loader {
     set_file(path: string, bytes: Uint8Array): void;
+    add_lora(name: string, bytes: Uint8Array, scale: number): void;
     add_tensor(stem: string, name: string, dtype: string, shape: Uint32Array, bytes: Uint8Array): void;
     add_stored(stem: string, name: string, format: string, shape: Uint32Array, bytes: Uint8Array): void;
     finish(model_name: string): Model;

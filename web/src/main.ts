@@ -42,6 +42,7 @@ const ui = {
   remove: $<HTMLButtonElement>("remove"),
   prompt: $<HTMLTextAreaElement>("prompt"),
   negative: $<HTMLTextAreaElement>("negative"),
+  loras: $<HTMLTextAreaElement>("loras"),
   seed: $<HTMLInputElement>("seed"),
   randomize: $<HTMLButtonElement>("randomize"),
   steps: $<HTMLInputElement>("steps"),
@@ -138,6 +139,7 @@ function showSettings(s: Settings): void {
   for (const radio of ui.modes) radio.checked = radio.value === s.mode;
   ui.prompt.value = s.prompt;
   ui.negative.value = s.negativePrompt;
+  ui.loras.value = s.loras.join("\n");
   ui.seed.value = String(s.seed);
   ui.steps.value = String(s.steps);
   ui.guidance.value = String(s.guidance);
@@ -174,6 +176,7 @@ function readControls(): Settings {
     noiseLevel: number(ui.noiseLevel, settings.noiseLevel),
     count: number(ui.count, settings.count),
     backend: settings.backend,
+    loras: ui.loras.value.split("\n").map(normalizeModelUrl).filter(Boolean),
   };
 }
 

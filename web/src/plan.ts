@@ -6,7 +6,8 @@ import { CHUNK, StorageShort, StoredFile, chunkRange, keyOf, openStored, records
 import { CorruptDownload, download } from "./download";
 import { NotFound, hostFetch, network, refusal } from "./host";
 import { freeStorage, tooLarge } from "./quota";
-import { LAYOUT, WEIGHT_STEMS, weightVariants, type Precision } from "./model";
+import { LAYOUT, weightVariants, type Precision } from "./model";
+import type { FamilyFiles } from "./generated/FamilyFiles";
 import type { CacheStatus, DownloadNeeds } from "./protocol";
 import type { PackageManifest } from "./generated/PackageManifest";
 
@@ -58,12 +59,12 @@ export async function planModel(base: string, precision: Precision, signal: Abor
   }
   // A pipeline the engine does not run is refused from model_index.json, before any weight.
   const [index, indexFile] = await read(await repo.file(MODEL_INDEX));
-  checkPipeline(index, base);
+  const family = checkPipeline(index, base);
   const convert = precision === "original" ? undefined : precision;
   const files = await Promise.all([
     ...LAYOUT.required_files.filter((p) => p !== MODEL_INDEX).map((p) => repo.file(p)),
     ...LAYOUT.optional_files.map((p) => repo.optional(p)),
-    ...WEIGHT_STEMS.map((stem) => repo.weight(weightVariants(stem), convert)),
+    ...family.weight_stems.map((stem) => repo.weight(weightVariants(stem), convert)),
   ]);
   return { manifest: null, precision, files: [indexFile, ...files] };
 }
@@ -71,10 +72,10 @@ export async function planModel(base: string, precision: Precision, signal: Abor
 /** A repo of a pipeline the engine does not run (SDXL, say). */
 class UnsupportedPipeline extends Error {}
 
-/** Fails with the engine's reason when `modelIndex` names a pipeline it does not run. */
-function checkPipeline(modelIndex: Uint8Array, base: string): void {
+/** The family `modelIndex` names; fails with the engine's reason for a pipeline it does not run. */
+function checkPipeline(modelIndex: Uint8Array, base: string): FamilyFiles {
   try {
-    pipeline_family(modelIndex, base);
+    return pipeline_family(modelIndex, base);
   } catch (e) {
     throw new UnsupportedPipeline(e instanceof Error ? e.message : String(e));
   }
@@ -195,9 +196,11 @@ export async function modelStatus(base: string): Promise<CacheStatus> {
   }
   const complete = new Set(records.filter((r) => r.complete).map((r) => r.path));
   const small = [...LAYOUT.required_files, ...LAYOUT.optional_files].every((p) => complete.has(p));
+  // The weight files of the components the stored configs say the model has.
+  const weights = LAYOUT.weight_files.filter((w) => done.has(w.config));
   const precisions = LAYOUT.precisions.filter((p) => {
     const key = (v: string) => (p === "original" ? v : `${v}#${p}`);
-    return small && WEIGHT_STEMS.every((s) => weightVariants(s).some((v) => done.has(key(v))));
+    return small && weights.every((w) => w.files.some((v) => done.has(key(v))));
   });
   return { bytes, package: false, precisions };
 }

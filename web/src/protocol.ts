@@ -80,7 +80,7 @@ export interface ModelRef {
 
 export type ToWorker =
   | ({ type: "load" } & ModelRef)
-  | ({ type: "generate"; request: GenerateRequest; preview: LivePreview } & ModelRef)
+  | ({ type: "generate"; request: GenerateRequest; preview: LivePreview; loras: string[] } & ModelRef)
   | { type: "cancel" }
   | { type: "png-info"; png: Uint8Array; name: string }
   | { type: "cache"; id: number; question: keyof CacheAnswers; base: string; precision: Precision }

@@ -18,6 +18,8 @@ export const PRESETS: Preset[] = [
   { id: "sd-turbo", label: "SD-Turbo", url: "https://huggingface.co/stabilityai/sd-turbo/resolve/main", steps: 1, guidance: 0 },
   { id: "sd15", label: "Stable Diffusion 1.5", url: "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main", steps: 25, guidance: 7.5 },
   { id: "sd21-base", label: "Stable Diffusion 2.1 base", url: "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main", steps: 25, guidance: 7.5 },
+  { id: "sdxl-turbo", label: "SDXL-Turbo", url: "https://huggingface.co/stabilityai/sdxl-turbo/resolve/main", steps: 1, guidance: 0 },
+  { id: "sdxl", label: "Stable Diffusion XL base 1.0", url: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main", steps: 25, guidance: 5 },
 ];
 
 export type { Mode };
@@ -61,6 +63,8 @@ export interface Settings {
   count: number;
   /** Where the engine runs; "auto" unless the address forces one. */
   backend: BackendChoice;
+  /** URLs of the LoRA files the prompt may name (`<lora:name:weight>`). */
+  loras: string[];
 }
 
 /** A model URL without trailing slashes, so one repo has one cache key. */
@@ -115,6 +119,7 @@ export function fromQuery(search: string): Settings {
     noiseLevel: (mode === "upscale" ? int(q.get("noise_level"), 0, LAYOUT.max_noise_level) : null) ?? LAYOUT.default_noise_level,
     count: int(q.get("count"), 1, MAX_COUNT) ?? 1,
     backend: BACKEND_CHOICES.find((b) => b === q.get("backend")) ?? "auto",
+    loras: q.getAll("lora").map(normalizeModelUrl).filter(Boolean),
   };
 }
 
@@ -167,6 +172,7 @@ export function toQuery(s: Settings): string {
   if (s.mode === "upscale") q.set("noise_level", String(s.noiseLevel));
   if (s.count !== 1) q.set("count", String(s.count));
   if (s.backend !== "auto") q.set("backend", s.backend);
+  for (const url of s.loras) q.append("lora", url);
   return "?" + q.toString();
 }
 

@@ -2,12 +2,13 @@
 // cache to the GPU, and runs generations one step at a time so the page sees progress and
 // a cancel lands within one step. The page replaces the whole worker after a crash or a
 // lost device, since the wasm module cannot be trusted after either.
-import init, { Engine, type Generation, type Loader, type Model, convert as convertTensor, is_weight_dtype, png_info, stored_format } from "kiln-wasm";
+import init, { Engine, type Generation, type Loader, type Model, convert as convertTensor, is_weight_dtype, lora_tags, png_info, stored_format } from "kiln-wasm";
 import { CorruptDownload, download, downloadConverted, type Converter } from "./download";
 import { answerGallery } from "./gallery";
 import { NetworkError, NotFound } from "./host";
 import { checkSpace, downloadNeeds, modelStatus, planModel, planPreviewDecoder, removeModel, type PackageManifest, type PlannedFile } from "./plan";
-import { StorageShort, StoredFile, discardDamaged, openStored, storedPath } from "./store";
+import { StorageShort, StoredFile, discardDamaged, getRecord, keyOf, openStored, storedPath } from "./store";
+import type { LoraTag } from "./generated/LoraTag";
 import type { CacheAnswers, ErrorKind, FileProgress, FromWorker, GenerateRequest, ModelRef, ToWorker } from "./protocol";
 import { WEIGHT_STEMS } from "./model";
 import { PreviewPacer } from "./pacer";
@@ -119,7 +120,9 @@ scope.addEventListener("error", (event: ErrorEvent) => {
 async function run(msg: Exclude<ToWorker, { type: "cancel" | "png-info" | "cache" | "gallery" }>): Promise<void> {
   const abort = (current = new AbortController());
   try {
-    await ensureModel(msg, abort.signal);
+    // The prompt's LoRA tags are read by the engine, so it is loaded first.
+    if (msg.type === "generate") await loadWasm();
+    await ensureModel(msg, msg.type === "generate" ? loraPicks(msg.request.prompt, msg.loras) : [], abort.signal);
     if (msg.type === "generate") {
       await ensurePreviewDecoder(msg.preview?.decoder ?? null, abort.signal);
       await generate(msg.request, msg.preview !== null, abort.signal);
@@ -189,8 +192,38 @@ async function createEngine(backend: ModelRef["backend"]): Promise<Engine> {
   }
 }
 
-async function ensureModel({ base, precision, backend }: ModelRef, signal: AbortSignal): Promise<void> {
-  if (loaded === `${base}#${precision}`) return;
+/** A LoRA the prompt names: the URL of its file, its name there and its weight. */
+interface LoraPick {
+  url: string;
+  name: string;
+  weight: number;
+}
+
+/** A LoRA file's name in the prompt: its file name without `.safetensors`. */
+function loraName(url: string): string {
+  return url.slice(url.lastIndexOf("/") + 1).replace(/\.safetensors$/, "");
+}
+
+/** The LoRAs `prompt` names (`<lora:name:weight>`, read by the engine), each found among `urls`. */
+function loraPicks(prompt: string, urls: string[]): LoraPick[] {
+  let tags: LoraTag[];
+  try {
+    tags = lora_tags(prompt);
+  } catch (e) {
+    throw failure("settings", e);
+  }
+  const odd = urls.find((u) => !u.endsWith(".safetensors"));
+  if (odd && tags.length) throw new Failure("settings", `LoRA files are .safetensors URLs; “${odd}” is not one.`);
+  return tags.map(({ name, weight }) => {
+    const url = urls.find((u) => loraName(u) === name);
+    if (!url) throw new Failure("settings", `The prompt names LoRA “${name}”, which is not among the LoRA files (${urls.map(loraName).join(", ") || "none given"}).`);
+    return { url, name, weight };
+  });
+}
+
+async function ensureModel({ base, precision, backend }: ModelRef, loras: LoraPick[], signal: AbortSignal): Promise<void> {
+  const key = `${base}#${precision}` + loras.map((l) => ` ${l.url}:${l.weight}`).join("");
+  if (loaded === key) return;
   engine ??= await createEngine(backend);
   // The old model's GPU memory is freed before the new one's tensors arrive.
   model?.free();
@@ -204,8 +237,10 @@ async function ensureModel({ base, precision, backend }: ModelRef, signal: Abort
     await downloadAll(base, needed, signal);
   }
   const files = await Promise.all(needed.map((f) => openStored(base, storedPath(f))));
+  const loraFiles = await Promise.all(loras.map((l) => cachedLora(l, signal)));
   const loader = engine.loader();
   try {
+    loras.forEach((l, i) => loader.add_lora(l.name, loraFiles[i], l.weight));
     if (plan.manifest) await uploadPackage(loader, plan.manifest, files, signal);
     else await upload(loader, files, signal);
   } catch (e) {
@@ -213,8 +248,17 @@ async function ensureModel({ base, precision, backend }: ModelRef, signal: Abort
     throw e;
   }
   model = loader.finish(plan.manifest?.name ?? base);
-  loaded = `${base}#${precision}`;
+  loaded = key;
   post({ type: "loaded", base, info: { ...model.info(), precision: plan.precision } });
+}
+
+/** The bytes of a LoRA's file, downloaded into the cache the first time like a model's files. */
+async function cachedLora({ url }: LoraPick, signal: AbortSignal): Promise<Uint8Array> {
+  const cut = url.lastIndexOf("/");
+  const [base, path] = [url.slice(0, cut), url.slice(cut + 1)];
+  const record = await getRecord(keyOf(base, path));
+  if (!record?.complete) await downloadAll(base, [{ path, size: null, received: record?.received ?? 0, complete: false }], signal);
+  return (await openStored(base, path)).all();
 }
 
 /**

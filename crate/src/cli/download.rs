@@ -44,6 +44,8 @@ fn cache_dir(url: &str) -> PathBuf {
 enum Vet<'a> {
     /// What its name says: a `.json` file must parse, a `.safetensors` one must be whole.
     ByName,
+    /// A whole safetensors file, whatever its name.
+    Safetensors,
     /// Its bytes must pass this (the package manifest must parse).
     Bytes(&'a dyn Fn(&[u8]) -> Result<()>),
     /// A package shard: the length and SHA-256 its manifest entry states, the digest taken as
@@ -74,10 +76,10 @@ fn fetch(base: &str, dir: &Path, path: &str, vet: Vet) -> Result<bool> {
             let length = std::fs::metadata(&part).map_err(|e| Error::io(&part, e))?.len();
             return package::check_shard(shard, length as usize, &digest);
         }
-        if path.ends_with(".safetensors") {
+        if path.ends_with(".safetensors") || matches!(vet, Vet::Safetensors) {
             check_length(&part)?;
         }
-        if !path.ends_with(".json") && matches!(vet, Vet::ByName) {
+        if !path.ends_with(".json") && matches!(vet, Vet::ByName | Vet::Safetensors) {
             return Ok(());
         }
         let bytes = std::fs::read(&part).map_err(|e| Error::io(&part, e))?;
@@ -153,6 +155,18 @@ fn check_length(path: &Path) -> Result<()> {
         return Err(bad(format!("{size} bytes arrived of the {expected} its header describes; the host cut it short")));
     }
     Ok(())
+}
+
+/// Fetches the single file at `url` (a LoRA) unless it is cached, and returns its local path.
+/// It must be a whole safetensors file, whatever its name.
+pub fn file(url: &str) -> Result<PathBuf> {
+    let (base, name) =
+        url.rsplit_once('/').filter(|(base, name)| !name.is_empty() && base.contains("://")).ok_or_else(|| Error::Invalid(format!("{url}: the URL names no file")))?;
+    let dir = cache_dir(base);
+    if !fetch(base, &dir, name, Vet::Safetensors)? {
+        return Err(Error::Invalid(format!("{url}: the host has no such file")));
+    }
+    Ok(dir.join(name))
 }
 
 /// Written once every file of the model is cached, so later runs ask the host nothing.

@@ -153,7 +153,7 @@ impl AutoencoderTiny {
     pub fn load(files: &dyn ModelFiles, device: &Device) -> Result<Self> {
         let config: AutoencoderTinyConfig = json(files, CONFIG)?;
         config.check().map_err(|msg| Error::Config { path: files.label(CONFIG), msg })?;
-        let weights = Weights::uploaded(Uploaded::from_file(files, WEIGHT_STEM, None, device)?, device);
+        let weights = Weights::uploaded(Uploaded::from_file(files, WEIGHT_STEM, None, &Default::default(), device)?, device);
         Ok(Self { decoder: DecoderTiny::load(&weights.pp("decoder"), &config)?, config })
     }
 

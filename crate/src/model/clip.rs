@@ -1,5 +1,7 @@
-//! transformers' `CLIPTextModel`: token + position embeddings, a causal pre-norm transformer,
-//! and the final layer norm whose output (`last_hidden_state`) conditions the UNet.
+//! transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`: token + position
+//! embeddings, a causal pre-norm transformer and the final layer norm. SD conditions its UNet on
+//! the final states (`last_hidden_state`); SDXL on the penultimate layer's (before the final
+//! norm) and on the end token's projected state (`text_embeds`).
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
@@ -20,6 +22,10 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`).
+    pub projection_dim: usize,
+    /// The token whose final state is pooled; 2 (old configs) means the largest id instead.
+    pub eos_token_id: u32,
 }
 
 impl Default for ClipTextConfig {
@@ -33,6 +39,8 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
+            projection_dim: 512,
+            eos_token_id: 49407,
         }
     }
 }
@@ -89,6 +97,23 @@ impl EncoderLayer {
     }
 }
 
+/// Which layer's states a pipeline conditions on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HiddenLayer {
+    /// `last_hidden_state`: the last layer's, after the final norm (SD 1.x / 2.x).
+    Last,
+    /// `hidden_states[-2]`: the layer before the last, without the final norm (SDXL).
+    Penultimate,
+}
+
+/// A forward pass's outputs.
+pub struct ClipOutput {
+    /// `[B, len, hidden]` of the requested layer.
+    pub hidden: Tensor<3>,
+    /// `[B, projection_dim]`: the end token's final state through `text_projection`, when asked.
+    pub text_embeds: Option<Tensor<2>>,
+}
+
 pub struct ClipTextModel {
     pub config: ClipTextConfig,
     /// The token table stays on the host: a prompt needs only 77 of its rows, and the whole
@@ -97,6 +122,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor<2>,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s, when the file has it.
+    text_projection: Option<Linear>,
     activation: Activation,
 }
 
@@ -110,31 +137,65 @@ impl ClipTextModel {
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
             return Err(Error::Invalid(format!("CLIP hidden_size {} does not split into {} heads", config.hidden_size, config.num_attention_heads)));
         }
+        let d = config.hidden_size;
+        let text_projection = if w.contains("text_projection.weight") { Some(Linear::load(&w.pp("text_projection"), d, config.projection_dim, false)?) } else { None };
         // Published repos prefix every name with `text_model.`; transformers 5 saves without it.
         let w = if w.contains("text_model.final_layer_norm.weight") { w.pp("text_model") } else { w.clone() };
-        let d = config.hidden_size;
         let layers = (0..config.num_hidden_layers).map(|i| EncoderLayer::load(&w.pp("encoder.layers").pp(i), &config)).collect::<Result<_>>()?;
         Ok(Self {
             token_embedding: w.values("embeddings.token_embedding.weight", &[config.vocab_size, d])?,
             position_embedding: w.tensor("embeddings.position_embedding.weight", [config.max_position_embeddings, d])?,
             layers,
             final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), d, config.layer_norm_eps)?,
+            text_projection,
             activation,
             config,
         })
     }
 
-    /// Token ids `[B][77]` → `last_hidden_state` `[B, 77, hidden]`. Ids come from the
-    /// tokenizer, so they index the vocabulary.
-    pub fn forward(&self, ids: &[Vec<u32>]) -> Tensor<3> {
+    /// Whether the file has `text_projection` (`CLIPTextModelWithProjection`).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// Token ids `[B][77]` → the `layer`'s states `[B, 77, hidden]` and, with `pooled` (which
+    /// needs [`Self::has_projection`]), `text_embeds`. Ids come from the tokenizer, so they
+    /// index the vocabulary.
+    pub fn forward(&self, ids: &[Vec<u32>], layer: HiddenLayer, pooled: bool) -> ClipOutput {
         let (batch, len, d) = (ids.len(), ids[0].len(), self.config.hidden_size);
         let rows: Vec<f32> = ids.iter().flatten().flat_map(|&t| &self.token_embedding[t as usize * d..(t as usize + 1) * d]).copied().collect();
         let tokens = Tensor::<3>::from_data(TensorData::new(rows, [batch, len, d]), &self.position_embedding.device());
         let positions = self.position_embedding.clone().narrow(0, 0, len).unsqueeze::<3>();
         let mut x = tokens + positions;
-        for layer in &self.layers {
+        let (last, before_last) = self.layers.split_last().expect("configs have layers");
+        for layer in before_last {
             x = layer.forward(x, self.config.num_attention_heads, self.activation);
         }
-        self.final_layer_norm.forward(x)
+        if layer == HiddenLayer::Penultimate && !pooled {
+            return ClipOutput { hidden: x, text_embeds: None };
+        }
+        let penultimate = x.clone();
+        let last_hidden_state = self.final_layer_norm.forward(last.forward(x, self.config.num_attention_heads, self.activation));
+        let text_embeds = pooled.then(|| self.text_embeds(&last_hidden_state, ids));
+        let hidden = if layer == HiddenLayer::Last { last_hidden_state } else { penultimate };
+        ClipOutput { hidden, text_embeds }
+    }
+
+    /// transformers' pooling: each row's state at its first end token (its largest id for
+    /// configs with the old `eos_token_id` 2), projected.
+    fn text_embeds(&self, last_hidden_state: &Tensor<3>, ids: &[Vec<u32>]) -> Tensor<2> {
+        let d = self.config.hidden_size;
+        let eos = self.config.eos_token_id;
+        let rows: Vec<Tensor<2>> = ids
+            .iter()
+            .enumerate()
+            .map(|(b, row)| {
+                let first = |target: u32| row.iter().position(|&t| t == target).unwrap_or(0);
+                let at = if eos == 2 { first(*row.iter().max().expect("ids")) } else { first(eos) };
+                last_hidden_state.clone().narrow(0, b, 1).narrow(1, at, 1).reshape([1, d])
+            })
+            .collect();
+        let projection = self.text_projection.as_ref().expect("callers ask for text_embeds only with a projection");
+        projection.forward(Tensor::cat(rows, 0))
     }
 }

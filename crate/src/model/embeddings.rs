@@ -6,27 +6,26 @@ use super::nn::Linear;
 use crate::error::Result;
 use crate::weights::Weights;
 
-/// Sinusoidal embedding of `timestep` with `dim` channels, one row per batch entry.
-/// Computed on the host in f32, in diffusers' order of operations, because the
-/// timestep is a host value anyway.
-pub fn timestep_embedding(timestep: f64, batch: usize, dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> Tensor<2> {
+/// Sinusoidal embeddings of `values` with `dim` channels each, side by side in one row
+/// (`[batch, values × dim]`: a timestep, or SDXL's six time ids), the row repeated per batch
+/// entry. Computed on the host in f32, in diffusers' order of operations, because the values
+/// are host values anyway.
+pub fn timestep_embedding(values: &[f32], batch: usize, dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> Tensor<2> {
     let half = dim / 2;
-    let t = timestep as f32;
-    let mut row = vec![0.0f32; dim];
-    for i in 0..half {
-        let exponent = -(10000f64.ln() as f32) * i as f32 / (half as f32 - freq_shift as f32);
-        let arg = t * exponent.exp();
-        let (sin, cos) = (arg.sin(), arg.cos());
-        if flip_sin_to_cos {
-            row[i] = cos;
-            row[half + i] = sin;
-        } else {
-            row[i] = sin;
-            row[half + i] = cos;
+    let mut row = vec![0.0f32; values.len() * dim];
+    for (&t, out) in values.iter().zip(row.chunks_exact_mut(dim)) {
+        for i in 0..half {
+            let exponent = -(10000f64.ln() as f32) * i as f32 / (half as f32 - freq_shift as f32);
+            let arg = t * exponent.exp();
+            let (sin, cos) = (arg.sin(), arg.cos());
+            let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+            out[i] = first;
+            out[half + i] = second;
         }
     }
+    let width = row.len();
     let values: Vec<f32> = std::iter::repeat_n(row, batch).flatten().collect();
-    Tensor::from_data(TensorData::new(values, [batch, dim]), device)
+    Tensor::from_data(TensorData::new(values, [batch, width]), device)
 }
 
 pub struct TimestepEmbedding {

@@ -1,5 +1,5 @@
-//! diffusers' `UNet2DConditionModel` as SD 1.x / 2.x / Turbo, the inpainting checkpoints and the
-//! x4 upscaler use it, sized entirely by `unet/config.json`.
+//! diffusers' `UNet2DConditionModel` as SD 1.x / 2.x / Turbo, SDXL, the inpainting checkpoints
+//! and the x4 upscaler use it, sized entirely by `unet/config.json`.
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
@@ -46,7 +46,12 @@ pub struct UNetConfig {
     /// Size of the class-label table added to the time embedding (the x4 upscaler's noise level).
     pub num_class_embeds: Option<usize>,
     pub class_embeddings_concat: bool,
+    /// `text_time` (SDXL): the pooled text embedding and the time ids join the time embedding.
     pub addition_embed_type: Option<String>,
+    /// Channels of each time id's sinusoidal embedding.
+    pub addition_time_embed_dim: Option<usize>,
+    /// Width of `add_embedding`'s input: the pooled embedding's plus 6 time ids' embeddings.
+    pub projection_class_embeddings_input_dim: Option<usize>,
     pub encoder_hid_dim: Option<usize>,
     pub time_cond_proj_dim: Option<usize>,
     pub resnet_time_scale_shift: String,
@@ -93,6 +98,8 @@ impl Default for UNetConfig {
             num_class_embeds: None,
             class_embeddings_concat: false,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
             encoder_hid_dim: None,
             time_cond_proj_dim: None,
             resnet_time_scale_shift: "default".into(),
@@ -128,7 +135,7 @@ impl UNetConfig {
             (self.dual_cross_attention, "dual_cross_attention".into()),
             (self.class_embed_type.is_some(), format!("class_embed_type={:?} (only a num_class_embeds table is implemented)", self.class_embed_type)),
             (self.class_embeddings_concat, "class_embeddings_concat".into()),
-            (self.addition_embed_type.is_some(), "addition_embed_type".into()),
+            (self.addition_embed_type.as_deref().is_some_and(|t| t != "text_time"), format!("addition_embed_type={:?} (text_time is implemented)", self.addition_embed_type)),
             (self.encoder_hid_dim.is_some(), "encoder_hid_dim".into()),
             (self.time_cond_proj_dim.is_some(), "time_cond_proj_dim (guidance-embedded LCM UNets)".into()),
             (self.resnet_time_scale_shift != "default", format!("resnet_time_scale_shift={}", self.resnet_time_scale_shift)),
@@ -145,6 +152,9 @@ impl UNetConfig {
             if !["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"].contains(&t.as_str()) {
                 return Err(format!("unsupported block type {t}"));
             }
+        }
+        if self.addition_embed_type.is_some() && (self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none()) {
+            return Err("addition_embed_type text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
         }
         let list = |name: &str, v: &PerBlock<usize>| v.expand(n).ok_or_else(|| format!("{name} must have one entry per block ({n})"));
         let heads = list("num_attention_heads", self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim))?;
@@ -187,8 +197,8 @@ impl UNetConfig {
     }
 }
 
-/// What a UNet call attends to: the text encoders' states, and the pooled embedding of the
-/// families whose UNet also adds it to the time embedding (none of today's: SDXL's slot).
+/// What a UNet call attends to: the text encoders' states `[B, L, D]`, and the pooled embedding
+/// `[B, P]` of the families whose UNet also adds it to the time embedding (SDXL).
 #[derive(Clone)]
 pub struct TextConditioning {
     pub hidden: Tensor<3>,
@@ -204,6 +214,17 @@ pub enum AddedConditioning {
     None,
     /// A row of the class table: the x4 upscaler's noise level.
     ClassLabel(usize),
+    /// SDXL's time ids: original size, crop corner and target size, as (height, width) pairs.
+    TimeIds([f32; 6]),
+}
+
+impl AddedConditioning {
+    /// The time ids of a `width` × `height` image made whole (no crop), as diffusers' SDXL
+    /// pipelines pass them without an aesthetic score.
+    pub fn time_ids(width: usize, height: usize) -> Self {
+        let (h, w) = (height as f32, width as f32);
+        Self::TimeIds([h, w, 0.0, 0.0, h, w])
+    }
 }
 
 pub struct UNet2DConditionModel {
@@ -211,6 +232,8 @@ pub struct UNet2DConditionModel {
     pub time_embedding: TimestepEmbedding,
     /// `[num_class_embeds, time embedding width]`, when the config has a class table.
     pub class_embedding: Option<Tensor<2>>,
+    /// `text_time`'s MLP from the pooled embedding and the time ids' embeddings.
+    pub add_embedding: Option<TimestepEmbedding>,
     pub conv_in: Conv2d,
     pub down_blocks: Vec<DownBlock2D>,
     pub mid_block: MidBlock2DCrossAttn,
@@ -265,6 +288,10 @@ impl UNet2DConditionModel {
                 Some(classes) => Some(w.tensor("class_embedding.weight", [classes, temb])?),
                 None => None,
             },
+            add_embedding: match config.projection_class_embeddings_input_dim.filter(|_| config.addition_embed_type.is_some()) {
+                Some(width) => Some(TimestepEmbedding::load(&w.pp("add_embedding"), width, temb)?),
+                None => None,
+            },
             conv_in: Conv2d::load(&w.pp("conv_in"), config.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
             mid_block,
@@ -276,14 +303,21 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts noise (or v) for `sample` `[B, C, h, w]` at `timestep`, attending to the text
-    /// states `[B, L, D]`, with `added` in the time embedding.
+    /// states `[B, L, D]`, with `added` (and, for `text_time`, the pooled text) in the time
+    /// embedding. The pipelines check that a family gives what its UNet takes.
     pub fn forward(&self, sample: Tensor<4>, timestep: f64, text: &TextConditioning, added: AddedConditioning) -> Tensor<4> {
         let batch = sample.dims()[0];
         let cfg = &self.config;
-        let t_emb = timestep_embedding(timestep, batch, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift, &sample.device());
+        let t_emb = timestep_embedding(&[timestep as f32], batch, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift, &sample.device());
         let mut temb = self.time_embedding.forward(t_emb);
-        if let (Some(table), AddedConditioning::ClassLabel(label)) = (&self.class_embedding, added) {
-            temb = temb + table.clone().narrow(0, label, 1).repeat_dim(0, batch);
+        match (added, &self.class_embedding, &self.add_embedding, &text.pooled) {
+            (AddedConditioning::ClassLabel(label), Some(table), _, _) => temb = temb + table.clone().narrow(0, label, 1).repeat_dim(0, batch),
+            (AddedConditioning::TimeIds(ids), _, Some(add_embedding), Some(pooled)) => {
+                let dim = cfg.addition_time_embed_dim.expect("text_time configs have it");
+                let time_embeds = timestep_embedding(&ids, batch, dim, cfg.flip_sin_to_cos, cfg.freq_shift, &sample.device());
+                temb = temb + add_embedding.forward(Tensor::cat(vec![pooled.clone(), time_embeds], 1));
+            }
+            _ => {}
         }
         let context = &text.hidden;
 

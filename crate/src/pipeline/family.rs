@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::upscale::UpscalerConfig;
 use crate::error::{Error, Result};
 use crate::files::{ModelFiles, json};
+use crate::model::clip::HiddenLayer;
 use crate::model::tokenizer;
 use crate::model::unet::UNetConfig;
 
@@ -21,6 +22,11 @@ pub struct ModelIndex {
     pub class_name: String,
     /// The x4 upscaler's highest noise level (diffusers' default 350).
     pub max_noise_level: Option<usize>,
+    /// SDXL: an empty negative prompt conditions on zeros (diffusers' default true).
+    pub force_zeros_for_empty_prompt: Option<bool>,
+    /// SDXL's refiner conditions on an aesthetic score, which Kiln does not run.
+    #[serde(default)]
+    pub requires_aesthetics_score: bool,
 }
 
 pub struct Family {
@@ -33,14 +39,20 @@ pub struct Family {
     pub text_encoders: &'static [TextEncoderFolders],
     /// Config files of its own components, beside the ones every family has.
     pub configs: &'static [&'static str],
+    /// diffusers' default guidance scale for its pipelines.
+    pub guidance: f64,
     /// Reads what the family's UNet takes besides the text from its files.
     conditioner: fn(&dyn ModelFiles, &ModelIndex, &UNetConfig) -> Result<Conditioner>,
 }
 
-/// A text encoder's folder and its tokenizer's.
+/// A text encoder's folder and its tokenizer's, and what the UNet takes of its outputs.
 pub struct TextEncoderFolders {
     pub encoder: &'static str,
     pub tokenizer: &'static str,
+    /// The layer whose states the UNet attends to.
+    pub layer: HiddenLayer,
+    /// Whether its pooled, projected embedding conditions the UNet (SDXL's second encoder).
+    pub pooled: bool,
 }
 
 impl TextEncoderFolders {
@@ -60,27 +72,61 @@ pub enum Conditioner {
     Text,
     /// The x4 upscaler: the low-resolution image, noised to a level that is also the UNet's class label.
     NoiseLevel(UpscalerConfig),
+    /// SDXL: the pooled text embedding and the image's size (`text_time` time ids); with
+    /// `force_zeros_for_empty_prompt` an empty negative prompt conditions on zeros.
+    TextTime { force_zeros_for_empty_prompt: bool },
 }
 
-const CLIP: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer" };
+const CLIP: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer", layer: HiddenLayer::Last, pooled: false };
+const SDXL_CLIP_L: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer", layer: HiddenLayer::Penultimate, pooled: false };
+const SDXL_CLIP_G: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder_2", tokenizer: "tokenizer_2", layer: HiddenLayer::Penultimate, pooled: true };
 
 /// Every family, in the order an unknown pipeline's message lists them.
-pub const FAMILIES: [Family; 2] = [
+pub const FAMILIES: [Family; 3] = [
     Family {
         name: "Stable Diffusion (1.x, 2.x, Turbo, inpainting)",
         pipelines: &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"],
         text_encoders: &[CLIP],
         configs: &[],
-        conditioner: |_, _, _| Ok(Conditioner::Text),
+        guidance: super::DEFAULT_GUIDANCE,
+        conditioner: |_, _, unet| without_added_embedding(unet).map(|()| Conditioner::Text),
+    },
+    Family {
+        name: "Stable Diffusion XL (base, Turbo)",
+        pipelines: &["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"],
+        text_encoders: &[SDXL_CLIP_L, SDXL_CLIP_G],
+        configs: &[],
+        guidance: 5.0,
+        conditioner: |files, index, unet| text_time(&files.name(), index, unet),
     },
     Family {
         name: "the Stable Diffusion x4 upscaler",
         pipelines: &["StableDiffusionUpscalePipeline"],
         text_encoders: &[CLIP],
         configs: &[UpscalerConfig::LOW_RES_SCHEDULER],
+        guidance: 9.0,
         conditioner: |files, index, unet| Ok(Conditioner::NoiseLevel(UpscalerConfig::load(files, index.max_noise_level, unet)?)),
     },
 ];
+
+/// SD's UNets add nothing to the time embedding (an SDXL UNet in an SD pipeline is refused).
+fn without_added_embedding(unet: &UNetConfig) -> Result<()> {
+    match &unet.addition_embed_type {
+        None => Ok(()),
+        Some(kind) => Err(Error::Invalid(format!("the UNet adds a {kind} embedding, which this pipeline class does not give it"))),
+    }
+}
+
+/// SDXL's conditioning, from `model_index.json`; its UNet must take it.
+fn text_time(name: &str, index: &ModelIndex, unet: &UNetConfig) -> Result<Conditioner> {
+    if index.requires_aesthetics_score {
+        return Err(Error::Invalid(format!("{name}: an SDXL refiner (conditioned on an aesthetic score) is not a model Kiln runs; use an SDXL base or Turbo model")));
+    }
+    if unet.addition_embed_type.as_deref() != Some("text_time") {
+        return Err(Error::Invalid(format!("{name}: an SDXL pipeline needs a UNet with addition_embed_type \"text_time\"")));
+    }
+    Ok(Conditioner::TextTime { force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true) })
+}
 
 /// Config files every family has.
 const SHARED_CONFIGS: [&str; 4] = [MODEL_INDEX, "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"];
@@ -181,15 +227,17 @@ mod tests {
     #[test]
     fn files_are_the_ones_the_families_list() {
         assert_eq!(required_files(), ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]);
-        let tokenizer = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"].map(|f| format!("tokenizer/{f}"));
-        let optional: Vec<String> = tokenizer.into_iter().chain(["low_res_scheduler/scheduler_config.json".to_string()]).collect();
+        let tokenizer = |folder: &str| ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"].map(|f| format!("{folder}/{f}"));
+        let sdxl = std::iter::once("text_encoder_2/config.json".to_string()).chain(tokenizer("tokenizer_2"));
+        let optional: Vec<String> = tokenizer("tokenizer").into_iter().chain(sdxl).chain(["low_res_scheduler/scheduler_config.json".to_string()]).collect();
         assert_eq!(optional_files(), optional);
-        assert_eq!(weight_stems(), ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"]);
+        assert_eq!(weight_stems(), ["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder_2/model"]);
     }
 
     #[test]
     fn text_encoders_and_the_vae_encoder_load_on_demand() {
         assert!(on_demand("text_encoder/model", "text_model.encoder.layers.0.mlp.fc1.weight"));
+        assert!(on_demand("text_encoder_2/model", "text_projection.weight"));
         assert!(on_demand("vae/diffusion_pytorch_model", "encoder.conv_in.weight") && on_demand("vae/diffusion_pytorch_model", "quant_conv.weight"));
         assert!(!on_demand("vae/diffusion_pytorch_model", "decoder.conv_in.weight") && !on_demand("unet/diffusion_pytorch_model", "conv_in.weight"));
         assert!(!on_demand("unet/encoder", "encoder.conv_in.weight"));
@@ -197,13 +245,16 @@ mod tests {
 
     #[test]
     fn an_unknown_pipeline_is_refused_with_the_ones_kiln_runs() {
-        let parsed = ModelIndex::parse(br#"{"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}"#, "repo").unwrap();
+        let parsed = ModelIndex::parse(br#"{"_class_name": "StableCascadeDecoderPipeline", "decoder": ["diffusers", "StableCascadeUNet"]}"#, "repo").unwrap();
         assert!(Family::of(&parsed, "repo").is_err());
         assert!(ModelIndex::parse(b"{}", "repo").err().unwrap().to_string().starts_with("repo/model_index.json is not a diffusers pipeline's: missing field `_class_name`"));
-        let index = ModelIndex { class_name: "StableDiffusionXLPipeline".into(), max_noise_level: None };
-        let err = Family::of(&index, "repo").err().expect("refused").to_string();
-        assert!(err.contains("StableDiffusionXLPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{err}");
-        let index = ModelIndex { class_name: "StableDiffusionUpscalePipeline".into(), max_noise_level: None };
-        assert_eq!(Family::of(&index, "repo").ok().map(|f| f.name), Some("the Stable Diffusion x4 upscaler"));
+        let err = Family::of(&parsed, "repo").err().expect("refused").to_string();
+        assert!(err.contains("StableCascadeDecoderPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{err}");
+        let upscaler = ModelIndex::parse(br#"{"_class_name": "StableDiffusionUpscalePipeline"}"#, "repo").unwrap();
+        assert_eq!(Family::of(&upscaler, "repo").ok().map(|f| f.name), Some("the Stable Diffusion x4 upscaler"));
+        let refiner = ModelIndex::parse(br#"{"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": true}"#, "repo").unwrap();
+        let unet = UNetConfig { addition_embed_type: Some("text_time".into()), ..Default::default() };
+        let err = Family::of(&refiner, "repo").unwrap().conditioner(&crate::files::Folder("repo".into()), &refiner, &unet).err().expect("refused").to_string();
+        assert!(err.contains("an SDXL refiner"), "{err}");
     }
 }

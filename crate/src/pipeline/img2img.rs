@@ -4,7 +4,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::image_processor::Image8;
 use super::resize::ResizeMode;
-use super::{Conditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, Request, StableDiffusion};
+use super::{Conditioning, DEFAULT_STEPS, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::npy;
 
@@ -70,7 +70,7 @@ impl StableDiffusion {
         let (width, height) = self.output_size(&req, &input.image)?;
         let (fitted, resized) = input.resize.fit(input.image, width, height, "init image");
         let (req, warning) = with_enough_steps(req, strength);
-        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE, self.image_footprint(width, height, true))?;
+        let mut setup = self.setup(&req, DEFAULT_STEPS, self.family.guidance, self.image_footprint(width, height, true))?;
         setup.warnings.extend(resized.into_iter().chain(warning));
         let begin = begin_index(setup.steps, strength);
         let shape = self.latent_shape(width, height);

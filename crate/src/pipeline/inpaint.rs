@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, TensorData};
 use super::image_processor::{Image8, Mask};
 use super::img2img::{begin_index, check_strength, with_enough_steps};
 use super::resize::ResizeMode;
-use super::{Conditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, MaskBlend, Request, StableDiffusion};
+use super::{Conditioning, DEFAULT_STEPS, MaskBlend, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::npy;
 
@@ -64,7 +64,7 @@ impl StableDiffusion {
         let (image_in, resized) = input.resize.fit(input.image, width, height, "image");
         let (mask_in, _) = input.resize.fit(input.mask, width, height, "mask");
         let (req, warning) = with_enough_steps(req, strength);
-        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE, self.image_footprint(width, height, true))?;
+        let mut setup = self.setup(&req, DEFAULT_STEPS, self.family.guidance, self.image_footprint(width, height, true))?;
         setup.warnings.extend(resized.into_iter().chain(warning));
         let begin = begin_index(setup.steps, strength);
         let shape = self.latent_shape(width, height);

@@ -22,12 +22,13 @@ pub use job::{Job, Mode, Probe, Run};
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::files::{Folder, ModelFiles, json, short_name};
+use crate::lora::Loras;
 use crate::model::unet::{AddedConditioning, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::package;
@@ -86,16 +87,17 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 
 impl StableDiffusion {
     /// Loads a diffusers pipeline laid out as published repos are, each weight file converted
-    /// once to `format` as it loads (`None`: as published; see [`Uploaded::from_file`]). The
-    /// tensors are held as a package's are, so the text encoder and the VAE's encoder wait on the
-    /// host in that form, and nothing else of their files does.
-    pub fn load(files: &dyn ModelFiles, format: Option<Format>, device: &Device) -> Result<Self> {
-        Self::assemble(files, &|stem| Ok(Weights::uploaded(Uploaded::from_file(files, stem, format, device)?, device)), device)
+    /// once to `format` as it loads (`None`: as published; see [`Uploaded::from_file`]), with
+    /// `loras` merged in first. The tensors are held as a package's are, so the text encoder and
+    /// the VAE's encoder wait on the host in that form, and nothing else of their files does.
+    pub fn load(files: &dyn ModelFiles, format: Option<Format>, loras: &Arc<Loras>, device: &Device) -> Result<Self> {
+        Self::assemble(files, &|stem| Ok(Weights::uploaded(Uploaded::from_file(files, stem, format, loras, device)?, device)), loras, device)
     }
 
     /// Builds the pipeline from `files` (configs, tokenizer) and `weights`, which maps a
-    /// weight file's stem (`unet/diffusion_pytorch_model`) to its tensors.
-    pub fn assemble(files: &dyn ModelFiles, weights: &dyn Fn(&str) -> Result<Weights>, device: &Device) -> Result<Self> {
+    /// weight file's stem (`unet/diffusion_pytorch_model`) to its tensors, uploaded with
+    /// `loras` merged in; fails when a LoRA has layers the model lacks.
+    pub fn assemble(files: &dyn ModelFiles, weights: &dyn Fn(&str) -> Result<Weights>, loras: &Loras, device: &Device) -> Result<Self> {
         let index = ModelIndex::read(files)?;
         let family = Family::of(&index, &files.name())?;
         let text_encoders = family.text_encoders.iter().map(|folders| TextEncoder::load(files, folders, weights(&folders.weights())?)).collect::<Result<_>>()?;
@@ -103,24 +105,26 @@ impl StableDiffusion {
         let conditioner = family.conditioner(files, &index, &unet.config)?;
         let vae = AutoencoderKL::load(&weights("vae/diffusion_pytorch_model")?, json(files, "vae/config.json")?)?;
         let scheduler_config = SchedulerConfig::from_json(&files.require_text("scheduler/scheduler_config.json")?)?;
+        loras.check_all_merged()?;
         device.memory_cleanup();
         let last_prompt = Mutex::default();
         Ok(Self { name: short_name(files), family, text_encoders, last_prompt, unet, conditioner, vae, scheduler_config, device: device.clone() })
     }
 
     /// Loads a Kiln package (a folder with `manifest.json`) as it is stored, or a diffusers
-    /// folder with its weights converted to `format` as they load (`None`: as published).
-    pub fn open(dir: &Path, format: Option<Format>, device: &Device) -> Result<Self> {
+    /// folder with its weights converted to `format` as they load (`None`: as published);
+    /// `loras` are merged in either way.
+    pub fn open(dir: &Path, format: Option<Format>, loras: &Arc<Loras>, device: &Device) -> Result<Self> {
         let folder = Folder(dir.to_owned());
         if folder.read(package::MANIFEST)?.is_none() {
-            return Self::load(&folder, format, device);
+            return Self::load(&folder, format, loras, device);
         }
-        let loaded = package::load(&folder, device)?;
+        let loaded = package::load(&folder, loras, device)?;
         if let Some(format) = format.filter(|&f| f != loaded.format) {
             return Err(Error::Invalid(format!("{}: a {} package cannot be loaded as {}; pack the original again", dir.display(), loaded.format.name(), format.name())));
         }
         let missing = |stem: &str| Error::Invalid(format!("{}: the package has no tensors of {stem}", dir.display()));
-        Self::assemble(&loaded.files, &|stem| loaded.weights.get(stem).cloned().ok_or_else(|| missing(stem)), device)
+        Self::assemble(&loaded.files, &|stem| loaded.weights.get(stem).cloned().ok_or_else(|| missing(stem)), loras, device)
     }
 
     pub fn device(&self) -> &Device {
@@ -148,7 +152,11 @@ impl StableDiffusion {
         if let Some((_, states)) = last.as_ref().filter(|(k, _)| *k == key) {
             return Ok(states.clone());
         }
-        let states = text::encode(&self.text_encoders, prompt, negative, guided)?;
+        let empty = match self.conditioner {
+            Conditioner::TextTime { force_zeros_for_empty_prompt: true } => text::Negative::ZerosWhenEmpty,
+            _ => text::Negative::Encoded,
+        };
+        let states = text::encode(&self.text_encoders, prompt, negative, guided, empty)?;
         self.device.memory_cleanup();
         *last = Some((key, states.clone()));
         Ok(states)
@@ -162,7 +170,7 @@ impl StableDiffusion {
         let width = req.width.or(latent_dim(3)).unwrap_or(self.default_size());
         let height = req.height.or(latent_dim(2)).unwrap_or(self.default_size());
         self.check_size("", width, height)?;
-        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE, self.image_footprint(width, height, false))?;
+        let mut setup = self.setup(&req, DEFAULT_STEPS, self.family.guidance, self.image_footprint(width, height, false))?;
         let noise = setup.normals(req.latents, self.latent_shape(width, height), "initial latents")?;
         let latents = noise.mul_scalar(setup.scheduler.init_noise_sigma());
         Ok(setup.denoising(latents, 0, Conditioning::default(), req.step_noise, width, height))
@@ -228,7 +236,8 @@ impl StableDiffusion {
         };
         let scheduler = schedulers::build(kind, &self.scheduler_config, steps)?;
         let text = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
-        Ok(Setup { scheduler, kind, steps, guidance, text, warnings: Vec::new(), rng: NormalRng::new(req.seed.unwrap_or(0)), device: self.device.clone() })
+        let time_ids = matches!(self.conditioner, Conditioner::TextTime { .. });
+        Ok(Setup { scheduler, kind, steps, guidance, text, time_ids, warnings: Vec::new(), rng: NormalRng::new(req.seed.unwrap_or(0)), device: self.device.clone() })
     }
 
     /// Encodes `image` `[1, 3, H, W]` in [-1, 1] to scaled latents as diffusers'
@@ -254,6 +263,8 @@ struct Setup {
     steps: usize,
     guidance: f64,
     text: TextStates,
+    /// SDXL: the UNet also takes the output's size ([`AddedConditioning::time_ids`]).
+    time_ids: bool,
     warnings: Vec<String>,
     rng: NormalRng,
     device: Device,
@@ -272,9 +283,12 @@ impl Setup {
         Ok(Tensor::<4>::from_data(TensorData::new(values, shape), &self.device))
     }
 
-    /// Starts the loop at call `begin` from `latents`; step noise continues the seed's stream
-    /// unless `step_noise` supplies it.
-    fn denoising(self, latents: Tensor<4>, begin: usize, conditioning: Conditioning, step_noise: Option<VecDeque<Vec<f32>>>, width: usize, height: usize) -> Denoising {
+    /// Starts the loop at call `begin` from `latents`, making a `width` × `height` image; step
+    /// noise continues the seed's stream unless `step_noise` supplies it.
+    fn denoising(self, latents: Tensor<4>, begin: usize, mut conditioning: Conditioning, step_noise: Option<VecDeque<Vec<f32>>>, width: usize, height: usize) -> Denoising {
+        if self.time_ids {
+            conditioning.added = AddedConditioning::time_ids(width, height);
+        }
         let noise = match step_noise {
             Some(queue) => NoiseSource::Given(queue),
             None => NoiseSource::Seeded(self.rng),
@@ -311,7 +325,8 @@ struct Conditioning {
     /// Channels concatenated after the scaled latents `[1, C', h, w]` (inpainting's mask and
     /// masked-image latents, the upscaler's noisy low-resolution image).
     extra_channels: Option<Tensor<4>>,
-    /// What the family adds to the UNet's time embedding (the upscaler's noise level).
+    /// What the family adds to the UNet's time embedding (the upscaler's noise level, SDXL's
+    /// time ids).
     added: AddedConditioning,
     /// Inpainting with a plain 4-channel UNet.
     blend: Option<MaskBlend>,

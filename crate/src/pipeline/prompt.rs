@@ -5,6 +5,8 @@
 //!   brackets nest, an unclosed one applies to the end, `\(` `\)` `\[` `\]` `\\` are literal.
 //! - Each run of text of one weight is tokenized on its own; a chunk holds 75 tokens; when a
 //!   chunk fills up within 20 tokens after a comma, the words after the comma move to the next.
+//! - `<lora:name:weight>` names a LoRA to apply (A1111's extra network syntax; weight 1 when
+//!   left out); the tag is not text and is removed before the rest is read ([`lora_tags`]).
 //! - `BREAK` outside brackets ends the chunk. (A1111 also splits inside brackets, where the
 //!   marker then carries the brackets' weight and becomes the word "break" weighted −1.1; here
 //!   it is only a word there.)
@@ -143,12 +145,46 @@ fn merge(pieces: Vec<Piece>) -> Vec<Piece> {
     merged
 }
 
+/// A LoRA a prompt names: `<lora:name:weight>`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(export))]
+pub struct LoraTag {
+    pub name: String,
+    pub weight: f32,
+}
+
+/// The prompt without its `<lora:…>` tags, and the tags in order, as A1111's
+/// `extra_networks.parse_prompt` reads them. A1111's third field (a separate UNet weight) is
+/// refused unless it equals the second, since the weight scales the whole LoRA here.
+pub fn lora_tags(text: &str) -> Result<(String, Vec<LoraTag>)> {
+    let (mut rest, mut plain, mut tags) = (text, String::new(), Vec::new());
+    while let Some(start) = rest.find("<lora:") {
+        let Some(len) = rest[start..].find('>') else {
+            break;
+        };
+        plain.push_str(&rest[..start]);
+        let tag = &rest[start..start + len + 1];
+        let fields: Vec<&str> = tag[6..len].split(':').collect();
+        let weight =
+            |i: usize| fields.get(i).map_or(Ok(1.0), |w| w.trim().parse::<f32>().map_err(|_| Error::Invalid(format!("prompt: the weight {w:?} in {tag} is not a number"))));
+        let (name, weight, unet) = (fields[0].trim(), weight(1)?, fields.get(2).map(|_| weight(2)).transpose()?);
+        if name.is_empty() || fields.len() > 3 || unet.is_some_and(|u| u != weight) {
+            return Err(Error::Invalid(format!("prompt: {tag} is not <lora:name> or <lora:name:weight>")));
+        }
+        tags.push(LoraTag { name: name.to_owned(), weight });
+        rest = &rest[start + len + 1..];
+    }
+    plain.push_str(rest);
+    Ok((plain, tags))
+}
+
 /// The prompt's chunks, as A1111's `tokenize_line`: at least one, every one full length.
+/// `<lora:…>` tags are not text.
 pub fn chunks(tokenizer: &ClipTokenizer, text: &str) -> Result<Vec<Chunk>> {
     let room = tokenizer.max_length - 2;
     let comma = tokenizer.comma();
     let mut chunker = Chunker { tokenizer, chunks: Vec::new(), ids: Vec::new(), weights: Vec::new(), last_comma: None };
-    for piece in parse(text)? {
+    for piece in parse(&lora_tags(text)?.0)? {
         let (text, weight) = match piece {
             Piece::Break => {
                 chunker.close();
@@ -260,6 +296,18 @@ mod tests {
         for huge in [format!("(x:{})", "9".repeat(40)), format!("{}x", "(".repeat(1000))] {
             let err = parse(&huge).unwrap_err().to_string();
             assert!(err.contains("too large a weight"), "{err}");
+        }
+    }
+
+    #[test]
+    fn lora_tags_are_taken_out_of_the_text() {
+        let tag = |name: &str, weight| LoraTag { name: name.into(), weight };
+        let (plain, tags) = lora_tags("a cat <lora:ink_v2:0.8>, (sky)<lora:x>").unwrap();
+        assert_eq!(plain, "a cat , (sky)");
+        assert_eq!(tags, vec![tag("ink_v2", 0.8), tag("x", 1.0)]);
+        assert_eq!(lora_tags("<lora:x:-0.5:-0.5> <lora:open").unwrap(), (" <lora:open".into(), vec![tag("x", -0.5)]));
+        for bad in ["<lora::1>", "<lora:x:y>", "<lora:x:1:0.5>", "<lora:x:1:1:1>"] {
+            assert!(lora_tags(bad).is_err(), "{bad}");
         }
     }
 }

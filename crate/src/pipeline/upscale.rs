@@ -21,7 +21,6 @@ use crate::schedulers::{ForwardNoise, SchedulerConfig};
 
 /// diffusers' defaults for `StableDiffusionUpscalePipeline.__call__`.
 pub const DEFAULT_STEPS: usize = 75;
-pub const DEFAULT_GUIDANCE: f64 = 9.0;
 pub const DEFAULT_NOISE_LEVEL: usize = 20;
 /// diffusers' `max_noise_level` when `model_index.json` does not give one.
 pub const DEFAULT_MAX_NOISE_LEVEL: usize = 350;
@@ -115,7 +114,7 @@ impl StableDiffusion {
         // The latents have the input's size; the output is the VAE's factor larger.
         let f = self.vae.config.scale_factor();
         let size = Footprint { width, height, multiple, latent_step: 1, output_scale: f, tile: input.tiles.map(|t| t.size), encodes_image: false };
-        let mut setup = self.setup(&req, DEFAULT_STEPS, DEFAULT_GUIDANCE, size)?;
+        let mut setup = self.setup(&req, DEFAULT_STEPS, self.family.guidance, size)?;
         // diffusers draws the image's noise first, then the latents.
         let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
         let image_noise = setup.normals(input.low_res_noise, [1, 3, height, width], "low-resolution image noise")?;

@@ -4,6 +4,7 @@
 //! VAE encoder's wait as stored bytes until a prompt or an input image needs them
 //! (`pipeline::family::on_demand`).
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use burn::tensor::Device;
 use serde::Serialize;
@@ -12,6 +13,8 @@ use wasm_bindgen::prelude::*;
 use super::js_err;
 use super::model::Model;
 use crate::files::MemoryFiles;
+use crate::layout::FamilyFiles;
+use crate::lora::{LoraFile, Loras};
 use crate::pipeline::StableDiffusion;
 use crate::pipeline::family::{Family, ModelIndex};
 use crate::package::Manifest;
@@ -24,15 +27,18 @@ pub struct Loader {
     device: Device,
     files: HashMap<String, Vec<u8>>,
     uploads: HashMap<String, Uploaded>,
+    /// Merged into the tensors as they arrive.
+    loras: Arc<Loras>,
 }
 
 impl Loader {
     pub(super) fn new(device: Device) -> Self {
-        Self { device, files: HashMap::new(), uploads: HashMap::new() }
+        Self { device, files: HashMap::new(), uploads: HashMap::new(), loras: Arc::default() }
     }
 
     fn upload(&mut self, stem: String) -> &mut Uploaded {
-        self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(&stem, &stem))
+        let loras = &self.loras;
+        self.uploads.entry(stem.clone()).or_insert_with(|| Uploaded::new(&stem, &stem).with_loras(loras))
     }
 }
 
@@ -41,6 +47,13 @@ impl Loader {
     /// A small file (config, tokenizer) by its repo path, e.g. `unet/config.json`.
     pub fn set_file(&mut self, path: String, bytes: Vec<u8>) {
         self.files.insert(path, bytes);
+    }
+
+    /// A LoRA file (`name` as in the prompt's `<lora:name:scale>`) to merge into the weights;
+    /// every LoRA comes before the first tensor.
+    pub fn add_lora(&mut self, name: String, bytes: Vec<u8>, scale: f32) -> Result<(), JsError> {
+        let loras = Arc::get_mut(&mut self.loras).ok_or_else(|| js_err("LoRAs are added before the model's tensors"))?;
+        loras.add(&LoraFile { name, bytes, scale }).map_err(js_err)
     }
 
     /// One tensor of a weight file, kept in its published precision. `stem` names the file
@@ -64,20 +77,22 @@ impl Loader {
     /// and PNGs.
     pub fn finish(self, model_name: String) -> Result<Model, JsError> {
         let files = MemoryFiles { name: model_name, files: self.files };
-        let device = self.device;
+        let (device, loras) = (self.device, self.loras);
         let weights: HashMap<String, Weights> = self.uploads.into_iter().map(|(stem, up)| (stem, Weights::uploaded(up, &device))).collect();
         let missing = |stem: &str| crate::Error::Invalid(format!("{}: no tensors were uploaded for {stem}", files.name));
-        let pipe = StableDiffusion::assemble(&files, &|stem| weights.get(stem).cloned().ok_or_else(|| missing(stem)), &device).map_err(js_err)?;
+        let pipe = StableDiffusion::assemble(&files, &|stem| weights.get(stem).cloned().ok_or_else(|| missing(stem)), &loras, &device).map_err(js_err)?;
         Ok(Model::new(pipe))
     }
 }
 
 /// The family of the diffusers pipeline whose `model_index.json` is `bytes` (`base` names the
-/// repo in errors); fails for a pipeline the engine does not run, before any weight is fetched.
+/// repo in errors), with its weight files; fails for a pipeline the engine does not run, before
+/// any weight is fetched.
 #[wasm_bindgen]
-pub fn pipeline_family(bytes: &[u8], base: &str) -> Result<String, JsError> {
+pub fn pipeline_family(bytes: &[u8], base: &str) -> Result<JsValue, JsError> {
     let index = ModelIndex::parse(bytes, base).map_err(js_err)?;
-    Ok(Family::of(&index, base).map_err(js_err)?.name.to_owned())
+    let family = Family::of(&index, base).map_err(js_err)?;
+    serde_wasm_bindgen::to_value(&FamilyFiles::of(family)).map_err(js_err)
 }
 
 /// A Kiln package's `manifest.json` (`label` names it in errors), checked as `kiln` checks it
@@ -125,4 +140,11 @@ pub fn convert(name: String, dtype: String, shape: Vec<u32>, bytes: &[u8], store
     let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
     let values = safetensors_values(std::path::Path::new("weights"), &name, &dtype, &shape, bytes).map_err(js_err)?;
     Ok(Format::from_name(&stored).map_err(js_err)?.encode(&values))
+}
+
+/// The LoRAs a prompt names as `<lora:name:weight>`, as `[{ name, weight }]`.
+#[wasm_bindgen]
+pub fn lora_tags(prompt: &str) -> Result<JsValue, JsError> {
+    let (_, tags) = crate::pipeline::prompt::lora_tags(prompt).map_err(js_err)?;
+    tags.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(js_err)
 }

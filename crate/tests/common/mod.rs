@@ -84,13 +84,17 @@ impl<'d> Pipelines<'d> {
 
     pub fn get(&mut self, model: &str) -> &StableDiffusion {
         let device = self.device;
-        self.loaded.entry(model.to_owned()).or_insert_with(|| StableDiffusion::open(&fixtures().join(model), None, device).expect("fixture loads"))
+        self.loaded.entry(model.to_owned()).or_insert_with(|| StableDiffusion::open(&fixtures().join(model), None, &Default::default(), device).expect("fixture loads"))
     }
 }
 
-/// The text-to-image cases of tests/fixtures/images (diffusers' images and inputs).
+/// The text-to-image cases of tests/fixtures/images and tests/fixtures/sdxl (diffusers'
+/// images and inputs).
 #[derive(Deserialize)]
 pub struct Case {
+    /// The folder of its files.
+    #[serde(skip)]
+    pub dir: PathBuf,
     pub name: String,
     pub model: String,
     pub prompt: String,
@@ -105,13 +109,27 @@ pub struct Case {
     pub image: String,
 }
 
+/// The text-to-image case files and the folders of their files.
+pub const CASE_FILES: [(&str, &str); 2] = [("images", "cases.json"), ("sdxl", "images.json")];
+
 pub fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixtures().join("images/cases.json")).expect("cases.json");
-    serde_json::from_str(&text).expect("cases.json parses")
+    let mut cases = Vec::new();
+    for (folder, file) in CASE_FILES {
+        let dir = fixtures().join(folder);
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{folder}/{file}: {e}"));
+        let read: Vec<Case> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{folder}/{file}: {e}"));
+        cases.extend(read.into_iter().map(|case| Case { dir: dir.clone(), ..case }));
+    }
+    cases
+}
+
+/// The reference image of `case`.
+pub fn reference(case: &Case) -> Vec<u8> {
+    read_png(&std::fs::read(case.dir.join(&case.image)).expect("reference image")).0
 }
 
 pub fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
-    let dir = fixtures().join("images");
+    let dir = &case.dir;
     let step_noise = case.noise.as_ref().map(|file| {
         let noise = npy::read(&dir.join(file)).expect("noise");
         let per_draw: usize = noise.shape[1..].iter().product();

@@ -18,7 +18,8 @@ required_files: Array<string>,
  */
 optional_files: Array<string>, 
 /**
- * Each weight file's names, preferred first.
+ * Each weight file's names, preferred first, for every family (a repo has its family's:
+ * [`FamilyFiles`]).
  */
 weight_files: Array<WeightFile>, 
 /**
