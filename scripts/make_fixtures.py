@@ -9,6 +9,7 @@ Run from the repository root:
     python3 scripts/make_fixtures.py --only lora     # only tests/fixtures/lora, from the pipelines there
     python3 scripts/make_fixtures.py --only lora-sdxl  # only lora/'s sdxl-* files and cases.json entries
     python3 scripts/make_fixtures.py --only sdxl     # only the SDXL fixtures, from the pipelines there
+    python3 scripts/make_fixtures.py --only latent-upscale  # only the latent x2 upscaler's fixtures
 
 Everything is random-weight, tiny and deterministic (fixed seeds); no real model weights are
 used or downloaded.  Outputs (all under tests/fixtures/):
@@ -38,6 +39,13 @@ used or downloaded.  Outputs (all under tests/fixtures/):
                              carries a text_projection, so it loads as CLIPTextModelWithProjection)
   sdxl-turbo-tiny/           SDXL-Turbo's layout: its scheduler and model_index.json, all else links
                              into sdxl-tiny
+  sd-x2-latent-upscaler-tiny/  a tiny StableDiffusionLatentUpscalePipeline: a K-diffusion UNet (2 blocks,
+                             1 layer each, to fit the fixture budget) and the published scheduler config;
+                             text encoder, tokenizer and VAE link into sd1-tiny
+  latent-upscale/            its references on editing/'s init image (editing.json, the format of
+                             editing/cases.json), and unet/: the published UNet's block structure (4
+                             blocks, 2 layers, per-block head widths) with weights from a formula that
+                             Kiln's test computes too (no weight file), and diffusers' output for it
   sdxl/                      SDXL txt2img references (images.json, the format of images/cases.json)
                              and img2img/inpainting references (editing.json, the format of
                              editing/cases.json; inputs are editing/'s), with latents and noise
@@ -93,6 +101,7 @@ from diffusers import (  # noqa: E402
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionLatentUpscalePipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -592,7 +601,7 @@ def make_images(pipes, ref_tokenizers):
                           guidance=case["guidance"], scheduler=case["scheduler"], width=case["width"],
                           height=case["height"], latents=f"{name}.latents.npy", noise=noise_file,
                           image=f"{name}.png"))
-    write_json(os.path.join(IMAGES_DIR, "cases.json"), index)
+    write_json(os.path.join(IMAGES_DIR, "cases.json"), index, compact=True)
     prompt_sensitivity(pipes, base)
     return index
 
@@ -819,7 +828,7 @@ def make_scheduler_arrays():
                       "timestep_spacing for sd15/sd21v), so the target uses its own default for those. "
                       "Floats are float32 values "
                       "written as the shortest decimal that round-trips to the same float32.")
-    write_json(os.path.join(SCHED_DIR, "index.json"), index)
+    write_json(os.path.join(SCHED_DIR, "index.json"), index, compact=True)
     print(f"scheduler cases: {len(index['cases'])} written, {len(index['skipped'])} skipped")
     for s in index["skipped"]:
         print(f"  skipped {s['scheduler']}-{s['config']}-{s['steps']}: {s['reason']}")
@@ -872,7 +881,7 @@ def make_add_noise_arrays():
                   "begin = t_start * order as get_timesteps computes it; steps run over timesteps[begin:]; "
                   "after each step the left half (x < 4) is reset to add_noise(sample, noise[0], next timestep), "
                   "or to sample after the last step (StableDiffusionInpaintPipeline's 4-channel blend)."),
-    })
+    }, compact=True)
     print(f"add_noise cases: {len(cases)} written, {len(skipped)} skipped")
 
 
@@ -939,6 +948,7 @@ EDIT_NOISE_MODULES = {
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img": "latents",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint": "latents",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale": "latents",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_latent_upscale": "latents",
     "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img": "latents",
     "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint": "latents",
     **{m: "step" for m in NOISY_SCHEDULER_MODULES},
@@ -1343,7 +1353,8 @@ def make_prompts(pipes):
         images.append(entry)
         print(f"  {name:16s} chunks {entry['chunks']}")
     pieces = [piece_case(p) for p in random_prompts(2000)]
-    write_json(os.path.join(PROMPTS_DIR, "cases.json"), dict(pieces=pieces, chunks=chunk_cases, images=images))
+    write_json(os.path.join(PROMPTS_DIR, "cases.json"), dict(pieces=pieces, chunks=chunk_cases, images=images),
+               compact=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2018,9 +2029,155 @@ def make_lora_sdxl():
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# The latent x2 upscaler: a tiny StableDiffusionLatentUpscalePipeline, and its UNet's structure
+# ----------------------------------------------------------------------------------------------
+# diffusers wires K-diffusion up blocks by coincidences of widths: the first up block must have
+# in == out == the time embedding's width (it self-attends and takes no skip), later ones must not.
+# Two blocks of 32 channels with a 32-wide time embedding is the smallest such UNet.  The
+# published one (4 blocks, 2 layers, widening blocks, per-block head widths) is too large to
+# store even tiny, so its structure is checked with weights from a formula (formula_tensor) that
+# Kiln's test computes the same way: only the tensor names, shapes and diffusers' output are kept.
+
+LATENT_DIR = os.path.join(FIXTURES, "latent-upscale")
+# stabilityai/sd-x2-latent-upscaler's scheduler_config.json, minus version tags.
+LATENT_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "interpolation_type": "log_linear", "num_train_timesteps": 1000,
+    "prediction_type": "sample", "steps_offset": 1, "trained_betas": None,
+}
+LATENT_UNET_COMMON = dict(
+    act_fn="gelu", norm_num_groups=None, conv_in_kernel=1, conv_out_kernel=1, cross_attention_dim=32,
+    in_channels=8, out_channels=5, mid_block_type=None, resnet_time_scale_shift="scale_shift",
+    time_embedding_type="fourier", timestep_post_act="gelu", time_cond_proj_dim=128 + 32, sample_size=None,
+)
+LATENT_UNET = dict(
+    LATENT_UNET_COMMON, block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=8,
+    time_embedding_dim=32, down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D"),
+    up_block_types=("KCrossAttnUpBlock2D", "KUpBlock2D"),
+)
+# The published UNet's structure, narrow: up block i takes attention_head_dim[i] (not its mirror's).
+LATENT_UNET_FULL = dict(
+    LATENT_UNET_COMMON, block_out_channels=(32, 32, 64, 64), layers_per_block=2, attention_head_dim=[8, 16, 16, 32],
+    time_embedding_dim=64,
+    down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"),
+    up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+)
+# The formula UNet's call: inputs by name and shape (values from name_uniforms), batch 2.
+LATENT_UNET_INPUTS = {"sample": [2, 8, 16, 16], "context": [2, 8, 32], "cond": [2, 160]}
+LATENT_SEED = 600
+LATENT_CASES = [  # name, steps, guidance, negative prompt
+    ("latent-x2-guided", 4, 7.0, "blurry"),
+    ("latent-x2-guidance0", 3, 0.0, None),  # the prompt becomes ""
+]
+
+
+def name_uniforms(name, shape):
+    """Uniforms in [-1, 1) for tensor `name`: splitmix64 of (FNV-1a of the name + index), as
+    Kiln's random weights (weights.rs) draw them."""
+    seed = 0xCBF29CE484222325
+    for byte in name.encode():
+        seed = ((seed ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + np.arange(int(np.prod(shape)), dtype=np.uint64)
+        z = z * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(40)).astype(np.float64) / 2.0 ** 24 * 2.0 - 1.0).reshape(shape)
+
+
+def formula_tensor(name, shape):
+    """Kiln's random weight `name`: variance 1/fan_in, norm scales 1 + 0.2u, biases 0.2u."""
+    u = name_uniforms(name, shape)
+    if len(shape) >= 2:
+        u = u * math.sqrt(3.0 / int(np.prod(shape[1:])))
+    elif name.endswith("weight"):
+        u = 1.0 + 0.2 * u
+    else:
+        u = 0.2 * u
+    return torch.from_numpy(u.astype(np.float32))
+
+
+def make_latent_unet_reference():
+    """latent-upscale/unet/: the published structure with formula weights and inputs (unit
+    variance), and diffusers' output for them."""
+    out_dir = os.path.join(LATENT_DIR, "unet")
+    os.makedirs(out_dir)
+    unet = UNet2DConditionModel(**LATENT_UNET_FULL)
+    shapes = {name: list(t.shape) for name, t in unet.state_dict().items()}
+    unet.load_state_dict({name: formula_tensor(name, shape) for name, shape in shapes.items()})
+    sample, context, cond = (torch.from_numpy((name_uniforms(name, shape) * math.sqrt(3)).astype(np.float32))
+                             for name, shape in LATENT_UNET_INPUTS.items())
+    timestep = torch.log(torch.tensor(2.5)) * 0.25
+    out = unet(sample, timestep, encoder_hidden_states=context, timestep_cond=cond).sample
+    heads = [m.heads for n, m in unet.named_modules() if n.startswith("up_blocks.0.") and n.endswith("attn2")]
+    assert heads == [8, 8], heads  # attention_head_dim[0] = 8 for 64 channels, not [3] = 32
+    np.save(os.path.join(out_dir, "output.npy"), out.numpy())
+    write_json(os.path.join(out_dir, "config.json"), {k: v for k, v in unet.config.items() if not k.startswith("_")})
+    write_json(os.path.join(out_dir, "call.json"), dict(timestep=float(timestep), inputs=LATENT_UNET_INPUTS))
+    print(f"  latent-upscale/unet: {len(shapes)} tensors, output std {out.std():.3f}")
+
+
+def build_latent_upscaler(sd1):
+    torch.manual_seed(LATENT_SEED)
+    unet = UNet2DConditionModel(**LATENT_UNET)
+    texture_init(unet, LATENT_SEED + 2, {"attn2.to_out": CROSS_ATTN_OUT_GAIN})
+    ids = sd1.tokenizer("a photo of a cat", padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+    out = sd1.text_encoder(ids, output_hidden_states=True)
+    cond = torch.cat([torch.ones(1, 64), torch.zeros(1, 64), out.pooler_output], dim=1)
+    calibrate_unet(unet, None, None, LATENT_SEED + 4, encoder_hidden_states=out.hidden_states[-1], timestep_cond=cond)
+    pipe = StableDiffusionLatentUpscalePipeline(
+        vae=sd1.vae, text_encoder=sd1.text_encoder, tokenizer=sd1.tokenizer, unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config({k: v for k, v in LATENT_SCHEDULER.items() if k[0] != "_"}))
+    out_dir = os.path.join(FIXTURES, "sd-x2-latent-upscaler-tiny")
+    save_edit_pipeline(pipe, out_dir, (unet,), ("text_encoder", "tokenizer", "vae"), {"scheduler": LATENT_SCHEDULER})
+    return out_dir
+
+
+def make_latent_upscale():
+    """sd-x2-latent-upscaler-tiny and its references in latent-upscale/."""
+    torch.set_num_threads(1)
+    sd1 = load_pipeline(os.path.join(FIXTURES, "sd1-tiny"), MODELS["sd1-tiny"])
+    if os.path.isdir(LATENT_DIR):
+        shutil.rmtree(LATENT_DIR)
+    os.makedirs(LATENT_DIR)
+    make_latent_unet_reference()
+    out_dir = build_latent_upscaler(sd1)
+    pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(out_dir, variant="fp16", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.interpolation_type == "log_linear" and pipe.unet.config.sample_size is None
+    init = Image.open(os.path.join(EDIT_DIR, "init.png")).convert("RGB")
+    index, rendered = [], []
+    print("latent upscaler references:")
+    for i, (name, steps, guidance, negative) in enumerate(LATENT_CASES):
+        with labelled_noise(LATENT_SEED + 20 + i) as draws:
+            images = pipe(EDIT_PROMPT, image=init, num_inference_steps=steps, guidance_scale=guidance,
+                          negative_prompt=negative, output_type="np").images
+        # The pipeline samples the image's encoding, then draws the initial latents.
+        assert [r for r, _ in draws] == ["encode", "latents"], [r for r, _ in draws]
+        relabelled = [("low_res", draws[0][1]), draws[1]]
+        files = save_draws(name, relabelled, ("low_res", "latents"), out_dir=LATENT_DIR)
+        image = to_uint8(images)[0]
+        assert image.shape == (128, 128, 3), image.shape
+        Image.fromarray(image).save(os.path.join(LATENT_DIR, f"{name}.png"))
+        rendered.append(image.astype(np.int32))
+        flat = np.abs(rendered[-1] - rendered[-1].mean(axis=(0, 1))).mean()
+        print(f"  {name:24s} |image - its mean colour| {flat:5.1f}/255")
+        assert flat >= 10, "a flat image"
+        index.append(dict(name=name, mode="upscale", model="sd-x2-latent-upscaler-tiny", scheduler=None,
+                          strength=None, steps=steps, guidance=guidance, prompt=EDIT_PROMPT,
+                          negative_prompt=negative, image_input="init.png", image=f"{name}.png", noise=files))
+    diff = np.abs(rendered[0] - rendered[1]).mean()
+    print(f"  the two cases differ by a mean {diff:.1f}/255")
+    assert diff >= 3
+    write_json(os.path.join(LATENT_DIR, "editing.json"), index)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["prompts", "taesd", "lora", "lora-sdxl", "sdxl"],
+    ap.add_argument("--only", choices=["prompts", "taesd", "lora", "lora-sdxl", "sdxl", "latent-upscale"],
                     help="remake one part (prompts, lora, lora-sdxl, sdxl: from the committed pipelines)")
     args = ap.parse_args()
     if args.only in ("lora", "lora-sdxl"):
@@ -2030,6 +2187,9 @@ def main():
         return
     if args.only == "sdxl":
         make_sdxl()
+        return
+    if args.only == "latent-upscale":
+        make_latent_upscale()
         return
     if args.only == "prompts":
         make_prompts({name: load_pipeline(os.path.join(FIXTURES, name), spec) for name, spec in MODELS.items()})
@@ -2070,6 +2230,7 @@ def main():
     make_lora()
     make_sdxl()
     make_lora_sdxl()
+    make_latent_upscale()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::clip::{ClipTextModel, HiddenLayer};
+use crate::model::clip::{ClipTextModel, HiddenLayer, Pooling};
 use crate::model::unet::{AddedConditioning, TextConditioning, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::pipeline::StableDiffusion;
@@ -90,7 +90,7 @@ impl Components {
 
     /// One text-encoder call on `batch` prompts.
     pub fn text_encoder_call(&self) -> Tensor<3> {
-        self.text_encoder.forward(&self.ids, HiddenLayer::Last, false).hidden
+        self.text_encoder.forward(&self.ids, HiddenLayer::Last, Pooling::None).hidden
     }
 
     /// One UNet call on `batch` latents (2: one guided step) at [`TIMESTEP`].

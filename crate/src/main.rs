@@ -77,7 +77,8 @@ enum Command {
     Img2img(Img2ImgArgs),
     /// Repaint the white part of a mask (StableDiffusionInpaintPipeline).
     Inpaint(InpaintArgs),
-    /// Four times the resolution with the Stable Diffusion x4 upscaler (StableDiffusionUpscalePipeline).
+    /// Four times the resolution with the Stable Diffusion x4 upscaler (StableDiffusionUpscalePipeline),
+    /// or twice with the latent x2 upscaler (StableDiffusionLatentUpscalePipeline).
     Upscale(UpscaleArgs),
     /// Convert a diffusers pipeline into a Kiln package (manifest.json + verified shards).
     Pack {
@@ -155,7 +156,8 @@ struct CommonArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Initial noise as float32 .npy `[1, C, h, w]`, unscaled standard normal, instead of the seed's
-    /// (for generate what diffusers calls `latents=`; for img2img the noise added to the image).
+    /// (for generate what diffusers calls `latents=`; for img2img the noise added to the image; for
+    /// the latent x2 upscaler `[1, 4, 2H/8, 2W/8]` of an H×W image).
     #[arg(long)]
     latents: Option<PathBuf>,
     /// The PNG to write; with --count N, OUT-1.png … OUT-N.png.
@@ -241,17 +243,19 @@ struct InpaintArgs {
 struct UpscaleArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// The low-resolution image (PNG), sides multiples of the UNet's down-sampling (8 for the x4 upscaler).
+    /// The low-resolution image (PNG), sides multiples of the UNet's down-sampling (8 for the x4
+    /// upscaler; 32, and at least 64, for the latent x2 upscaler).
     #[arg(long)]
     image: PathBuf,
-    /// Noise added to the image before upscaling, 0 to the model's max_noise_level (350).
-    #[arg(long, default_value_t = upscale::DEFAULT_NOISE_LEVEL)]
-    noise_level: usize,
-    /// Upscale in overlapping tiles of this many input pixels (a multiple of the UNet's
-    /// down-sampling) to bound memory; an image no larger than one tile runs in one piece.
+    /// x4 upscaler: noise added to the image before upscaling, 0 to the model's max_noise_level
+    /// (350) [default: 20].
+    #[arg(long)]
+    noise_level: Option<usize>,
+    /// x4 upscaler: upscale in overlapping tiles of this many input pixels (a multiple of the
+    /// UNet's down-sampling) to bound memory; an image no larger than one tile runs in one piece.
     #[arg(long, default_value_t = upscale::DEFAULT_TILES.size)]
     tile: usize,
-    /// Minimum overlap of neighbouring tiles, in input pixels.
+    /// x4 upscaler: minimum overlap of neighbouring tiles, in input pixels.
     #[arg(long, default_value_t = upscale::DEFAULT_TILES.overlap)]
     tile_overlap: usize,
 }

@@ -96,7 +96,7 @@ impl GenerateRequest {
             }),
             ModeName::Upscale => Mode::Upscale(Upscale {
                 image: ImageInput::required(self.image, "image")?,
-                noise_level: self.noise_level.unwrap_or(upscale::DEFAULT_NOISE_LEVEL),
+                noise_level: self.noise_level,
                 tiles: Some(upscale::DEFAULT_TILES),
                 low_res_noise: None,
             }),

@@ -221,8 +221,9 @@ impl Weights {
         Self { source, prefix: String::new(), device: device.clone(), format: Format::F32 }
     }
 
-    /// Random weights: norm scales 1, biases 0, other tensors uniform with variance
-    /// 1/fan_in, which keeps activations in range through a deep network.
+    /// Random weights, the same for a tensor name wherever they load ([`name_uniforms`]):
+    /// norm scales near 1, biases near 0, other tensors uniform with variance 1/fan_in, which
+    /// keeps activations in range through a deep network.
     pub fn random(device: &Device) -> Self {
         Self::with_source(Source::Random(Arc::default()), device)
     }
@@ -266,17 +267,17 @@ impl Weights {
     pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let full = self.full_name(name);
         let stored = self.format.for_tensor(&full, shape);
-        let values = self.source_values(name, &full, shape)?;
+        let values = self.source_values(&full, shape)?;
         Ok(if stored == Format::F32 { values } else { stored.decode(&stored.encode(&values), values.len())? })
     }
 
     /// The values as the source holds them, before any conversion.
-    fn source_values(&self, name: &str, full: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    fn source_values(&self, full: &str, shape: &[usize]) -> Result<Vec<f32>> {
         match &self.source {
             Source::Random(stats) => {
                 let n = shape.iter().product::<usize>();
                 stats.stored_bytes.fetch_add(self.format.for_tensor(full, shape).stored_len(n) as u64, Ordering::Relaxed);
-                Ok(random_values(&stats.values, name, shape))
+                Ok(random_values(&stats.values, full, shape))
             }
             Source::Uploaded(up) => match up.lookup(full, shape)? {
                 Stored::Host(values) => Ok(values.clone()),
@@ -308,7 +309,7 @@ impl Weights {
                 Stored::Packed(format, bytes) => quant::matrix(*format, bytes, matrix_shape(shape), &self.device),
             };
         }
-        let values = self.source_values(name, &full, shape)?;
+        let values = self.source_values(&full, shape)?;
         let stored = self.format.for_tensor(&full, shape);
         let bytes = stored.encode(&values);
         quant::matrix(stored, &bytes, matrix_shape(shape), &self.device)
@@ -350,22 +351,29 @@ fn to_f32(dtype: Dtype, raw: &[u8]) -> Option<Vec<f32>> {
 
 fn random_values(count: &AtomicU64, name: &str, shape: &[usize]) -> Vec<f32> {
     let n: usize = shape.iter().product();
-    let start = count.fetch_add(n as u64, Ordering::Relaxed);
+    count.fetch_add(n as u64, Ordering::Relaxed);
+    let u = name_uniforms(name, n);
     if shape.len() == 1 {
-        return vec![if name == "weight" { 1.0 } else { 0.0 }; n];
+        let (base, jitter) = if name.ends_with("weight") { (1.0, 0.2) } else { (0.0, 0.2) };
+        return u.map(|u| (base + jitter * u) as f32).collect();
     }
     let fan_in: usize = shape[1..].iter().product();
-    let bound = (3.0 / fan_in as f32).sqrt();
-    // splitmix64 over the global index: cheap, and different for every tensor.
-    (0..n as u64)
-        .map(|i| {
-            let mut z = (start + i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
-        })
-        .collect()
+    let bound = (3.0 / fan_in as f64).sqrt();
+    u.map(|u| (u * bound) as f32).collect()
+}
+
+/// `n` uniforms in [-1, 1) that depend only on `name`: splitmix64 over FNV-1a of the name plus
+/// the index. Random weights drawn so are the same wherever they load, and a reference made
+/// elsewhere (scripts/make_fixtures.py) can use them.
+pub fn name_uniforms(name: &str, n: usize) -> impl Iterator<Item = f64> {
+    let seed = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3));
+    (0..n as u64).map(move |i| {
+        let mut z = seed.wrapping_add(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0
+    })
 }
 
 #[cfg(test)]

@@ -156,6 +156,27 @@ fn upscale_writes_four_times_the_size() {
     assert!(text.ends_with("Noise level: 20, Tile size: 16, Tile overlap: 8"), "{text}");
 }
 
+/// The latent x2 upscaler from the same command; its settings are its folder's, so the x4's
+/// noise level and a scheduler are refused, and sizes follow its UNet.
+#[test]
+fn latent_upscale_writes_twice_the_size() {
+    let dir = temp_dir("latent-upscale");
+    let out = dir.join("out.png");
+    let (model, image, out_str) = (fixture("sd-x2-latent-upscaler-tiny"), fixture("editing/init.png"), out.to_str().unwrap());
+    let base = ["upscale", "--model", &model, "--prompt", "a house", "--image", &image, "--out", out_str];
+    let upscale = |extra: &[&str], needle: &str| fails_with(&[&base[..], extra].concat(), needle);
+    let (_, w, h, text) = succeeds(&[&base[..], &["--steps", "2", "--seed", "3"]].concat(), &out, "step 2/2");
+    assert_eq!((w, h), (128, 128));
+    assert_eq!(text, "a house\nSteps: 2, Sampler: Euler, CFG scale: 9, Seed: 3, Size: 128x128, Model: sd-x2-latent-upscaler-tiny");
+    upscale(&["--noise-level", "20"], "a noise level does not apply");
+    upscale(&["--scheduler", "ddim"], "another scheduler does not apply");
+    upscale(&["--latents", &fixture("editing/img2img-ddim-0.8.latents.npy")], "initial latents have shape [1, 4, 8, 8]; this image needs [1, 4, 16, 16]");
+    let small = dir.join("small.png");
+    std::fs::write(&small, kiln::pipeline::png::encode(&vec![90; 12 * 24 * 3], 12, 24, "").unwrap()).unwrap();
+    let small = [&["upscale", "--model", &model, "--prompt", "x", "--image", small.to_str().unwrap(), "--out", out_str][..]].concat();
+    fails_with(&small, "the image's width 12 is not a multiple of 8 of at least 16");
+}
+
 #[test]
 fn bad_edit_inputs_are_refused() {
     let dir = temp_dir("edit-errors");
@@ -169,6 +190,7 @@ fn bad_edit_inputs_are_refused() {
     img2img(&sd1, &["--strength", "0"], "strength 0 is outside (0, 1]");
     img2img(&sd1, &["--strength", "1.5"], "strength 1.5 is outside (0, 1]");
     img2img(&upscaler, &[], "use `kiln upscale`");
+    img2img(&fixture("sd-x2-latent-upscaler-tiny"), &[], "the Stable Diffusion x2 latent upscaler (its UNet takes an image's latents): use `kiln upscale`");
     img2img(&inpainting, &[], "use `kiln inpaint`");
     fails_with(&["generate", "--model", &inpainting, "--prompt", "x", "--out", out], "use `kiln inpaint`");
     // sd1-tiny takes multiples of 32 (VAE factor 8 × UNet down-sampling 4): a size asked for
@@ -191,7 +213,7 @@ fn bad_edit_inputs_are_refused() {
     let upscale = |model: &str, extra: &[&str], needle: &str| {
         fails_with(&[&["upscale", "--model", model, "--prompt", "x", "--image", &low_res, "--out", out][..], extra].concat(), needle)
     };
-    upscale(&sd1, &[], "not an x4 upscaler");
+    upscale(&sd1, &[], "not an upscaler");
     upscale(&upscaler, &["--noise-level", "351"], "noise level 351 is above the model's maximum 350");
     upscale(&upscaler, &["--tile", "10"], "tile size 10 is not a positive multiple of 4");
     upscale(&upscaler, &["--tile", "16", "--tile-overlap", "16"], "tile overlap 16 must be smaller than the tile size 16");

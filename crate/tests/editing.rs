@@ -1,6 +1,6 @@
-//! Image-to-image, inpainting and upscaling against the diffusers pipelines' own images for the
-//! tiny fixtures (tests/fixtures/editing, made by scripts/make_fixtures.py with every noise draw
-//! injected). Tolerance per the engine's contract: max ≤ 3/255 and mean ≤ 0.5/255 per 8-bit channel.
+//! Image-to-image, inpainting and upscaling (x4 and latent x2) against the diffusers pipelines'
+//! own images for the tiny fixtures (tests/fixtures/editing, sdxl and latent-upscale, made by
+//! scripts/make_fixtures.py with every noise draw injected). Tolerance per the engine's contract: max ≤ 3/255 and mean ≤ 0.5/255 per 8-bit channel.
 mod common;
 
 use std::collections::{HashMap, VecDeque};
@@ -27,7 +27,8 @@ struct Case {
     name: String,
     mode: String,
     model: String,
-    scheduler: String,
+    /// `None`: the folder's own (the latent upscaler takes no other).
+    scheduler: Option<String>,
     strength: Option<f64>,
     steps: usize,
     guidance: f64,
@@ -46,10 +47,11 @@ fn dir() -> PathBuf {
     common::fixtures().join("editing")
 }
 
-/// The SD cases, then SDXL's (tests/fixtures/sdxl, on the same inputs).
+/// The SD cases, then SDXL's and the latent upscaler's (tests/fixtures/sdxl and latent-upscale,
+/// on the same inputs).
 fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
-    for (folder, file) in [("editing", "cases.json"), ("sdxl", "editing.json")] {
+    for (folder, file) in [("editing", "cases.json"), ("sdxl", "editing.json"), ("latent-upscale", "editing.json")] {
         let dir = common::fixtures().join(folder);
         let text = std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{folder}/{file}: {e}"));
         let read: Vec<Case> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{folder}/{file}: {e}"));
@@ -76,7 +78,7 @@ fn request(case: &Case) -> Request {
         negative_prompt: case.negative_prompt.clone().unwrap_or_default(),
         steps: Some(case.steps),
         guidance: Some(case.guidance),
-        scheduler: Some(SchedulerKind::from_name(&case.scheduler).expect("scheduler name")),
+        scheduler: case.scheduler.as_deref().map(|name| SchedulerKind::from_name(name).expect("scheduler name")),
         latents: noise(case, "latents"),
         step_noise,
         ..Default::default()
@@ -109,7 +111,7 @@ fn start(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> Denois
                 req,
                 Upscale {
                     image: image(&case.image_input),
-                    noise_level: case.noise_level.expect("noise level"),
+                    noise_level: case.noise_level,
                     tiles,
                     low_res_noise: noise(case, "low_res"),
                 },
@@ -160,7 +162,7 @@ fn upscaling_equals_diffusers() {
 /// The portable CPU backend runs the same code; a few cases keep it quick.
 #[test]
 fn editing_equals_diffusers_on_cpu_backend() {
-    let picked = ["img2img-euler-a-0.5", "inpaint-9ch-euler-a-0.6", "inpaint-blend-dpmpp-2m-0.75", "upscale-ddim"];
+    let picked = ["img2img-euler-a-0.5", "inpaint-9ch-euler-a-0.6", "inpaint-blend-dpmpp-2m-0.75", "upscale-ddim", "latent-x2-guided"];
     check(&Device::flex(), |c| picked.contains(&c.name.as_str()));
 }
 

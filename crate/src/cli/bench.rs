@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde_json::{Value, json};
 
 use kiln::bench::{Components, config, preset};
-use kiln::model::clip::{ClipTextConfig, ClipTextModel, HiddenLayer};
+use kiln::model::clip::{ClipTextConfig, ClipTextModel, HiddenLayer, Pooling};
 use kiln::model::unet::{AddedConditioning, TextConditioning, UNet2DConditionModel};
 use kiln::model::vae::AutoencoderKL;
 use kiln::pipeline::rng::NormalRng;
@@ -159,7 +159,7 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
         .iter()
         .map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(text_config.max_position_embeddings).collect())
         .collect();
-    let text = TextStates::Paired(TextConditioning { hidden: ClipTextModel::load(&w[0], text_config)?.forward(&ids, HiddenLayer::Last, false).hidden, pooled: None });
+    let text = TextStates::Paired(TextConditioning { hidden: ClipTextModel::load(&w[0], text_config)?.forward(&ids, HiddenLayer::Last, Pooling::None).hidden, pooled: None });
     sample(&mut peak)?;
     device.memory_cleanup();
     let package_bytes: u64 = w.iter().map(|w| w.random_stats().1).sum();

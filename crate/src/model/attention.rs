@@ -14,6 +14,8 @@ pub struct Attention {
     pub to_v: Linear,
     pub to_out: Linear,
     pub group_norm: Option<GroupNorm>,
+    /// A layer norm on the context before k/v (`cross_attention_norm = "layer_norm"`).
+    pub norm_cross: Option<LayerNorm>,
     heads: usize,
 }
 
@@ -27,6 +29,27 @@ impl Attention {
             to_v: Linear::load(&w.pp("to_v"), context_dim, inner, false)?,
             to_out: Linear::load(&w.pp("to_out.0"), inner, query_dim, true)?,
             group_norm: None,
+            norm_cross: None,
+            heads,
+        })
+    }
+
+    /// The K-diffusion UNet's attention (`KAttentionBlock`): q/k/v with bias, and for
+    /// cross-attention (`context_dim`) the context layer-normed first.
+    pub fn load_k(w: &Weights, query_dim: usize, context_dim: Option<usize>, heads: usize, head_dim: usize) -> Result<Self> {
+        let inner = heads * head_dim;
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        let norm_cross = match context_dim {
+            Some(dim) => Some(LayerNorm::load(&w.pp("norm_cross"), dim, 1e-5)?),
+            None => None,
+        };
+        Ok(Self {
+            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, true)?,
+            to_k: Linear::load(&w.pp("to_k"), kv_dim, inner, true)?,
+            to_v: Linear::load(&w.pp("to_v"), kv_dim, inner, true)?,
+            to_out: Linear::load(&w.pp("to_out.0"), inner, query_dim, true)?,
+            group_norm: None,
+            norm_cross,
             heads,
         })
     }
@@ -42,6 +65,7 @@ impl Attention {
             to_v: Linear::load(&w.pp(name("to_v", "value")), channels, channels, true)?,
             to_out: Linear::load(&w.pp(name("to_out.0", "proj_attn")), channels, channels, true)?,
             group_norm: Some(GroupNorm::load(&w.pp("group_norm"), num_groups, channels, eps)?),
+            norm_cross: None,
             heads: 1,
         })
     }
@@ -49,7 +73,10 @@ impl Attention {
     /// `x`: `[B, N, C]`; `context`: `[B, M, C_ctx]` for cross-attention; `residual` (shaped
     /// like the output) is added by the output projection.
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>, residual: Option<Tensor<3>>) -> Tensor<3> {
-        let context = context.unwrap_or_else(|| x.clone());
+        let context = match (context, &self.norm_cross) {
+            (Some(context), Some(norm)) => norm.forward(context),
+            (context, _) => context.unwrap_or_else(|| x.clone()),
+        };
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
         let v = self.to_v.forward(context);

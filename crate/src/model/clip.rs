@@ -1,7 +1,8 @@
 //! transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`: token + position
 //! embeddings, a causal pre-norm transformer and the final layer norm. SD conditions its UNet on
 //! the final states (`last_hidden_state`); SDXL on the penultimate layer's (before the final
-//! norm) and on the end token's projected state (`text_embeds`).
+//! norm) and on the end token's projected state (`text_embeds`); the latent x2 upscaler on the
+//! last layer's before the final norm and on the end token's final state (`pooler_output`).
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
@@ -102,16 +103,29 @@ impl EncoderLayer {
 pub enum HiddenLayer {
     /// `last_hidden_state`: the last layer's, after the final norm (SD 1.x / 2.x).
     Last,
+    /// `hidden_states[-1]`: the last layer's, without the final norm (the latent x2 upscaler).
+    LastBeforeNorm,
     /// `hidden_states[-2]`: the layer before the last, without the final norm (SDXL).
     Penultimate,
+}
+
+/// Which pooled embedding a pipeline takes besides the states: the end token's final state.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pooling {
+    None,
+    /// `pooler_output` (the latent x2 upscaler).
+    Final,
+    /// `text_embeds`: through `text_projection` (SDXL's second encoder).
+    Projected,
 }
 
 /// A forward pass's outputs.
 pub struct ClipOutput {
     /// `[B, len, hidden]` of the requested layer.
     pub hidden: Tensor<3>,
-    /// `[B, projection_dim]`: the end token's final state through `text_projection`, when asked.
-    pub text_embeds: Option<Tensor<2>>,
+    /// The end token's final state `[B, hidden]`, or through `text_projection`
+    /// `[B, projection_dim]`, as asked.
+    pub pooled: Option<Tensor<2>>,
 }
 
 pub struct ClipTextModel {
@@ -158,10 +172,10 @@ impl ClipTextModel {
         self.text_projection.is_some()
     }
 
-    /// Token ids `[B][77]` → the `layer`'s states `[B, 77, hidden]` and, with `pooled` (which
-    /// needs [`Self::has_projection`]), `text_embeds`. Ids come from the tokenizer, so they
-    /// index the vocabulary.
-    pub fn forward(&self, ids: &[Vec<u32>], layer: HiddenLayer, pooled: bool) -> ClipOutput {
+    /// Token ids `[B][77]` → the `layer`'s states `[B, 77, hidden]` and the `pooling` asked for
+    /// ([`Pooling::Projected`] needs [`Self::has_projection`]). Ids come from the tokenizer, so
+    /// they index the vocabulary.
+    pub fn forward(&self, ids: &[Vec<u32>], layer: HiddenLayer, pooling: Pooling) -> ClipOutput {
         let (batch, len, d) = (ids.len(), ids[0].len(), self.config.hidden_size);
         let rows: Vec<f32> = ids.iter().flatten().flat_map(|&t| &self.token_embedding[t as usize * d..(t as usize + 1) * d]).copied().collect();
         let tokens = Tensor::<3>::from_data(TensorData::new(rows, [batch, len, d]), &self.position_embedding.device());
@@ -171,19 +185,28 @@ impl ClipTextModel {
         for layer in before_last {
             x = layer.forward(x, self.config.num_attention_heads, self.activation);
         }
-        if layer == HiddenLayer::Penultimate && !pooled {
-            return ClipOutput { hidden: x, text_embeds: None };
+        if layer == HiddenLayer::Penultimate && pooling == Pooling::None {
+            return ClipOutput { hidden: x, pooled: None };
         }
         let penultimate = x.clone();
-        let last_hidden_state = self.final_layer_norm.forward(last.forward(x, self.config.num_attention_heads, self.activation));
-        let text_embeds = pooled.then(|| self.text_embeds(&last_hidden_state, ids));
-        let hidden = if layer == HiddenLayer::Last { last_hidden_state } else { penultimate };
-        ClipOutput { hidden, text_embeds }
+        let before_norm = last.forward(x, self.config.num_attention_heads, self.activation);
+        let last_hidden_state = self.final_layer_norm.forward(before_norm.clone());
+        let pooled = match pooling {
+            Pooling::None => None,
+            Pooling::Final => Some(self.pooler_output(&last_hidden_state, ids)),
+            Pooling::Projected => Some(self.text_projection.as_ref().expect("callers ask for text_embeds only with a projection").forward(self.pooler_output(&last_hidden_state, ids))),
+        };
+        let hidden = match layer {
+            HiddenLayer::Last => last_hidden_state,
+            HiddenLayer::LastBeforeNorm => before_norm,
+            HiddenLayer::Penultimate => penultimate,
+        };
+        ClipOutput { hidden, pooled }
     }
 
     /// transformers' pooling: each row's state at its first end token (its largest id for
-    /// configs with the old `eos_token_id` 2), projected.
-    fn text_embeds(&self, last_hidden_state: &Tensor<3>, ids: &[Vec<u32>]) -> Tensor<2> {
+    /// configs with the old `eos_token_id` 2).
+    fn pooler_output(&self, last_hidden_state: &Tensor<3>, ids: &[Vec<u32>]) -> Tensor<2> {
         let d = self.config.hidden_size;
         let eos = self.config.eos_token_id;
         let rows: Vec<Tensor<2>> = ids
@@ -195,7 +218,6 @@ impl ClipTextModel {
                 last_hidden_state.clone().narrow(0, b, 1).narrow(1, at, 1).reshape([1, d])
             })
             .collect();
-        let projection = self.text_projection.as_ref().expect("callers ask for text_embeds only with a projection");
-        projection.forward(Tensor::cat(rows, 0))
+        Tensor::cat(rows, 0)
     }
 }

@@ -2,8 +2,9 @@
 //! engine's kernels on the GPU (`crate::kernels`), with what follows it folded in where the
 //! model allows (`forward_with`).
 use burn::tensor::Tensor;
+use burn::tensor::activation::{gelu, silu};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::{self, Conv2dEpilogue, LinearEpilogue};
 use crate::quant;
 use crate::weights::Weights;
@@ -111,5 +112,30 @@ impl LayerNorm {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         kernels::layer_norm(x, self.weight.clone(), self.bias.clone(), self.eps)
+    }
+}
+
+/// The activations diffusers' configs name (`act_fn`, `timestep_post_act`) that its UNets use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    Silu,
+    /// PyTorch's exact (erf) GELU.
+    Gelu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Self::Silu),
+            "gelu" => Ok(Self::Gelu),
+            other => Err(Error::Invalid(format!("unsupported activation {other} (silu and gelu are)"))),
+        }
+    }
+
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Silu => silu(x),
+            Self::Gelu => gelu(x),
+        }
     }
 }

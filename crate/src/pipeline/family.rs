@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::upscale::UpscalerConfig;
 use crate::error::{Error, Result};
 use crate::files::{ModelFiles, json};
-use crate::model::clip::HiddenLayer;
+use crate::model::clip::{HiddenLayer, Pooling};
 use crate::model::tokenizer;
 use crate::model::unet::UNetConfig;
 
@@ -51,8 +51,9 @@ pub struct TextEncoderFolders {
     pub tokenizer: &'static str,
     /// The layer whose states the UNet attends to.
     pub layer: HiddenLayer,
-    /// Whether its pooled, projected embedding conditions the UNet (SDXL's second encoder).
-    pub pooled: bool,
+    /// The pooled embedding that also conditions the UNet (SDXL's second encoder's, the latent
+    /// upscaler's).
+    pub pooling: Pooling,
 }
 
 impl TextEncoderFolders {
@@ -75,14 +76,18 @@ pub enum Conditioner {
     /// SDXL: the pooled text embedding and the image's size (`text_time` time ids); with
     /// `force_zeros_for_empty_prompt` an empty negative prompt conditions on zeros.
     TextTime { force_zeros_for_empty_prompt: bool },
+    /// The latent x2 upscaler: an image's latents as extra channels, and a noise-level
+    /// embedding with the pooled text as the time embedding's condition.
+    LatentUpscale,
 }
 
-const CLIP: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer", layer: HiddenLayer::Last, pooled: false };
-const SDXL_CLIP_L: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer", layer: HiddenLayer::Penultimate, pooled: false };
-const SDXL_CLIP_G: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder_2", tokenizer: "tokenizer_2", layer: HiddenLayer::Penultimate, pooled: true };
+const CLIP: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer", layer: HiddenLayer::Last, pooling: Pooling::None };
+const SDXL_CLIP_L: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer", layer: HiddenLayer::Penultimate, pooling: Pooling::None };
+const SDXL_CLIP_G: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder_2", tokenizer: "tokenizer_2", layer: HiddenLayer::Penultimate, pooling: Pooling::Projected };
+const LATENT_UPSCALER_CLIP: TextEncoderFolders = TextEncoderFolders { encoder: "text_encoder", tokenizer: "tokenizer", layer: HiddenLayer::LastBeforeNorm, pooling: Pooling::Final };
 
 /// Every family, in the order an unknown pipeline's message lists them.
-pub const FAMILIES: [Family; 3] = [
+pub const FAMILIES: [Family; 4] = [
     Family {
         name: "Stable Diffusion (1.x, 2.x, Turbo, inpainting)",
         pipelines: &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"],
@@ -107,13 +112,26 @@ pub const FAMILIES: [Family; 3] = [
         guidance: 9.0,
         conditioner: |files, index, unet| Ok(Conditioner::NoiseLevel(UpscalerConfig::load(files, index.max_noise_level, unet)?)),
     },
+    Family {
+        name: "the Stable Diffusion x2 latent upscaler",
+        pipelines: &["StableDiffusionLatentUpscalePipeline"],
+        text_encoders: &[LATENT_UPSCALER_CLIP],
+        configs: &[],
+        guidance: 9.0,
+        conditioner: |files, _, unet| match unet.time_cond_proj_dim {
+            Some(_) => Ok(Conditioner::LatentUpscale),
+            None => Err(Error::Invalid(format!("{}: a latent upscaler needs a UNet with a timestep condition (time_cond_proj_dim)", files.name()))),
+        },
+    },
 ];
 
-/// SD's UNets add nothing to the time embedding (an SDXL UNet in an SD pipeline is refused).
+/// SD's UNets add nothing to the time embedding (an SDXL or latent upscaler UNet in an SD
+/// pipeline is refused).
 fn without_added_embedding(unet: &UNetConfig) -> Result<()> {
-    match &unet.addition_embed_type {
-        None => Ok(()),
-        Some(kind) => Err(Error::Invalid(format!("the UNet adds a {kind} embedding, which this pipeline class does not give it"))),
+    match (&unet.addition_embed_type, unet.time_cond_proj_dim) {
+        (None, None) => Ok(()),
+        (Some(kind), _) => Err(Error::Invalid(format!("the UNet adds a {kind} embedding, which this pipeline class does not give it"))),
+        (None, Some(_)) => Err(Error::Invalid("the UNet takes a timestep condition (time_cond_proj_dim), which this pipeline class does not give it".into())),
     }
 }
 
@@ -252,6 +270,12 @@ mod tests {
         assert!(err.contains("StableCascadeDecoderPipeline is not one Kiln runs (StableDiffusionPipeline, "), "{err}");
         let upscaler = ModelIndex::parse(br#"{"_class_name": "StableDiffusionUpscalePipeline"}"#, "repo").unwrap();
         assert_eq!(Family::of(&upscaler, "repo").ok().map(|f| f.name), Some("the Stable Diffusion x4 upscaler"));
+        let latent = ModelIndex::parse(br#"{"_class_name": "StableDiffusionLatentUpscalePipeline"}"#, "repo").unwrap();
+        assert_eq!(Family::of(&latent, "repo").ok().map(|f| f.name), Some("the Stable Diffusion x2 latent upscaler"));
+        let sd = ModelIndex::parse(br#"{"_class_name": "StableDiffusionPipeline"}"#, "repo").unwrap();
+        let k_unet = UNetConfig { time_cond_proj_dim: Some(160), ..Default::default() };
+        let err = Family::of(&sd, "repo").unwrap().conditioner(&crate::files::Folder("repo".into()), &sd, &k_unet).err().expect("refused").to_string();
+        assert!(err.contains("takes a timestep condition (time_cond_proj_dim), which this pipeline class does not give it"), "{err}");
         let refiner = ModelIndex::parse(br#"{"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": true}"#, "repo").unwrap();
         let unet = UNetConfig { addition_embed_type: Some("text_time".into()), ..Default::default() };
         let err = Family::of(&refiner, "repo").unwrap().conditioner(&crate::files::Folder("repo".into()), &refiner, &unet).err().expect("refused").to_string();

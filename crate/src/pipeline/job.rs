@@ -53,7 +53,7 @@ impl StableDiffusion {
                 (self.start_inpaint(request, input)?, extra)
             }
             Mode::Upscale(input) => {
-                let extra = input.parameters();
+                let extra = self.upscale_parameters(&input);
                 (self.start_upscale(request, input)?, extra)
             }
         };

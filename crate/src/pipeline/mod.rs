@@ -9,6 +9,7 @@ pub mod img2img;
 pub mod infotext;
 pub mod inpaint;
 pub mod job;
+pub mod latent_upscale;
 pub mod png;
 pub mod preview;
 pub mod prompt;
@@ -187,6 +188,8 @@ impl StableDiffusion {
         let config = &self.unet.config;
         let what = if let Conditioner::NoiseLevel(_) = self.conditioner {
             format!("{} (its UNet takes the low-resolution image and a noise level): use `kiln upscale`", self.family.name)
+        } else if let Conditioner::LatentUpscale = self.conditioner {
+            format!("{} (its UNet takes an image's latents): use `kiln upscale`", self.family.name)
         } else if config.in_channels == in_channels {
             return Ok(());
         } else if config.in_channels == 2 * self.latent_channels() + 1 {
@@ -332,6 +335,9 @@ struct Conditioning {
     blend: Option<MaskBlend>,
     /// Overlapping windows the UNet and the VAE decoder run on one at a time (upscaling).
     tiles: Option<tiles::Tiles>,
+    /// The UNet is wrapped as k-diffusion's denoiser (the latent upscaler,
+    /// [`latent_upscale::Preconditioning`]).
+    k_diffusion: bool,
 }
 
 /// After each step the kept region is reset to the init image's latents noised to the next
@@ -393,6 +399,8 @@ impl Denoising {
     /// from the device here.
     pub fn step(&mut self, pipe: &StableDiffusion) -> Result<()> {
         let Some(&t) = self.scheduler.timesteps().get(self.index) else { return Ok(()) };
+        let preconditioning = self.conditioning.k_diffusion.then(|| latent_upscale::Preconditioning::at(self.scheduler.as_ref(), self.index));
+        let t = preconditioning.as_ref().map_or(t, |p| p.unet_timestep());
         let input = self.scheduler.scale_model_input(self.latents.clone(), self.index);
         let input = match &self.conditioning.extra_channels {
             Some(extra) => Tensor::cat(vec![input, extra.clone()], 1),
@@ -401,6 +409,10 @@ impl Denoising {
         let prediction = match &self.conditioning.tiles {
             Some(tiles) => tiles.blend(input, |window| self.predict(pipe, window, t)),
             None => self.predict(pipe, input, t),
+        };
+        let prediction = match preconditioning {
+            Some(p) => p.denoised(prediction, self.latents.clone()),
+            None => prediction,
         };
         self.last = Some((self.index, self.latents.clone(), prediction.clone()));
         let (shape, device) = (self.shape, pipe.device.clone());

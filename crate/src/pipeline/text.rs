@@ -8,7 +8,7 @@ use super::family::TextEncoderFolders;
 use super::prompt;
 use crate::error::{Error, Result};
 use crate::files::{ModelFiles, json};
-use crate::model::clip::{ClipTextConfig, ClipTextModel, HiddenLayer};
+use crate::model::clip::{ClipTextConfig, ClipTextModel, HiddenLayer, Pooling};
 use crate::model::tokenizer::{ClipTokenizer, TokenizerFiles};
 use crate::model::unet::TextConditioning;
 use crate::weights::Weights;
@@ -20,7 +20,7 @@ pub struct TextEncoder {
     weights: Weights,
     config: ClipTextConfig,
     layer: HiddenLayer,
-    pooled: bool,
+    pooling: Pooling,
 }
 
 impl TextEncoder {
@@ -41,14 +41,14 @@ impl TextEncoder {
             )));
         }
         let model = ClipTextModel::load(&weights, config.clone())?;
-        if folders.pooled && !model.has_projection() {
+        if folders.pooling == Pooling::Projected && !model.has_projection() {
             return Err(Error::Invalid(format!(
                 "{}: {} has no text_projection (a CLIPTextModelWithProjection's), whose pooled embedding the UNet takes",
                 files.name(),
                 folders.encoder
             )));
         }
-        Ok(Self { tokenizer, weights, config, layer: folders.layer, pooled: folders.pooled })
+        Ok(Self { tokenizer, weights, config, layer: folders.layer, pooling: folders.pooling })
     }
 
     /// The text encoder, built from its weights for one use.
@@ -64,8 +64,8 @@ impl TextEncoder {
         let negative = if guided { prompt::chunks(&self.tokenizer, negative)? } else { Vec::new() };
         let chunks: Vec<_> = negative.iter().chain(&positive).collect();
         let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
-        let output = self.model()?.forward(&ids, self.layer, self.pooled);
-        Ok(Encoded { hidden: emphasize(output.hidden, &chunks), pooled: output.text_embeds, negatives: negative.len() })
+        let output = self.model()?.forward(&ids, self.layer, self.pooling);
+        Ok(Encoded { hidden: emphasize(output.hidden, &chunks), pooled: output.pooled, negatives: negative.len() })
     }
 }
 
@@ -135,6 +135,15 @@ impl TextStates {
             (true, 1) if negatives == 1 => Self::Paired(text(hidden, &[0, 1])),
             (true, n) if n == negatives => Self::Paired(text(Tensor::cat(vec![join(0, n), join(n, n)], 0), &[0, n])),
             (true, n) => Self::Separate { negative: text(join(0, negatives), &[0]), prompt: text(join(negatives, n), &[negatives]) },
+        }
+    }
+
+    /// The same states with `f` applied to each conditioning.
+    pub(super) fn map(self, f: impl Fn(TextConditioning) -> TextConditioning) -> Self {
+        match self {
+            Self::Single(text) => Self::Single(f(text)),
+            Self::Paired(text) => Self::Paired(f(text)),
+            Self::Separate { negative, prompt } => Self::Separate { negative: f(negative), prompt: f(prompt) },
         }
     }
 

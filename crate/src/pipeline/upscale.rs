@@ -61,12 +61,15 @@ impl UpscalerConfig {
 pub struct Upscale {
     /// The low-resolution image; the output is the VAE factor (4) times its size.
     pub image: Image8,
-    /// How much noise is added to `image` first (`0..=max_noise_level`); more lets the model
-    /// invent more detail.
-    pub noise_level: usize,
-    /// `None`, or a tile at least as large as the image: one pass, exactly diffusers' result.
+    /// How much noise the x4 upscaler adds to `image` first (`0..=max_noise_level`, default
+    /// [`DEFAULT_NOISE_LEVEL`]); more lets the model invent more detail. The latent upscaler
+    /// takes none.
+    pub noise_level: Option<usize>,
+    /// The x4 upscaler's tiles: `None`, or a tile at least as large as the image, is one pass,
+    /// exactly diffusers' result. The latent upscaler runs in one pass.
     pub tiles: Option<TileSize>,
-    /// The low-resolution image's noise `[1, 3, H, W]` instead of the seed's (parity tests).
+    /// The image's noise instead of the seed's (parity tests): the x4 upscaler's noise on the
+    /// image `[1, 3, H, W]`, the latent upscaler's sample of its encoding `[1, 4, H/8, W/8]`.
     pub low_res_noise: Option<npy::Array>,
 }
 
@@ -74,7 +77,7 @@ impl Upscale {
     /// What this mode adds to the PNG's `parameters`, in Automatic1111's words; the tiles only
     /// when the image spans more than one.
     pub fn parameters(&self) -> Vec<(&'static str, String)> {
-        let mut extra = vec![("Noise level", self.noise_level.to_string())];
+        let mut extra = vec![("Noise level", self.noise_level.unwrap_or(DEFAULT_NOISE_LEVEL).to_string())];
         if let Some(tiles) = self.tiles.filter(|t| self.image.width > t.size || self.image.height > t.size) {
             extra.extend([("Tile size", tiles.size.to_string()), ("Tile overlap", tiles.overlap.to_string())]);
         }
@@ -83,11 +86,25 @@ impl Upscale {
 }
 
 impl StableDiffusion {
-    /// Validates `req` and `input`, noises the low-resolution image and prepares the latents.
+    /// Validates `req` and `input` and starts the folder's upscaler: the x4 or the latent x2.
     pub fn start_upscale(&self, req: Request, input: Upscale) -> Result<super::Denoising> {
-        let Conditioner::NoiseLevel(upscaler) = &self.conditioner else {
-            return Err(Error::Invalid(format!("{}: not an x4 upscaler (model_index.json names another pipeline)", self.name)));
-        };
+        match &self.conditioner {
+            Conditioner::NoiseLevel(upscaler) => self.start_x4_upscale(upscaler, req, input),
+            Conditioner::LatentUpscale => self.start_latent_upscale(req, input),
+            _ => Err(Error::Invalid(format!("{}: not an upscaler (model_index.json names another pipeline)", self.name))),
+        }
+    }
+
+    /// What upscaling adds to the PNG's `parameters`: the x4 upscaler's settings.
+    pub fn upscale_parameters(&self, input: &Upscale) -> Vec<(&'static str, String)> {
+        match self.conditioner {
+            Conditioner::NoiseLevel(_) => input.parameters(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Noises the low-resolution image and prepares the latents.
+    fn start_x4_upscale(&self, upscaler: &UpscalerConfig, req: Request, input: Upscale) -> Result<super::Denoising> {
         let channels = self.latent_channels() + 3;
         if self.unet.config.in_channels != channels {
             return Err(Error::Invalid(format!("{}: upscaling needs a UNet with {channels} input channels; this has {}", self.name, self.unet.config.in_channels)));
@@ -104,8 +121,9 @@ impl StableDiffusion {
             }
         }
         let max_level = upscaler.max_noise_level;
-        if input.noise_level > max_level {
-            return Err(Error::Invalid(format!("noise level {} is above the model's maximum {max_level}", input.noise_level)));
+        let noise_level = input.noise_level.unwrap_or(DEFAULT_NOISE_LEVEL);
+        if noise_level > max_level {
+            return Err(Error::Invalid(format!("noise level {noise_level} is above the model's maximum {max_level}")));
         }
         let tiles = match input.tiles {
             Some(tile) => Tiles::new(tile, width, height, multiple)?,
@@ -118,10 +136,10 @@ impl StableDiffusion {
         // diffusers draws the image's noise first, then the latents.
         let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
         let image_noise = setup.normals(input.low_res_noise, [1, 3, height, width], "low-resolution image noise")?;
-        let noisy_image = upscaler.low_res_noise.add_noise(image, image_noise, input.noise_level);
+        let noisy_image = upscaler.low_res_noise.add_noise(image, image_noise, noise_level);
         let noise = setup.normals(req.latents, [1, self.latent_channels(), height, width], "initial latents")?;
         let latents = noise.mul_scalar(setup.scheduler.init_noise_sigma());
-        let conditioning = Conditioning { extra_channels: Some(noisy_image), added: AddedConditioning::ClassLabel(input.noise_level), tiles, ..Default::default() };
+        let conditioning = Conditioning { extra_channels: Some(noisy_image), added: AddedConditioning::ClassLabel(noise_level), tiles, ..Default::default() };
         Ok(setup.denoising(latents, 0, conditioning, req.step_noise, width * f, height * f))
     }
 }
@@ -133,7 +151,7 @@ mod tests {
     #[test]
     fn parameters_name_the_tiles_only_when_there_are_several() {
         let image = |side: usize| Image8 { width: side, height: side, channels: 3, pixels: vec![0; side * side * 3] };
-        let input = |side| Upscale { image: image(side), noise_level: 20, tiles: Some(DEFAULT_TILES), low_res_noise: None };
+        let input = |side| Upscale { image: image(side), noise_level: None, tiles: Some(DEFAULT_TILES), low_res_noise: None };
         assert_eq!(input(128).parameters(), vec![("Noise level", "20".to_string())]);
         let names: Vec<_> = input(136).parameters().into_iter().map(|(name, _)| name).collect();
         assert_eq!(names, ["Noise level", "Tile size", "Tile overlap"]);

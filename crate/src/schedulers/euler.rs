@@ -19,7 +19,7 @@ impl Euler {
     pub fn new(p: &Params, steps: usize) -> Result<Self, SchedulerError> {
         let train = p.train_steps(steps)?;
         let prediction = p.prediction(&[EPSILON, V_PREDICTION, SAMPLE, ("original_sample", Prediction::Sample)])?;
-        p.choice("interpolation_type", "linear", &[("linear", ())])?;
+        let log_linear = p.choice("interpolation_type", "linear", &[("linear", false), ("log_linear", true)])?;
         p.off("use_exponential_sigmas")?;
         p.off("use_beta_sigmas")?;
         let karras = p.bool("use_karras_sigmas", false)?;
@@ -29,7 +29,11 @@ impl Euler {
         let (alphas_cumprod, train_sigmas) = common::sigma_schedule(p, train)?;
         // diffusers keeps these timesteps in numpy float32.
         let mut timesteps: Vec<f64> = common::euler_timesteps(p, spacing, train, steps)?;
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| common::interp(t, &train_sigmas)).collect();
+        let mut sigmas: Vec<f64> = if log_linear {
+            log_linear_sigmas(&train_sigmas, steps)
+        } else {
+            timesteps.iter().map(|&t| common::interp(t, &train_sigmas)).collect()
+        };
         if karras {
             sigmas = common::karras(p, sigmas[sigmas.len() - 1], sigmas[0], steps)?;
             let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
@@ -49,6 +53,21 @@ impl Euler {
             prediction,
         })
     }
+}
+
+/// `interpolation_type = "log_linear"`: `steps + 1` sigmas evenly spaced in log from the largest
+/// training sigma to the smallest, so the last step ends at the smallest rather than at 0 (the
+/// latent upscaler's schedule). In float32 as `torch.linspace(...).exp()` computes them.
+fn log_linear_sigmas(train_sigmas: &[f32], steps: usize) -> Vec<f64> {
+    let (start, end) = (train_sigmas[train_sigmas.len() - 1].ln(), train_sigmas[0].ln());
+    let step = (end - start) / steps as f32;
+    let halfway = (steps + 1) / 2;
+    (0..=steps)
+        .map(|i| {
+            let log = if i < halfway { start + step * i as f32 } else { end - step * (steps - i) as f32 };
+            log.exp() as f64
+        })
+        .collect()
 }
 
 /// The largest sigma, or for "leading" spacing the standard deviation of sigma-scaled noise on top
