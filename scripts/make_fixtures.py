@@ -2066,9 +2066,10 @@ LATENT_UNET_FULL = dict(
 # The formula UNet's call: inputs by name and shape (values from name_uniforms), batch 2.
 LATENT_UNET_INPUTS = {"sample": [2, 8, 16, 16], "context": [2, 8, 32], "cond": [2, 160]}
 LATENT_SEED = 600
-LATENT_CASES = [  # name, steps, guidance, negative prompt
-    ("latent-x2-guided", 4, 7.0, "blurry"),
-    ("latent-x2-guidance0", 3, 0.0, None),  # the prompt becomes ""
+LATENT_CASES = [  # name, steps, guidance, negative prompt, input
+    ("latent-x2-guided", 4, 7.0, "blurry", "image"),
+    # A text-to-image result's latents (sd1-tiny, output_type="latent"), at guidance 0: the prompt becomes "".
+    ("latent-x2-txt2img-guidance0", 3, 0.0, None, "txt2img latents"),
 ]
 
 
@@ -2151,13 +2152,20 @@ def make_latent_upscale():
     init = Image.open(os.path.join(EDIT_DIR, "init.png")).convert("RGB")
     index, rendered = [], []
     print("latent upscaler references:")
-    for i, (name, steps, guidance, negative) in enumerate(LATENT_CASES):
+    for i, (name, steps, guidance, negative, source) in enumerate(LATENT_CASES):
+        image, image_latents = init, None
+        if source == "txt2img latents":
+            noise = torch.from_numpy(np.random.RandomState(LATENT_SEED + 30).standard_normal((1, 4, 8, 8)).astype(np.float32))
+            image = sd1(EDIT_PROMPT, num_inference_steps=3, guidance_scale=7.5, latents=noise, output_type="latent").images
+            image_latents = f"{name}.image_latents.npy"
+            np.save(os.path.join(LATENT_DIR, image_latents), image.numpy())
         with labelled_noise(LATENT_SEED + 20 + i) as draws:
-            images = pipe(EDIT_PROMPT, image=init, num_inference_steps=steps, guidance_scale=guidance,
+            images = pipe(EDIT_PROMPT, image=image, num_inference_steps=steps, guidance_scale=guidance,
                           negative_prompt=negative, output_type="np").images
-        # The pipeline samples the image's encoding, then draws the initial latents.
-        assert [r for r, _ in draws] == ["encode", "latents"], [r for r, _ in draws]
-        relabelled = [("low_res", draws[0][1]), draws[1]]
+        # The pipeline samples the image's encoding (unless given latents), then draws the initial latents.
+        roles = ["latents"] if image_latents else ["encode", "latents"]
+        assert [r for r, _ in draws] == roles, [r for r, _ in draws]
+        relabelled = [("low_res" if r == "encode" else r, a) for r, a in draws]
         files = save_draws(name, relabelled, ("low_res", "latents"), out_dir=LATENT_DIR)
         image = to_uint8(images)[0]
         assert image.shape == (128, 128, 3), image.shape
@@ -2166,9 +2174,11 @@ def make_latent_upscale():
         flat = np.abs(rendered[-1] - rendered[-1].mean(axis=(0, 1))).mean()
         print(f"  {name:24s} |image - its mean colour| {flat:5.1f}/255")
         assert flat >= 10, "a flat image"
+        # With latents, init.png (the same size) only sizes the input: the pipeline never sees it.
         index.append(dict(name=name, mode="upscale", model="sd-x2-latent-upscaler-tiny", scheduler=None,
                           strength=None, steps=steps, guidance=guidance, prompt=EDIT_PROMPT,
-                          negative_prompt=negative, image_input="init.png", image=f"{name}.png", noise=files))
+                          negative_prompt=negative, image_input="init.png", image_latents=image_latents,
+                          image=f"{name}.png", noise=files))
     diff = np.abs(rendered[0] - rendered[1]).mean()
     print(f"  the two cases differ by a mean {diff:.1f}/255")
     assert diff >= 3

@@ -14,7 +14,7 @@ use kiln::pipeline::infotext::{self, Infotext};
 use kiln::pipeline::inpaint::{self, Inpaint};
 use kiln::pipeline::resize::ResizeMode;
 use kiln::pipeline::tiles::TileSize;
-use kiln::pipeline::upscale::{self, Upscale};
+use kiln::pipeline::upscale::{self, ImageLatents, Upscale};
 use kiln::pipeline::{Job, Mode, Request, StableDiffusion};
 use kiln::quant::Format;
 use kiln::schedulers::SchedulerKind;
@@ -100,9 +100,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Time full-size SD 1.5 / SD-Turbo with random weights (no download); prints JSON.
+    /// Time full-size SD 1.5 / SD-Turbo / SDXL-Turbo with random weights (no download); prints JSON.
     Bench {
-        /// sd15, sd-turbo or all.
+        /// sd15, sd-turbo, sdxl-turbo or all.
         #[arg(long, default_value = "all")]
         model: String,
         /// Image size in pixels (square); lavapipe needs small ones.
@@ -122,6 +122,9 @@ enum Command {
         /// Denoising steps of the --formats generation.
         #[arg(long, default_value_t = 2)]
         steps: usize,
+        /// Guidance of the --formats generation; 1 or less runs one UNet pass a step (SDXL-Turbo: 0).
+        #[arg(long, default_value_t = kiln::pipeline::DEFAULT_GUIDANCE)]
+        guidance: f64,
         /// Writes the first format's figures and outputs here (how each format's run answers).
         #[arg(long, hide = true)]
         outputs: Option<PathBuf>,
@@ -163,6 +166,10 @@ struct CommonArgs {
     /// The PNG to write; with --count N, OUT-1.png … OUT-N.png.
     #[arg(long)]
     out: PathBuf,
+    /// Also write the latents each image was decoded from, as float32 .npy (numbered as --out),
+    /// for `kiln upscale --image-latents` to upscale in latent space.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
     /// Images to make one after another, with seeds s, s+1, … (A1111's batch count).
     #[arg(long, default_value_t = 1)]
     count: u64,
@@ -247,6 +254,11 @@ struct UpscaleArgs {
     /// upscaler; 32, and at least 64, for the latent x2 upscaler).
     #[arg(long)]
     image: PathBuf,
+    /// The image's latents, as --save-latents wrote them for it: the latent x2 upscaler takes
+    /// them instead of encoding the image (they must be of the same VAE: SD 1.x/2.x's); the x4
+    /// upscaler upscales the pixels.
+    #[arg(long)]
+    image_latents: Option<PathBuf>,
     /// x4 upscaler: noise added to the image before upscaling, 0 to the model's max_noise_level
     /// (350) [default: 20].
     #[arg(long)]
@@ -269,7 +281,7 @@ fn main() -> ExitCode {
         Command::Upscale(args) => upscale(args),
         Command::Pack { model, out, format } => pack(&model, &out, &format),
         Command::Info { file, json } => info(&file, json),
-        Command::Bench { model, size, batch, iters, backend, formats, steps, outputs } => {
+        Command::Bench { model, size, batch, iters, backend, formats, steps, guidance, outputs } => {
             let report = if formats.is_empty() {
                 backend.device().and_then(|device| bench::run(&device, &bench::BenchArgs { models: vec![model], size, batch, iters }))
             } else {
@@ -277,7 +289,7 @@ fn main() -> ExitCode {
                 let model = if model == "all" { "sd15".to_owned() } else { model };
                 let backend_name = backend.to_possible_value().expect("a named backend").get_name().to_owned();
                 formats.iter().map(|f| Format::from_name(f)).collect::<Result<Vec<_>>>().and_then(|formats| {
-                    bench::formats(&bench::FormatArgs { model, size, steps, formats, backend: backend_name, outputs }, || backend.device())
+                    bench::formats(&bench::FormatArgs { model, size, steps, guidance, formats, backend: backend_name, outputs }, || backend.device())
                 })
             };
             report.map(|report| println!("{}", serde_json::to_string_pretty(&report).expect("JSON")))
@@ -359,7 +371,8 @@ fn inpaint(args: InpaintArgs) -> Result<()> {
 
 fn upscale(args: UpscaleArgs) -> Result<()> {
     let tiles = Some(TileSize { size: args.tile, overlap: args.tile_overlap });
-    let input = Upscale { image: read_image(&args.image)?, noise_level: args.noise_level, tiles, low_res_noise: None };
+    let latents = args.image_latents.as_deref().map(npy::read).transpose()?.map(|latents| ImageLatents { latents, scaling_factor: None });
+    let input = Upscale { image: read_image(&args.image)?, noise_level: args.noise_level, tiles, low_res_noise: None, latents };
     run(args.common, Mode::Upscale(input), Size::default())
 }
 
@@ -384,6 +397,10 @@ fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
         return Err(Error::Invalid("--count must be at least 1, and more than one image needs seeds, not --latents".into()));
     }
     let outs = numbered(&args.out, args.count).iter().map(|path| Ok((Output::claim(path)?, path.clone()))).collect::<Result<Vec<_>>>()?;
+    let latents_outs: Vec<Option<PathBuf>> = match &args.save_latents {
+        Some(path) => numbered(path, args.count).into_iter().map(Some).collect(),
+        None => vec![None; outs.len()],
+    };
     let kind = args.scheduler.as_deref().map(SchedulerKind::from_name).transpose()?;
     let latents = args.latents.as_deref().map(npy::read).transpose()?;
 
@@ -413,13 +430,13 @@ fn run(args: CommonArgs, mode: Mode, size: Size) -> Result<()> {
         latents,
         step_noise: None,
     };
-    for ((out, path), i) in outs.into_iter().zip(0..) {
+    for (((out, path), latents_out), i) in outs.into_iter().zip(latents_outs).zip(0..) {
         let seed = seed.map(|s| s + i);
         if let Some(seed) = seed {
             eprintln!("seed {seed}");
         }
         let job = Job { request: Request { seed, ..request.clone() }, mode: mode.clone() };
-        make(&pipe, job, out)?;
+        make(&pipe, job, out, latents_out.as_deref())?;
         eprintln!("wrote {} in {:.1}s", path.display(), started.elapsed().as_secs_f64());
     }
     Ok(())
@@ -435,8 +452,8 @@ fn numbered(out: &Path, count: u64) -> Vec<PathBuf> {
     (1..=count).map(|i| out.with_file_name(format!("{stem}-{i}{ext}"))).collect()
 }
 
-/// Runs one job, printing each step, and commits its PNG to `out`.
-fn make(pipe: &StableDiffusion, job: Job, out: Output) -> Result<()> {
+/// Runs one job, printing each step, and commits its PNG to `out` (and its latents to `latents_out`).
+fn make(pipe: &StableDiffusion, job: Job, out: Output, latents_out: Option<&Path>) -> Result<()> {
     let mut run = pipe.run(job)?;
     for warning in run.warnings() {
         eprintln!("warning: {warning}");
@@ -448,7 +465,13 @@ fn make(pipe: &StableDiffusion, job: Job, out: Output) -> Result<()> {
         probe.check(&read_back(probe.tensor.clone())?)?;
         eprintln!("step {}/{} ({:.1}s)", run.done(), run.total(), loop_start.elapsed().as_secs_f64());
     }
-    out.commit(&run.png(&read_back(run.decode(pipe))?)?)
+    out.commit(&run.png(&read_back(run.decode(pipe))?)?)?;
+    if let Some(path) = latents_out {
+        let latents = run.latents();
+        let shape = latents.dims().to_vec();
+        npy::write(path, &npy::Array { shape, values: read_back(latents.flatten::<1>(0, 3))? })?;
+    }
+    Ok(())
 }
 
 fn read_back(values: Tensor<1>) -> Result<Vec<f32>> {

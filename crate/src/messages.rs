@@ -11,7 +11,8 @@ use crate::pipeline::image_processor::Image8;
 use crate::pipeline::img2img::{self, Img2Img};
 use crate::pipeline::inpaint::{self, Inpaint};
 use crate::pipeline::resize::ResizeMode;
-use crate::pipeline::upscale::{self, Upscale};
+use crate::npy;
+use crate::pipeline::upscale::{self, ImageLatents, Upscale};
 use crate::pipeline::{Job, Mode, Request};
 use crate::schedulers::SchedulerKind;
 
@@ -39,6 +40,28 @@ pub struct GenerateRequest {
     pub resize_mode: Option<String>,
     pub mask_blur: Option<f32>,
     pub noise_level: Option<usize>,
+    /// Upscale: the image's latents as a run left them before decoding (`Finished::latents`),
+    /// which the latent upscaler takes instead of encoding the image.
+    pub image_latents: Option<Latents>,
+}
+
+/// Latents as a run left them before decoding, and the scaling factor of its VAE.
+#[derive(Deserialize, Serialize)]
+#[cfg_attr(test, derive(TS), ts(export))]
+pub struct Latents {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+    pub scaling_factor: f64,
+}
+
+/// A finished run: its PNG, and its latents before decoding (to upscale in latent space).
+#[derive(Serialize)]
+#[cfg_attr(test, derive(TS), ts(export))]
+pub struct Finished {
+    #[serde(with = "serde_bytes")]
+    #[cfg_attr(test, ts(type = "Uint8Array"))]
+    pub png: Vec<u8>,
+    pub latents: Latents,
 }
 
 /// Which pipeline runs, as the page (and its share links) name it.
@@ -99,6 +122,7 @@ impl GenerateRequest {
                 noise_level: self.noise_level,
                 tiles: Some(upscale::DEFAULT_TILES),
                 low_res_noise: None,
+                latents: self.image_latents.map(|l| ImageLatents { latents: npy::Array { shape: l.shape, values: l.values }, scaling_factor: Some(l.scaling_factor) }),
             }),
         };
         let request = Request {
@@ -141,6 +165,18 @@ pub struct ModelInfo {
     pub size_multiple: usize,
     /// Absent when the model's own scheduler is not one the engine has: the user must pick one.
     pub default_scheduler: Option<String>,
+    /// Present for an upscaler.
+    pub upscaler: Option<UpscalerInfo>,
+}
+
+/// What an upscaler makes of an image.
+#[derive(Serialize)]
+#[cfg_attr(test, derive(TS), ts(export, optional_fields))]
+pub struct UpscalerInfo {
+    /// The output's size over the image's: 4 for the x4 upscaler, 2 for the latent one.
+    pub factor: usize,
+    /// The x4 upscaler's highest noise level; the latent upscaler takes none.
+    pub max_noise_level: Option<usize>,
 }
 
 /// A run as it starts: its UNet calls in all, the output size, and what the user should know
@@ -160,7 +196,7 @@ mod tests {
 
     fn request(mode: ModeName, image: Option<ImageInput>) -> GenerateRequest {
         let (negative_prompt, steps, guidance, scheduler, width, height, mask, strength, resize_mode, mask_blur, noise_level) = Default::default();
-        GenerateRequest { mode, prompt: "a cat".into(), seed: 7, image, negative_prompt, steps, guidance, scheduler, width, height, mask, strength, resize_mode, mask_blur, noise_level }
+        GenerateRequest { mode, prompt: "a cat".into(), seed: 7, image, negative_prompt, steps, guidance, scheduler, width, height, mask, strength, resize_mode, mask_blur, noise_level, image_latents: None }
     }
 
     #[test]

@@ -169,12 +169,36 @@ fn latent_upscale_writes_twice_the_size() {
     assert_eq!((w, h), (128, 128));
     assert_eq!(text, "a house\nSteps: 2, Sampler: Euler, CFG scale: 9, Seed: 3, Size: 128x128, Model: sd-x2-latent-upscaler-tiny");
     upscale(&["--noise-level", "20"], "a noise level does not apply");
-    upscale(&["--scheduler", "ddim"], "another scheduler does not apply");
+    upscale(&["--scheduler", "ddim"], "its own scheduler config (euler): another scheduler does not apply");
+    let (_, w, _, _) = succeeds(&[&base[..], &["--steps", "1", "--scheduler", "euler"]].concat(), &out, "step 1/1");
+    assert_eq!(w, 128, "its own scheduler, named");
     upscale(&["--latents", &fixture("editing/img2img-ddim-0.8.latents.npy")], "initial latents have shape [1, 4, 8, 8]; this image needs [1, 4, 16, 16]");
     let small = dir.join("small.png");
     std::fs::write(&small, kiln::pipeline::png::encode(&vec![90; 12 * 24 * 3], 12, 24, "").unwrap()).unwrap();
     let small = [&["upscale", "--model", &model, "--prompt", "x", "--image", small.to_str().unwrap(), "--out", out_str][..]].concat();
     fails_with(&small, "the image's width 12 is not a multiple of 8 of at least 16");
+}
+
+/// A result's latents, written by --save-latents, stand for its pixels in the latent upscaler:
+/// given diffusers' text-to-image latents and noise it makes diffusers' image.
+#[test]
+fn results_upscale_from_their_latents() {
+    let dir = temp_dir("save-latents");
+    let (png, latents) = (dir.join("a.png"), dir.join("a.npy"));
+    let sd1 = fixture("sd1-tiny");
+    let args = ["generate", "--model", &sd1, "--prompt", "x", "--steps", "1", "--seed", "2", "--out", png.to_str().unwrap(), "--save-latents", latents.to_str().unwrap()];
+    succeeds(&args, &png, "step 1/1");
+    assert_eq!(kiln::npy::read(&latents).expect("latents written").shape, [1, 4, 8, 8]);
+
+    let case = |file: &str| fixture(&format!("latent-upscale/latent-x2-txt2img-guidance0.{file}"));
+    let out = dir.join("up.png");
+    let prompt = "a small house on a green hill under an evening sky";
+    let (image_latents, noise) = (case("image_latents.npy"), case("latents.npy"));
+    let upscale = ["upscale", "--model", &fixture("sd-x2-latent-upscaler-tiny"), "--prompt", prompt, "--image", &fixture("editing/init.png"), "--image-latents", &image_latents, "--latents", &noise, "--steps", "3", "--guidance", "0", "--out", out.to_str().unwrap()];
+    let (pixels, w, h, _) = succeeds(&upscale, &out, "step 3/3");
+    let (reference, ..) = common::read_png(&std::fs::read(case("png")).expect("reference"));
+    let (max, mean) = common::pixel_diff(&pixels, &reference);
+    assert!((w, h) == (128, 128) && max <= 3 && mean <= 0.5, "{w}x{h}: max {max}/255, mean {mean}/255");
 }
 
 #[test]

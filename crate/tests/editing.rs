@@ -15,7 +15,7 @@ use kiln::pipeline::img2img::Img2Img;
 use kiln::pipeline::inpaint::Inpaint;
 use kiln::pipeline::png::to_rgb8;
 use kiln::pipeline::tiles::TileSize;
-use kiln::pipeline::upscale::Upscale;
+use kiln::pipeline::upscale::{ImageLatents, Upscale};
 use kiln::pipeline::{Denoising, Request, StableDiffusion};
 use kiln::schedulers::SchedulerKind;
 
@@ -38,6 +38,9 @@ struct Case {
     mask: Option<String>,
     mask_blur: Option<f32>,
     noise_level: Option<usize>,
+    /// Latent upscaling of a text-to-image result: its latents, which stand for `image_input`
+    /// (of the same size).
+    image_latents: Option<String>,
     image: String,
     noise: HashMap<String, String>,
 }
@@ -114,6 +117,10 @@ fn start(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> Denois
                     noise_level: case.noise_level,
                     tiles,
                     low_res_noise: noise(case, "low_res"),
+                    latents: case.image_latents.as_ref().map(|file| ImageLatents {
+                        latents: npy::read(&case.dir.join(file)).expect("image latents"),
+                        scaling_factor: None,
+                    }),
                 },
             )
             .expect("upscaling starts"),

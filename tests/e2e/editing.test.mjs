@@ -1,6 +1,6 @@
-// Image to image, inpainting and upscaling through the labelled controls give the native
-// CLI's images (max ≤ 3/255, mean ≤ 0.5/255); images come in by file picker, drop, paste and
-// "Use as input". The tests share one browser context (and so the model cache), in order.
+// Image to image, inpainting and upscaling (x4, latent x2 from an image or a result's latents)
+// through the labelled controls give the native CLI's images (max ≤ 3/255, mean ≤ 0.5/255);
+// images come in by file picker, drop, paste and "Use as input". The tests share one browser context (and so the model cache), in order.
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { after, before, test } from "node:test";
 import { PNG } from "pngjs";
-import { appUrl, assertNative, echoConsole, errorText, fillSettings, generate, kiln, launch, startServers } from "./harness.mjs";
+import { appUrl, assertNative, echoConsole, errorText, fillSettings, generate, kiln, launch, pixelDiff, runKiln, startServers } from "./harness.mjs";
 
 const FIXTURES = "tests/fixtures";
 const INIT = `${FIXTURES}/editing/init.png`; // 64×64
@@ -185,11 +185,52 @@ test("upscaling: the labelled UI gives kiln upscale's image; other models are re
   const other = await open("sd1-inpaint-tiny", "not an upscaler", { mode: "upscale", noise_level: "30", prompt: PROMPT });
   assert.ok(await other.getByLabel("Upscale", { exact: true }).isChecked());
   assert.equal(await other.getByLabel("Noise level", { exact: true }).inputValue(), "30");
-  await other.getByText("needs an x4 upscaler model").waitFor();
+  await other.getByText("Upscale needs an upscaler model").waitFor();
   await other.getByLabel("Init image", { exact: true }).setInputFiles(LOW_RES);
   await other.getByRole("button", { name: "Generate", exact: true }).click();
-  assert.match(await errorText(other), /not an x4 upscaler/);
+  assert.match(await errorText(other), /not an upscaler/);
   await other.close();
+});
+
+test("the latent x2 upscaler gives kiln upscale's image; once loaded, it offers no noise level", async () => {
+  const page = await open("sd-x2-latent-upscaler-tiny", "latent upscale");
+  const settings = { prompt: PROMPT, seed: 4, steps: 2, guidance: 7.5 }; // its own scheduler
+  await page.getByLabel("Upscale", { exact: true }).check();
+  await page.getByLabel("Init image", { exact: true }).setInputFiles(INIT);
+  await fillSettings(page, settings);
+  const png = await generate(page);
+  const cli = kiln(["upscale", "--model", `${FIXTURES}/sd-x2-latent-upscaler-tiny`, "--prompt", PROMPT, "--seed", "4", "--steps", "2", "--guidance", "7.5", "--image", INIT]);
+  assertNative(png, cli, "latent upscaling 64² → 128²");
+  assert.match(parameters(png), /Sampler: Euler, CFG scale: 7.5, Seed: 4, Size: 128x128, Model: sd-x2-latent-upscaler-tiny$/);
+  assert.ok(await page.getByLabel("Noise level", { exact: true }).isHidden());
+  await page.getByText("init.png: 64×64, upscaled to 128×128.").waitFor();
+  await page.close();
+});
+
+test("a result upscales from its latents: the page equals kiln upscale --image-latents of kiln generate --save-latents", async () => {
+  const page = await open("sd1-tiny", "latent chain");
+  const first = { prompt: PROMPT, seed: 6, steps: 2, guidance: 7.5, width: 64, height: 64, scheduler: "euler" };
+  await fillSettings(page, first);
+  const result = await generate(page);
+  await page.getByRole("button", { name: "Use as input" }).click();
+  const url = page.getByLabel("Model URL", { exact: true });
+  await url.fill(`${servers.hub.url}/sd-x2-latent-upscaler-tiny`);
+  await url.dispatchEvent("change");
+  await page.getByLabel("Upscale", { exact: true }).check();
+  await fillSettings(page, { seed: 7, steps: 2, guidance: 7.5 });
+  const png = await generate(page);
+
+  const dir = mkdtempSync(join(tmpdir(), "kiln-latents-"));
+  const [image, latents] = [join(dir, "result.png"), join(dir, "result.npy")];
+  runKiln(["generate", "--model", `${FIXTURES}/sd1-tiny`, "--prompt", PROMPT, "--seed", "6", "--steps", "2", "--guidance", "7.5", "--scheduler", "euler",
+    "--width", "64", "--height", "64", "--out", image, "--save-latents", latents]);
+  assertNative(result, readFileSync(image), "the text-to-image result");
+  const upscale = ["upscale", "--model", `${FIXTURES}/sd-x2-latent-upscaler-tiny`, "--prompt", PROMPT, "--seed", "7", "--steps", "2", "--guidance", "7.5", "--image", image];
+  assertNative(png, kiln([...upscale, "--image-latents", latents]), "upscaled from its latents");
+  const fromPixels = pixelDiff(png, kiln(upscale)).mean;
+  console.log(`upscaled from the latents vs from the pixels: mean ${fromPixels.toFixed(2)}/255`);
+  assert.ok(fromPixels > 1, "the latents, not the pixels encoded again, were upscaled");
+  await page.close();
 });
 
 test("paste and drop bring an image in; Use as input moves a result into the next run", async () => {

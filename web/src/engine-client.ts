@@ -1,7 +1,7 @@
 // The page's side of the engine: the worker that holds one model, what it is doing (one
 // explicit state, changed only here), and the questions the page asks it about the stores it
 // alone opens. main.ts renders what this reports and never talks to the worker itself.
-import type { CacheAnswers, DownloadProgress, ErrorKind, FromWorker, GalleryAnswers, GalleryAsk, ModelInfo, ModelRef, Preview, Started, ToWorker } from "./protocol";
+import type { CacheAnswers, DownloadProgress, ErrorKind, FromWorker, GalleryAnswers, GalleryAsk, Latents, ModelInfo, ModelRef, Preview, Started, ToWorker } from "./protocol";
 import type { Job } from "./queue";
 
 /**
@@ -25,7 +25,8 @@ export interface EngineEvents {
   started(started: Started): void;
   step(done: number, total: number, preview?: Preview): void;
   /** `job` made `png` in `seconds`. */
-  image(job: Job, png: Uint8Array, seconds: number): void;
+  /** A finished job's PNG and the latents it was decoded from. */
+  image(job: Job, png: Uint8Array, latents: Latents, seconds: number): void;
   cancelled(): void;
   /** A job or load failed; after a crash or a lost device the worker is gone. */
   failed(kind: ErrorKind, message: string): void;
@@ -183,7 +184,7 @@ export class EngineClient {
       case "image":
         if (s.kind !== "generating") return;
         this.settle();
-        return this.events.image(s.job, msg.png, (performance.now() - s.startedAt) / 1000);
+        return this.events.image(s.job, msg.png, msg.latents, (performance.now() - s.startedAt) / 1000);
       case "cancelled":
         this.settle();
         return this.events.cancelled();

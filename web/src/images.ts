@@ -2,7 +2,7 @@
 // the inpainting mask painted over it, both at the image's own size (the engine fits them to
 // the output size). A PNG reaches the engine as its own bytes (so the browser equals the CLI
 // on the same file), other formats as pixels.
-import type { ImageInput } from "./protocol";
+import type { ImageInput, Latents } from "./protocol";
 
 export interface InitImage {
   name: string;
@@ -13,6 +13,9 @@ export interface InitImage {
   png: Uint8Array | null;
   /** An object URL for the preview. */
   url: string;
+  /** The latents it was decoded from, when it is this page's result: the latent upscaler
+   * takes them instead of encoding it. */
+  latents: Latents | null;
 }
 
 const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
@@ -28,7 +31,7 @@ export async function readImage(blob: Blob, name: string): Promise<InitImage> {
     throw new Error(`${name} is not an image this browser can read`);
   }
   const url = URL.createObjectURL(isPng ? new Blob([bytes], { type: "image/png" }) : blob);
-  return { name, width: bitmap.width, height: bitmap.height, bitmap, png: isPng ? bytes : null, url };
+  return { name, width: bitmap.width, height: bitmap.height, bitmap, png: isPng ? bytes : null, url, latents: null };
 }
 
 /** `source`'s pixels at its own size. */

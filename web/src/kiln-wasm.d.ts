@@ -44,7 +44,7 @@ declare module "kiln-wasm" {
     step(): number;
     finished(): boolean;
     wait(preview: boolean): Promise<import("./generated/Preview").Preview | undefined>;
-    finish(): Promise<Uint8Array>;
+    finish(): Promise<import("./generated/Finished").Finished>;
     free(): void;
   }
 

@@ -8,7 +8,7 @@ import { bytes, duration } from "./format";
 import type { GalleryImage } from "./gallery";
 import { GalleryView } from "./gallery-view";
 import { MaskEditor, imageInput, readImage, type InitImage } from "./images";
-import type { CacheAnswers, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, ModelInfo, ModelRef } from "./protocol";
+import type { CacheAnswers, DownloadNeeds, DownloadProgress, ErrorKind, FromWorker, GenerateRequest, Latents, ModelInfo, ModelRef, UpscalerInfo } from "./protocol";
 import { LAYOUT, type Precision } from "./model";
 import { drawPreview, livePreview, setUpPreviewControls } from "./preview";
 import { Queue } from "./queue";
@@ -73,6 +73,7 @@ const ui = {
   maskBlur: $<HTMLInputElement>("mask-blur"),
   upscaleField: $("upscale-field"),
   noiseLevel: $<HTMLInputElement>("noise-level"),
+  noiseLevelField: $("noise-level-field"),
   generate: $<HTMLButtonElement>("generate"),
   cancel: $<HTMLButtonElement>("cancel"),
   previewControls: {
@@ -121,8 +122,8 @@ const gallery = new GalleryView(
   },
 );
 let imageUrl: string | null = null;
-/** The last result, for "Use as input". */
-let result: { png: Uint8Array; name: string } | null = null;
+/** The last result, for "Use as input", with its latents when this page made it. */
+let result: { png: Uint8Array; name: string; latents: Latents | null } | null = null;
 /** The image the editing modes start from. */
 let initImage: InitImage | null = null;
 const mask = new MaskEditor(ui.mask);
@@ -194,7 +195,8 @@ function showMode(): void {
   for (const field of ui.sizeFields) field.hidden = mode === "upscale";
   // A hidden control is not the mode's: disabled, it cannot block Generate with an unseen error.
   ui.maskBlur.disabled = mode !== "inpaint";
-  ui.noiseLevel.disabled = mode !== "upscale";
+  ui.noiseLevel.disabled = mode !== "upscale" || !takesNoiseLevel();
+  ui.noiseLevelField.hidden = ui.noiseLevel.disabled;
   ui.width.disabled = ui.height.disabled = mode === "upscale";
   ui.sizeHelp.hidden = ui.resizeField.hidden = !editing;
   showSizeHints();
@@ -237,6 +239,7 @@ function applyInfo(info: ModelInfo): void {
   fillSchedulers(info, settings.scheduler);
   for (const input of [ui.width, ui.height]) input.step = input.min = String(info.size_multiple);
   showSizeHints();
+  showMode();
 }
 
 async function changeModel(): Promise<void> {
@@ -375,9 +378,9 @@ const reports: EngineEvents = {
     setStatus(`Generating${queue.position() && ` ${queue.position()}`}: step ${done} of ${total}`);
     if (preview) drawPreview(ui.livePreview, preview);
   },
-  image({ settings: made }, png, seconds) {
+  image({ settings: made }, png, latents, seconds) {
     const name = `kiln-${made.seed}.png`;
-    showImage(png, name);
+    showImage(png, name, latents);
     void gallery.keep(toQuery({ ...made, backend: "auto" }), name, png);
     finish(`Done in ${seconds.toFixed(1)} s.`);
   },
@@ -457,8 +460,22 @@ function requestFor(s: Settings): GenerateRequest {
     request.mask = mask.input();
     request.mask_blur = s.maskBlur;
   }
-  if (mode === "upscale") request.noise_level = s.noiseLevel;
+  if (mode === "upscale" && takesNoiseLevel()) request.noise_level = s.noiseLevel;
+  // The latent upscaler takes a result's own latents rather than encoding its pixels again.
+  if (mode === "upscale" && initImage?.latents) request.image_latents = initImage.latents;
   return request;
+}
+
+/** The loaded model's upscaler, if it is one. */
+function upscaler(): UpscalerInfo | undefined {
+  return engine.infoFor(shownModel())?.upscaler;
+}
+
+/** Whether the model takes a noise level: the x4 upscaler does, the latent one not; a model not
+ * loaded yet may (the engine ignores it where it does not apply). */
+function takesNoiseLevel(): boolean {
+  const info = upscaler();
+  return !info || info.max_noise_level !== undefined;
 }
 
 /** Sends the queue's next job to the worker, if one waits. */
@@ -489,12 +506,12 @@ function finish(status = ""): void {
   startNext();
 }
 
-function showImage(png: Uint8Array, name: string): void {
+function showImage(png: Uint8Array, name: string, latents: Latents | null = null): void {
   if (imageUrl) URL.revokeObjectURL(imageUrl);
   imageUrl = URL.createObjectURL(new Blob([png as BlobPart], { type: "image/png" }));
   ui.image.src = ui.save.href = imageUrl;
   ui.save.download = name;
-  result = { png, name };
+  result = { png, name, latents };
   ui.result.hidden = false;
   showEmpty();
 }
@@ -508,11 +525,12 @@ async function openImage(image: GalleryImage): Promise<void> {
 
 // ---- the input image and the mask ----
 
-/** Makes `blob` the init image (a text-to-image page switches to image to image). */
-async function useImage(blob: Blob, name: string): Promise<void> {
+/** Makes `blob` (with the `latents` it was decoded from, if known) the init image (a
+ * text-to-image page switches to image to image). */
+async function useImage(blob: Blob, name: string, latents: Latents | null = null): Promise<void> {
   let image: InitImage;
   try {
-    image = await readImage(blob, name);
+    image = { ...(await readImage(blob, name)), latents };
   } catch (e) {
     ui.error.textContent = e instanceof Error ? e.message : String(e);
     ui.error.hidden = false;
@@ -549,8 +567,14 @@ function showInitInfo(): void {
   const label = LAYOUT.resize_modes.find((m) => m.name === resizeMode)?.label;
   ui.initInfo.textContent =
     mode === "upscale"
-      ? `${name}: ${size}, upscaled to ${4 * width}×${4 * height}.`
+      ? `${name}: ${size}${upscaledSize(width, height)}.`
       : `${name}: ${size}${target === size ? "" : `, fitted to ${target} (${label})`}.`;
+}
+
+/** What an image of `width` × `height` is upscaled to by the loaded upscaler. */
+function upscaledSize(width: number, height: number): string {
+  const factor = upscaler()?.factor;
+  return factor ? `, upscaled to ${factor * width}×${factor * height}` : "";
 }
 
 async function saveMask(): Promise<void> {
@@ -660,7 +684,7 @@ function wire(): void {
     ui.pngInfo.value = "";
   });
   ui.useResult.addEventListener("click", () => {
-    if (result) void useImage(new Blob([result.png as BlobPart], { type: "image/png" }), result.name);
+    if (result) void useImage(new Blob([result.png as BlobPart], { type: "image/png" }), result.name, result.latents);
   });
   ui.brushSize.addEventListener("input", () => {
     mask.brushSize = ui.brushSize.valueAsNumber;

@@ -6,13 +6,16 @@ import type { GalleryImage } from "./gallery";
 import type { ModelInfo as EngineModelInfo } from "./generated/ModelInfo";
 import type { Precision } from "./model";
 import type { GenerateRequest } from "./generated/GenerateRequest";
+import type { Latents } from "./generated/Latents";
 import type { PngInfo } from "./generated/PngInfo";
 import type { Preview } from "./generated/Preview";
 import type { Started } from "./generated/Started";
 
-export type { GenerateRequest, PngInfo, Preview, Started };
+export type { GenerateRequest, Latents, PngInfo, Preview, Started };
 export type { ImageInput } from "./generated/ImageInput";
 export type { Mode } from "./generated/Mode";
+export type { UpscalerInfo } from "./generated/UpscalerInfo";
+export type { Finished } from "./generated/Finished";
 
 /** What the engine's `Model.info` reports about the loaded model, and the precision its weights are in. */
 export type ModelInfo = EngineModelInfo & { precision: Precision };
@@ -100,7 +103,7 @@ export type FromWorker =
   | { type: "loaded"; base: string; info: ModelInfo }
   | { type: "started"; started: Started }
   | { type: "step"; done: number; total: number; preview?: Preview }
-  | { type: "image"; png: Uint8Array }
+  | { type: "image"; png: Uint8Array; latents: Latents }
   | { type: "cancelled" }
   | { type: "png-info"; name: string; info: PngInfo | null; problem?: string }
   | { type: "cache"; id: number; answer?: CacheAnswers[keyof CacheAnswers]; problem?: string }

@@ -407,9 +407,9 @@ async function generate(request: GenerateRequest, preview: boolean, signal: Abor
       post({ type: "step", done, total: started.total, preview: image }, image ? [image.rgba.buffer] : []);
     }
     finishing = true;
-    const png = await generation.finish();
+    const { png, latents } = await generation.finish();
     if (kernelFailure) throw new Error(kernelFailure);
-    post({ type: "image", png }, [png.buffer]);
+    post({ type: "image", png, latents }, [png.buffer]);
   } catch (e) {
     // Freed here, a generation that did not finish is cancelled (`finish` consumed the other).
     if (!finishing) generation.free();

@@ -9,12 +9,12 @@ use std::time::Instant;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde_json::{Value, json};
 
-use kiln::bench::{Components, config, preset};
+use kiln::bench::{Components, config, preset, text_encoder_configs};
 use kiln::model::clip::{ClipTextConfig, ClipTextModel, HiddenLayer, Pooling};
 use kiln::model::unet::{AddedConditioning, TextConditioning, UNet2DConditionModel};
 use kiln::model::vae::AutoencoderKL;
 use kiln::pipeline::rng::NormalRng;
-use kiln::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, TextStates, decode_latents, predict};
+use kiln::pipeline::{StableDiffusion, TextStates, decode_latents, predict};
 use kiln::quant::Format;
 use kiln::schedulers::{self, SchedulerConfig, SchedulerKind};
 use kiln::weights::Weights;
@@ -31,6 +31,8 @@ pub struct FormatArgs {
     pub model: String,
     pub size: usize,
     pub steps: usize,
+    /// 1 or less: one UNet pass a step (SDXL-Turbo runs at 0).
+    pub guidance: f64,
     pub formats: Vec<Format>,
     /// `--backend` as given, for the runs in child processes.
     pub backend: String,
@@ -90,7 +92,7 @@ pub fn formats(args: &FormatArgs, device: impl FnOnce() -> Result<Device>) -> Re
         "model": args.model,
         "size": args.size,
         "steps": args.steps,
-        "scheduler": format!("euler, guidance {DEFAULT_GUIDANCE}"),
+        "scheduler": format!("euler, guidance {}", args.guidance),
         "results": results,
     }))
 }
@@ -106,9 +108,9 @@ struct Run {
 fn in_child(args: &FormatArgs, format: Format) -> Result<Run> {
     let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot find the kiln executable: {e}")))?;
     let outputs = std::env::temp_dir().join(format!("kiln-bench-{}-{}.json", std::process::id(), format.name()));
-    let (size, steps) = (args.size.to_string(), args.steps.to_string());
+    let (size, steps, guidance) = (args.size.to_string(), args.steps.to_string(), args.guidance.to_string());
     let status = std::process::Command::new(exe)
-        .args(["bench", "--model", &args.model, "--size", &size, "--steps", &steps, "--backend", &args.backend, "--formats", format.name()])
+        .args(["bench", "--model", &args.model, "--size", &size, "--steps", &steps, "--guidance", &guidance, "--backend", &args.backend, "--formats", format.name()])
         .arg("--outputs")
         .arg(&outputs)
         .stdout(std::process::Stdio::null())
@@ -126,11 +128,12 @@ fn in_child(args: &FormatArgs, format: Format) -> Result<Run> {
     Ok(Run { figures: value["figures"].take(), latents, pixels })
 }
 
-/// One guided Euler generation (guidance 7.5, `steps` steps) of a `size`² image from fixed token
-/// ids and seeded latents, with every component's weights converted to `format`. Peak
-/// memory is the largest of the pools' reserved bytes sampled after loading, the text encoder,
-/// each step and the decode (pools only grow between clean-ups, so each sample covers what ran
-/// since the one before).
+/// One Euler generation (`steps` steps at the args' guidance) of a `size`² image from fixed
+/// token ids and seeded latents, with every component's weights converted to `format`; SDXL's
+/// UNet also gets the last encoder's pooled text and the time ids. Peak memory is the largest
+/// of the pools' reserved bytes sampled after loading, each text encoder, each step and the
+/// decode (pools only grow between clean-ups, so each sample covers what ran since the one
+/// before).
 fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
     let preset = preset(&args.model)?;
     let scheduler_config = SchedulerConfig::from_json(&preset["scheduler"].to_string())?;
@@ -144,9 +147,11 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
     // As the pipeline holds them: the UNet and the VAE's decoder stay on the device; the text
     // encoder is built for the prompt and dropped after (the VAE's encoder only for the check
     // at load, as text to image never runs it).
-    let w = [0, 1, 2].map(|_| Weights::random(device).converted(format));
-    let unet = UNet2DConditionModel::load(&w[1], config(&preset, "unet")?)?;
-    let vae = AutoencoderKL::load(&w[2], config(&preset, "vae")?)?;
+    let text_configs = text_encoder_configs(&preset)?;
+    let w: Vec<Weights> = (0..text_configs.len() + 2).map(|_| Weights::random(device).converted(format)).collect();
+    let (w_unet, w_vae, w_text) = (&w[0], &w[1], &w[2..]);
+    let unet = UNet2DConditionModel::load(w_unet, config(&preset, "unet")?)?;
+    let vae = AutoencoderKL::load(w_vae, config(&preset, "vae")?)?;
     device.memory_cleanup();
     sample(&mut peak)?;
     let weights_reserved = peak;
@@ -154,24 +159,19 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
     let load_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let text_config: ClipTextConfig = config(&preset, "text_encoder")?;
-    let ids: Vec<Vec<u32>> = [[49406, 49407].as_slice(), &[49406, 320, 1125, 539, 320, 2368, 49407]]
-        .iter()
-        .map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(text_config.max_position_embeddings).collect())
-        .collect();
-    let text = TextStates::Paired(TextConditioning { hidden: ClipTextModel::load(&w[0], text_config)?.forward(&ids, HiddenLayer::Last, Pooling::None).hidden, pooled: None });
-    sample(&mut peak)?;
+    let text = encode(&text_configs, w_text, unet.config.addition_embed_type.is_some(), args.guidance > 1.0, &mut || sample(&mut peak))?;
     device.memory_cleanup();
     let package_bytes: u64 = w.iter().map(|w| w.random_stats().1).sum();
     let f = vae.config.scale_factor();
     let shape = [1, vae.config.latent_channels, args.size / f, args.size / f];
     let mut scheduler = schedulers::build(SchedulerKind::Euler, &scheduler_config, args.steps)?;
+    let added = if unet.config.addition_embed_type.is_some() { AddedConditioning::time_ids(args.size, args.size) } else { AddedConditioning::None };
     let noise = NormalRng::new(0).normals(shape.iter().product());
     let mut latents = Tensor::<4>::from_data(TensorData::new(noise, shape), device).mul_scalar(scheduler.init_noise_sigma());
     for index in 0..scheduler.timesteps().len() {
         let t = scheduler.timesteps()[index];
         let input = scheduler.scale_model_input(latents.clone(), index);
-        let prediction = predict(&unet, input, t, &text, AddedConditioning::None, DEFAULT_GUIDANCE);
+        let prediction = predict(&unet, input, t, &text, added, args.guidance);
         latents = scheduler.step(prediction, index, latents, &mut || unreachable!("Euler draws no noise"));
         sample(&mut peak)?;
     }
@@ -193,6 +193,27 @@ fn generate(device: &Device, args: &FormatArgs, format: Format) -> Result<Run> {
     // Each format's figures as soon as they exist: a large size runs for a long time.
     eprintln!("{figures}");
     Ok(Run { figures, latents, pixels })
+}
+
+/// The text states of a fixed prompt (and with `guided` the empty negative one), each encoder
+/// built, run and dropped in turn as the pipeline does, `sample` taken after each; with
+/// `pooled`, the last encoder's projected end-token state too (SDXL).
+fn encode(configs: &[ClipTextConfig], weights: &[Weights], pooled: bool, guided: bool, sample: &mut dyn FnMut() -> Result<()>) -> Result<TextStates> {
+    let prompts: &[&[u32]] = if guided { &[&[49406, 49407], &[49406, 320, 1125, 539, 320, 2368, 49407]] } else { &[&[49406, 320, 1125, 539, 320, 2368, 49407]] };
+    let mut hidden = Vec::new();
+    let mut pooled_out = None;
+    for (i, (config, w)) in configs.iter().zip(weights).enumerate() {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|t| t.iter().copied().chain(std::iter::repeat(49407)).take(config.max_position_embeddings).collect()).collect();
+        let pooling = if pooled && i + 1 == configs.len() { Pooling::Projected } else { Pooling::None };
+        let layer = if configs.len() > 1 { HiddenLayer::Penultimate } else { HiddenLayer::Last };
+        let out = ClipTextModel::load(w, config.clone())?.forward(&ids, layer, pooling);
+        hidden.push(out.hidden);
+        pooled_out = pooled_out.or(out.pooled);
+        sample()?;
+    }
+    let hidden = if hidden.len() == 1 { hidden.remove(0) } else { Tensor::cat(hidden, 2) };
+    let text = TextConditioning { hidden, pooled: pooled_out };
+    Ok(if guided { TextStates::Paired(text) } else { TextStates::Single(text) })
 }
 
 /// Times each model of `args` (a preset name, `all`, or a pipeline folder).

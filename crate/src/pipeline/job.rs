@@ -115,6 +115,11 @@ impl Run {
         Probe { tensor, done: self.done(), total: self.total(), preview }
     }
 
+    /// The final latents, before the VAE's scaling (what diffusers gives for `output_type="latent"`).
+    pub fn latents(&self) -> Tensor<4> {
+        self.denoising.latents()
+    }
+
     /// Decodes the latents into `[3·H·W]` values mapped to [0, 1] (unclamped), still on the
     /// device; read them back and give them to [`Run::png`].
     pub fn decode(&self, pipe: &StableDiffusion) -> Tensor<1> {

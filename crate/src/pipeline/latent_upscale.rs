@@ -1,14 +1,15 @@
 //! The latent x2 upscaler as diffusers' `StableDiffusionLatentUpscalePipeline`: an image's
-//! latents (encoded by the VAE), doubled by nearest-neighbour, are extra UNet channels while
-//! latents of twice their size are denoised with the folder's own Euler schedule. The UNet is
-//! wrapped as k-diffusion's denoiser ([`Preconditioning`]) and conditioned, besides the text,
-//! on a noise-level embedding and the pooled text through its `timestep_cond`.
+//! latents (encoded by the VAE, or a result's before its decoding), doubled by nearest-neighbour,
+//! are extra UNet channels while latents of twice their size are denoised with the folder's own
+//! Euler schedule. The UNet is wrapped as k-diffusion's denoiser ([`Preconditioning`]) and
+//! conditioned, besides the text, on a noise-level embedding and the pooled text through its
+//! `timestep_cond`.
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Tensor, TensorData};
 
 use super::buffers::Footprint;
-use super::upscale::Upscale;
+use super::upscale::{ImageLatents, Upscale};
 use super::{Conditioning, Denoising, Request, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::model::unet::TextConditioning;
@@ -23,13 +24,14 @@ const NOISE_LEVEL_HALF: usize = 64;
 impl StableDiffusion {
     /// Validates `req` and `input`, encodes the image and prepares the latents.
     pub(super) fn start_latent_upscale(&self, req: Request, input: Upscale) -> Result<Denoising> {
+        let own = self.default_scheduler()?;
         let refused = [
-            (input.noise_level.is_some(), "the latent upscaler adds no noise to its image: a noise level does not apply"),
-            (req.scheduler.is_some(), "the latent upscaler steps with its own scheduler config: another scheduler does not apply"),
-            (req.width.is_some() || req.height.is_some(), "the output is twice the image's size; width and height cannot change it"),
+            (input.noise_level.is_some(), "the latent upscaler adds no noise to its image: a noise level does not apply".to_string()),
+            (req.scheduler.is_some_and(|kind| kind != own), format!("the latent upscaler steps with its own scheduler config ({}): another scheduler does not apply", own.name())),
+            (req.width.is_some() || req.height.is_some(), "the output is twice the image's size; width and height cannot change it".to_string()),
         ];
-        if let Some((_, why)) = refused.iter().find(|(bad, _)| *bad) {
-            return Err(Error::Invalid(why.to_string()));
+        if let Some((_, why)) = refused.into_iter().find(|(bad, _)| *bad) {
+            return Err(Error::Invalid(why));
         }
         let channels = 2 * self.latent_channels();
         if self.unet.config.in_channels != channels {
@@ -56,15 +58,40 @@ impl StableDiffusion {
         }
         setup.text = self.timestep_condition(setup.text)?;
         // diffusers samples the image's encoding first, then draws the latents.
-        let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
         let [_, c, h, w] = self.latent_shape(width, height);
-        let encode_noise = setup.normals(input.low_res_noise, [1, c, h, w], "image encoding noise")?;
-        let image_latents = self.encode_image(image, encode_noise)?;
+        let given = input.latents.map(|given| self.given_latents(given, [1, c, h, w]));
+        if let Some(Err(why)) = &given {
+            setup.warnings.push(format!("{why}: the image's pixels were encoded instead"));
+        }
+        let image_latents = match given {
+            Some(Ok(latents)) => latents,
+            _ => {
+                let image = Tensor::<4>::from_data(TensorData::new(input.image.normalized(), [1, 3, height, width]), &self.device);
+                let encode_noise = setup.normals(input.low_res_noise, [1, c, h, w], "image encoding noise")?;
+                self.encode_image(image, encode_noise)?
+            }
+        };
         let image_condition = interpolate(image_latents, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]));
         let noise = setup.normals(req.latents, [1, c, 2 * h, 2 * w], "initial latents")?;
         let latents = noise.mul_scalar(setup.scheduler.init_noise_sigma());
         let conditioning = Conditioning { extra_channels: Some(image_condition), k_diffusion: true, ..Default::default() };
         Ok(setup.denoising(latents, 0, conditioning, req.step_noise, 2 * width, 2 * height))
+    }
+
+    /// `given` latents of the image, or why they cannot stand for it: they must be of this
+    /// upscaler's VAE, of the image's size, and finite.
+    fn given_latents(&self, given: ImageLatents, shape: [usize; 4]) -> std::result::Result<Tensor<4>, String> {
+        let ours = self.vae.config.scaling_factor;
+        if let Some(theirs) = given.scaling_factor.filter(|f| (f - ours).abs() > 1e-6) {
+            return Err(format!("the image's latents are of a VAE with scaling factor {theirs}, not this upscaler's {ours}"));
+        }
+        if given.latents.shape != shape {
+            return Err(format!("the image's latents have shape {:?}, not the image's {shape:?}", given.latents.shape));
+        }
+        if given.latents.values.iter().any(|v| !v.is_finite()) {
+            return Err("the image's latents are not all finite".into());
+        }
+        Ok(Tensor::from_data(TensorData::new(given.latents.values, shape), &self.device))
     }
 
     /// The text states with each pooled embedding behind the noise-level embedding, as the

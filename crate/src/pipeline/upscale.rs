@@ -71,6 +71,18 @@ pub struct Upscale {
     /// The image's noise instead of the seed's (parity tests): the x4 upscaler's noise on the
     /// image `[1, 3, H, W]`, the latent upscaler's sample of its encoding `[1, 4, H/8, W/8]`.
     pub low_res_noise: Option<npy::Array>,
+    /// The image's latents, for the latent upscaler to take instead of encoding the image: a
+    /// text-to-image result before its decoding. The x4 upscaler works on the pixels.
+    pub latents: Option<ImageLatents>,
+}
+
+/// Latents `[1, C, H/f, W/f]` of an image, scaled as the pipelines make them (diffusers'
+/// `output_type="latent"`), and the scaling factor of the VAE they belong to.
+#[derive(Clone)]
+pub struct ImageLatents {
+    pub latents: npy::Array,
+    /// `None`: taken to be the upscaler's VAE's (latents from a file, which does not say).
+    pub scaling_factor: Option<f64>,
 }
 
 impl Upscale {
@@ -92,6 +104,16 @@ impl StableDiffusion {
             Conditioner::NoiseLevel(upscaler) => self.start_x4_upscale(upscaler, req, input),
             Conditioner::LatentUpscale => self.start_latent_upscale(req, input),
             _ => Err(Error::Invalid(format!("{}: not an upscaler (model_index.json names another pipeline)", self.name))),
+        }
+    }
+
+    /// For an upscaler, its output's size over the image's and the highest noise level it takes
+    /// (the latent upscaler takes none).
+    pub fn upscaling(&self) -> Option<(usize, Option<usize>)> {
+        match &self.conditioner {
+            Conditioner::NoiseLevel(upscaler) => Some((self.vae.config.scale_factor(), Some(upscaler.max_noise_level))),
+            Conditioner::LatentUpscale => Some((2, None)),
+            _ => None,
         }
     }
 
@@ -151,7 +173,7 @@ mod tests {
     #[test]
     fn parameters_name_the_tiles_only_when_there_are_several() {
         let image = |side: usize| Image8 { width: side, height: side, channels: 3, pixels: vec![0; side * side * 3] };
-        let input = |side| Upscale { image: image(side), noise_level: None, tiles: Some(DEFAULT_TILES), low_res_noise: None };
+        let input = |side| Upscale { image: image(side), noise_level: None, tiles: Some(DEFAULT_TILES), low_res_noise: None, latents: None };
         assert_eq!(input(128).parameters(), vec![("Noise level", "20".to_string())]);
         let names: Vec<_> = input(136).parameters().into_iter().map(|(name, _)| name).collect();
         assert_eq!(names, ["Noise level", "Tile size", "Tile overlap"]);

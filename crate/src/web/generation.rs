@@ -5,7 +5,7 @@ use std::rc::Rc;
 use wasm_bindgen::prelude::*;
 
 use super::{js_err, read_back, run_error};
-use crate::messages::Started;
+use crate::messages::{Finished, Latents, Started};
 use crate::model::autoencoder_tiny::AutoencoderTiny;
 use crate::pipeline::preview::Previewer;
 use crate::pipeline::{Run, StableDiffusion};
@@ -67,14 +67,20 @@ impl Generation {
         })
     }
 
-    /// Decodes the image and resolves to PNG bytes carrying the generation parameters.
+    /// Decodes the image and resolves to its PNG bytes, carrying the generation parameters,
+    /// and the latents it was decoded from (`Finished`).
     pub fn finish(self) -> js_sys::Promise {
         let image = self.run.decode(&self.pipe);
+        let latents = self.run.latents();
+        let (pixels, shape) = (image.dims()[0], latents.dims().to_vec());
+        let both = burn::tensor::Tensor::cat(vec![image, latents.flatten::<1>(0, 3)], 0);
+        let scaling_factor = self.pipe.vae.config.scaling_factor;
         let run = self.run;
         wasm_bindgen_futures::future_to_promise(async move {
-            let values = read_back(image).await?;
-            let bytes = run.png(&values).map_err(run_error)?;
-            Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
+            let mut values = read_back(both).await?;
+            let latents = Latents { shape, values: values.split_off(pixels), scaling_factor };
+            let png = run.png(&values).map_err(run_error)?;
+            serde_wasm_bindgen::to_value(&Finished { png, latents }).map_err(|e| js_err(e).into())
         })
     }
 }

@@ -10,7 +10,7 @@ use super::generation::Generation;
 use super::js_err;
 use crate::bench::Components;
 use crate::files::MemoryFiles;
-use crate::messages::{GenerateRequest, ModelInfo};
+use crate::messages::{GenerateRequest, ModelInfo, UpscalerInfo};
 use crate::model::autoencoder_tiny::{self, AutoencoderTiny};
 use crate::pipeline::StableDiffusion;
 use crate::pipeline::preview;
@@ -36,6 +36,7 @@ impl Model {
             default_size: self.pipe.default_size(),
             size_multiple: self.pipe.size_multiple(),
             default_scheduler: self.pipe.default_scheduler().ok().map(|k| k.name().to_string()),
+            upscaler: self.pipe.upscaling().map(|(factor, max_noise_level)| UpscalerInfo { factor, max_noise_level }),
         };
         serde_wasm_bindgen::to_value(&info).map_err(js_err)
     }
@@ -56,7 +57,12 @@ impl Model {
 
     /// Validates the settings, encodes the prompt (and the images) and prepares the noise.
     pub fn start(&self, request: JsValue) -> Result<Generation, JsError> {
-        let req: GenerateRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
+        let mut req: GenerateRequest = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
+        // The page's noise level is the x4 upscaler's: queued before the model was known, a
+        // request for the latent upscaler may carry one it does not take.
+        if self.pipe.upscaling().is_some_and(|(_, max_noise_level)| max_noise_level.is_none()) {
+            req.noise_level = None;
+        }
         let run = self.pipe.run(req.into_job().map_err(js_err)?).map_err(js_err)?;
         let misfit = self.preview_decoder.as_ref().and_then(|decoder| preview::misfit(decoder, &self.pipe));
         let decoder = self.preview_decoder.clone().filter(|_| misfit.is_none());
