@@ -11,9 +11,10 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 PRESETS = pathlib.Path(__file__).resolve().parent.parent / "crate" / "presets"
+NAMES = sorted(p.stem for p in PRESETS.glob("*.json"))
 
 
 def time_ms(fn, iters, device):
@@ -31,24 +32,32 @@ def time_ms(fn, iters, device):
 
 def bench(name, size, batch, iters, device):
     preset = json.loads((PRESETS / f"{name}.json").read_text())
-    text_cfg = {k: v for k, v in preset["text_encoder"].items() if not k.startswith("_") and k != "architectures"}
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg)).to(device).eval()
+    text_cfgs = [{k: v for k, v in preset[key].items() if not k.startswith("_") and k != "architectures"}
+                 for key in ("text_encoder", "text_encoder_2") if key in preset]
+    # SDXL's second encoder has the projection its pooled output goes through.
+    classes = [CLIPTextModel, CLIPTextModelWithProjection][:len(text_cfgs)]
+    text_encoders = [cls(CLIPTextConfig(**cfg)).to(device).eval() for cls, cfg in zip(classes, text_cfgs)]
     unet = UNet2DConditionModel.from_config(preset["unet"]).to(device).eval()
     vae = AutoencoderKL.from_config(preset["vae"]).to(device).eval()
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
 
     latent = size // (2 ** (len(vae.config.block_out_channels) - 1))
-    ids = torch.full((batch, text_encoder.config.max_position_embeddings), 49406, device=device)
+    ids = torch.full((batch, text_encoders[0].config.max_position_embeddings), 49406, device=device)
     with torch.inference_mode():
-        context = text_encoder(ids)[0]
+        context = torch.cat([te(ids).last_hidden_state for te in text_encoders], dim=-1)
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        pooled = torch.randn(batch, text_encoders[-1].config.projection_dim, device=device)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32, device=device)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
     sample = torch.randn(batch, unet.config.in_channels, latent, latent, device=device)
     z = torch.randn(1, vae.config.latent_channels, latent, latent, device=device)
     t = torch.tensor([500.0], device=device)
     result = {
         "model": name,
-        "params_millions": {"text_encoder": params(text_encoder), "unet": params(unet), "vae": params(vae)},
-        "text_encoder_ms": time_ms(lambda: text_encoder(ids), iters, device),
-        "unet_ms_per_call": time_ms(lambda: unet(sample, t, context), iters, device),
+        "params_millions": {"text_encoder": sum(params(te) for te in text_encoders), "unet": params(unet), "vae": params(vae)},
+        "text_encoder_ms": time_ms(lambda: [te(ids) for te in text_encoders], iters, device),
+        "unet_ms_per_call": time_ms(lambda: unet(sample, t, context, added_cond_kwargs=added), iters, device),
         "vae_decode_ms": time_ms(lambda: vae.decode(z), iters, device),
     }
     if device.type == "cuda":
@@ -58,7 +67,7 @@ def bench(name, size, batch, iters, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="all", choices=["all", "sd15", "sd-turbo"])
+    parser.add_argument("--model", default="all", choices=["all", *NAMES])
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=1)
@@ -66,7 +75,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    names = ["sd15", "sd-turbo"] if args.model == "all" else [args.model]
+    names = NAMES if args.model == "all" else [args.model]
     report = {
         "engine": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__} (f32)",
         "device": str(device),

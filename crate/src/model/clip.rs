@@ -27,6 +27,9 @@ pub struct ClipTextConfig {
     pub projection_dim: usize,
     /// The token whose final state is pooled; 2 (old configs) means the largest id instead.
     pub eos_token_id: u32,
+    /// The transformers classes the weights were saved from (`CLIPTextModelWithProjection` has
+    /// `text_projection`).
+    pub architectures: Vec<String>,
 }
 
 impl Default for ClipTextConfig {
@@ -42,6 +45,7 @@ impl Default for ClipTextConfig {
             layer_norm_eps: 1e-5,
             projection_dim: 512,
             eos_token_id: 49407,
+            architectures: Vec::new(),
         }
     }
 }
@@ -152,7 +156,8 @@ impl ClipTextModel {
             return Err(Error::Invalid(format!("CLIP hidden_size {} does not split into {} heads", config.hidden_size, config.num_attention_heads)));
         }
         let d = config.hidden_size;
-        let text_projection = if w.contains("text_projection.weight") { Some(Linear::load(&w.pp("text_projection"), d, config.projection_dim, false)?) } else { None };
+        let with_projection = w.contains("text_projection.weight") || config.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
+        let text_projection = if with_projection { Some(Linear::load(&w.pp("text_projection"), d, config.projection_dim, false)?) } else { None };
         // Published repos prefix every name with `text_model.`; transformers 5 saves without it.
         let w = if w.contains("text_model.final_layer_norm.weight") { w.pp("text_model") } else { w.clone() };
         let layers = (0..config.num_hidden_layers).map(|i| EncoderLayer::load(&w.pp("encoder.layers").pp(i), &config)).collect::<Result<_>>()?;

@@ -240,7 +240,8 @@ impl UNetConfig {
 }
 
 /// What a UNet call attends to: the text encoders' states `[B, L, D]`, and the pooled embedding
-/// `[B, P]` of the families whose UNet also adds it to the time embedding (SDXL).
+/// `[B, P]` of the families whose UNet also adds it to the time embedding (SDXL; the latent
+/// upscaler's behind its noise-level embedding, as its `timestep_cond`).
 #[derive(Clone)]
 pub struct TextConditioning {
     pub hidden: Tensor<3>,
