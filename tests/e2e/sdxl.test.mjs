@@ -3,11 +3,12 @@
 // downloads; image to image and inpainting (by mask blend, as SDXL base has no inpainting UNet)
 // too, their time ids the image's size.
 import assert from "node:assert/strict";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
+import { PNG } from "pngjs";
 import { appUrl, assertNative, echoConsole, fillSettings, generate, kiln, launch, startServers } from "./harness.mjs";
 
 const INIT = "tests/fixtures/editing/init.png"; // 64×64
@@ -65,6 +66,8 @@ test("SDXL image to image and inpainting give kiln img2img's and kiln inpaint's 
   const [download] = await Promise.all([page.waitForEvent("download"), page.getByRole("button", { name: "Download mask" }).click()]);
   const mask = join(mkdtempSync(join(tmpdir(), "kiln-sdxl-mask-")), "mask.png");
   writeFileSync(mask, await readFile(await download.path()));
+  const painted = PNG.sync.read(readFileSync(mask)).data.filter((v, i) => i % 4 === 0 && v === 255).length;
+  assert.ok(painted > 64 * 4, `the stroke painted the mask (${painted} white pixels)`);
   assertNative(await generate(page), cli("inpaint", ["--mask", mask, "--strength", "1"]), "SDXL inpainting (mask blend)");
   await page.close();
 });

@@ -22,31 +22,25 @@ pub struct Attention {
 impl Attention {
     /// The UNet's attention: q/k/v without bias, output projection `to_out.0` with bias.
     pub fn load(w: &Weights, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
-        let inner = heads * head_dim;
-        Ok(Self {
-            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, false)?,
-            to_k: Linear::load(&w.pp("to_k"), context_dim, inner, false)?,
-            to_v: Linear::load(&w.pp("to_v"), context_dim, inner, false)?,
-            to_out: Linear::load(&w.pp("to_out.0"), inner, query_dim, true)?,
-            group_norm: None,
-            norm_cross: None,
-            heads,
-        })
+        Self::load_projections(w, query_dim, context_dim, heads, head_dim, false, None)
     }
 
     /// The K-diffusion UNet's attention (`KAttentionBlock`): q/k/v with bias, and for
     /// cross-attention (`context_dim`) the context layer-normed first.
     pub fn load_k(w: &Weights, query_dim: usize, context_dim: Option<usize>, heads: usize, head_dim: usize) -> Result<Self> {
-        let inner = heads * head_dim;
-        let kv_dim = context_dim.unwrap_or(query_dim);
         let norm_cross = match context_dim {
             Some(dim) => Some(LayerNorm::load(&w.pp("norm_cross"), dim, 1e-5)?),
             None => None,
         };
+        Self::load_projections(w, query_dim, context_dim.unwrap_or(query_dim), heads, head_dim, true, norm_cross)
+    }
+
+    fn load_projections(w: &Weights, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize, qkv_bias: bool, norm_cross: Option<LayerNorm>) -> Result<Self> {
+        let inner = heads * head_dim;
         Ok(Self {
-            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, true)?,
-            to_k: Linear::load(&w.pp("to_k"), kv_dim, inner, true)?,
-            to_v: Linear::load(&w.pp("to_v"), kv_dim, inner, true)?,
+            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, qkv_bias)?,
+            to_k: Linear::load(&w.pp("to_k"), context_dim, inner, qkv_bias)?,
+            to_v: Linear::load(&w.pp("to_v"), context_dim, inner, qkv_bias)?,
             to_out: Linear::load(&w.pp("to_out.0"), inner, query_dim, true)?,
             group_norm: None,
             norm_cross,

@@ -60,6 +60,15 @@ fn attend(attn: &Attention, x: Tensor<4>, context: Option<Tensor<3>>) -> Tensor<
     attn.forward(tokens, context, None).swap_dims(1, 2).reshape([b, c, h, w])
 }
 
+/// Layer `j` of a block: its resnet, then its attention where the block has them.
+fn layer(resnets: &[ResnetBlockCondNorm2D], attentions: &[KAttentionBlock], j: usize, x: Tensor<4>, temb: &Tensor<2>, context: &Tensor<3>) -> Tensor<4> {
+    let x = resnets[j].forward(x, temb);
+    match attentions.get(j) {
+        Some(attention) => attention.forward(x, temb, context),
+        None => x,
+    }
+}
+
 fn load_resnet(w: &Weights, j: usize, c_in: usize, c_mid: usize, c_out: usize, cfg: &CondNormConfig) -> Result<ResnetBlockCondNorm2D> {
     ResnetBlockCondNorm2D::load(&w.pp("resnets").pp(j), c_in, c_mid, c_out, cfg)
 }
@@ -93,11 +102,8 @@ impl KDownBlock2D {
     /// Pushes a skip per resnet for the up path: its output, or `None` where diffusers passes
     /// none (the cross-attention kind without a downsampler).
     pub fn forward(&self, mut x: Tensor<4>, temb: &Tensor<2>, context: &Tensor<3>, skips: &mut Vec<Option<Tensor<4>>>) -> Tensor<4> {
-        for (j, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(x, temb);
-            if let Some(attention) = self.attentions.get(j) {
-                x = attention.forward(x, temb, context);
-            }
+        for j in 0..self.resnets.len() {
+            x = layer(&self.resnets, &self.attentions, j, x, temb, context);
             let passes_skip = self.attentions.is_empty() || self.downsample;
             skips.push(passes_skip.then(|| x.clone()));
         }
@@ -140,11 +146,8 @@ impl KUpBlock2D {
         if let Some(Some(skip)) = share.last() {
             x = Tensor::cat(vec![x, skip.clone()], 1);
         }
-        for (j, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(x, temb);
-            if let Some(attention) = self.attentions.get(j) {
-                x = attention.forward(x, temb, context);
-            }
+        for j in 0..self.resnets.len() {
+            x = layer(&self.resnets, &self.attentions, j, x, temb, context);
         }
         if self.upsample { k_upsample(x) } else { x }
     }
