@@ -81,10 +81,11 @@ test("a job sent while its model loads runs after it, keeps the info and ends id
   workers[0].report({ type: "loaded", base: A.base, info: INFO });
   assert.equal(engine.state.kind, "generating", "the load was the job's");
   assert.equal(engine.state.info, INFO);
-  workers[0].report({ type: "image", png: new Uint8Array([1]) });
+  const latents = { shape: [1, 1, 1, 2], values: [0.5, -0.5], scaling_factor: 0.18215 };
+  workers[0].report({ type: "image", png: new Uint8Array([1]), latents });
   assert.deepEqual(engine.state, { kind: "idle", model: "https://host/a#q8", info: INFO });
-  const [name, done, png, seconds] = reports.at(-1);
-  assert.deepEqual([name, done, png], ["image", sent, new Uint8Array([1])]);
+  const [name, done, png, kept, seconds] = reports.at(-1);
+  assert.deepEqual([name, done, png, kept], ["image", sent, new Uint8Array([1]), latents]);
   assert.ok(seconds >= 0);
 });
 
