@@ -13,7 +13,6 @@ use kiln::npy;
 use kiln::pipeline::image_processor::Image8;
 use kiln::pipeline::img2img::Img2Img;
 use kiln::pipeline::inpaint::Inpaint;
-use kiln::pipeline::png::to_rgb8;
 use kiln::pipeline::tiles::TileSize;
 use kiln::pipeline::upscale::{ImageLatents, Upscale};
 use kiln::pipeline::{Denoising, Request, StableDiffusion};
@@ -129,12 +128,7 @@ fn start(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> Denois
 }
 
 fn run(pipe: &StableDiffusion, case: &Case, tiles: Option<TileSize>) -> (Vec<u8>, usize, usize) {
-    let mut run = start(pipe, case, tiles);
-    while !run.finished() {
-        run.step(pipe).expect("step");
-    }
-    let values = run.decode(pipe).into_data().try_to_vec::<f32>().expect("image values");
-    (to_rgb8(&values, run.width, run.height), run.width, run.height)
+    common::finish(pipe, start(pipe, case, tiles))
 }
 
 /// Every case `filter` picks, on one device; all failures are reported together.

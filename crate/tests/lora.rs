@@ -13,7 +13,6 @@ use kiln::files::Folder;
 use kiln::lora::{LoraFile, Loras};
 use kiln::npy;
 use kiln::package;
-use kiln::pipeline::png::to_rgb8;
 use kiln::pipeline::{Request, StableDiffusion};
 use kiln::quant::Format;
 use kiln::schedulers::SchedulerKind;
@@ -65,12 +64,7 @@ fn render(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
         latents: Some(npy::read(&dir().join(&case.latents)).expect("latents")),
         ..Default::default()
     };
-    let mut run = pipe.start(request).expect("request is valid");
-    while !run.finished() {
-        run.step(pipe).expect("step");
-    }
-    let values = run.decode(pipe).into_data().try_to_vec::<f32>().expect("image values");
-    to_rgb8(&values, run.width, run.height)
+    common::finish(pipe, pipe.start(request).expect("request is valid")).0
 }
 
 fn reference(case: &Case) -> Vec<u8> {

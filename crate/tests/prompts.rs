@@ -8,7 +8,6 @@ use serde::Deserialize;
 use kiln::files::Folder;
 use kiln::model::tokenizer::{ClipTokenizer, TokenizerFiles};
 use kiln::npy;
-use kiln::pipeline::png::to_rgb8;
 use kiln::pipeline::prompt::{self, Chunk, Piece};
 use kiln::pipeline::{Request, StableDiffusion};
 use kiln::schedulers::SchedulerKind;
@@ -160,10 +159,5 @@ fn generate(pipe: &StableDiffusion, case: &ImageCase, dir: &std::path::Path) -> 
         latents: Some(npy::read(&dir.join(&case.latents)).expect("latents")),
         ..Default::default()
     };
-    let mut run = pipe.start(request).expect("request is valid");
-    while !run.finished() {
-        run.step(pipe).expect("step");
-    }
-    let values = run.decode(pipe).into_data().try_to_vec::<f32>().expect("image values");
-    to_rgb8(&values, run.width, run.height)
+    common::finish(pipe, pipe.start(request).expect("request is valid")).0
 }

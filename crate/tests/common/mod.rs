@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use burn::tensor::{Device, DeviceKind};
 use kiln::npy;
 use kiln::pipeline::png::to_rgb8;
-use kiln::pipeline::{Request, StableDiffusion};
+use kiln::pipeline::{Denoising, Request, StableDiffusion};
 use kiln::schedulers::SchedulerKind;
 use serde::Deserialize;
 
@@ -147,10 +147,14 @@ pub fn run_case(pipe: &StableDiffusion, case: &Case) -> Vec<u8> {
         latents: Some(npy::read(&dir.join(&case.latents)).expect("latents")),
         step_noise,
     };
-    let mut run = pipe.start(request).expect("request is valid");
+    finish(pipe, pipe.start(request).expect("request is valid")).0
+}
+
+/// Steps `run` to its end and decodes it: the image's RGB bytes, its width and height.
+pub fn finish(pipe: &StableDiffusion, mut run: Denoising) -> (Vec<u8>, usize, usize) {
     while !run.finished() {
         run.step(pipe).expect("step");
     }
     let values = run.decode(pipe).into_data().try_to_vec::<f32>().expect("image values");
-    to_rgb8(&values, case.width, case.height)
+    (to_rgb8(&values, run.width, run.height), run.width, run.height)
 }
